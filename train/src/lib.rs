@@ -1,0 +1,17 @@
+//! cpt's training core: a trainable LLaMA-family model in candle, its weights in HuggingFace
+//! layout, GGUF import, and perplexity/generation on text.
+//!
+//! Plain functions and small types: no async runtime and no database, so the worker can run any of
+//! it on a dedicated thread and tests can call it directly.
+
+pub mod config;
+pub mod gguf;
+pub mod hf;
+pub mod model;
+pub mod params;
+pub mod text;
+
+pub use config::ModelConfig;
+pub use hf::ModelDir;
+pub use model::Llama;
+pub use params::Params;

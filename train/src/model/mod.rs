@@ -1,0 +1,152 @@
+//! The LLaMA-family decoder (Llama, Mistral, Qwen2) as a trainable candle graph.
+
+pub mod ops;
+
+use candle_core::{Result, Tensor};
+
+use crate::config::ModelConfig;
+use crate::params::Params;
+
+struct Attention {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    q_bias: Option<Tensor>,
+    k_bias: Option<Tensor>,
+    v_bias: Option<Tensor>,
+    o_bias: Option<Tensor>,
+}
+
+struct Layer {
+    input_norm: Tensor,
+    attention: Attention,
+    post_attention_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// A decoder whose weights are the variables of a [`Params`]: a backward pass through
+/// [`Llama::forward`] reaches every parameter.
+pub struct Llama {
+    config: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Vec<f64>,
+}
+
+fn get(params: &Params, name: &str) -> Result<Tensor> {
+    params.tensor(name).map_err(candle_core::Error::wrap)
+}
+
+impl Llama {
+    /// Builds the graph over `params`, which must match `config` (see [`Params::from_tensors`]).
+    pub fn new(config: &ModelConfig, params: &Params) -> Result<Self> {
+        let optional =
+            |name: String, present: bool| present.then(|| get(params, &name)).transpose();
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                let a = format!("{p}.self_attn");
+                Ok(Layer {
+                    input_norm: get(params, &format!("{p}.input_layernorm.weight"))?,
+                    attention: Attention {
+                        q: get(params, &format!("{a}.q_proj.weight"))?,
+                        k: get(params, &format!("{a}.k_proj.weight"))?,
+                        v: get(params, &format!("{a}.v_proj.weight"))?,
+                        o: get(params, &format!("{a}.o_proj.weight"))?,
+                        q_bias: optional(format!("{a}.q_proj.bias"), config.qkv_bias)?,
+                        k_bias: optional(format!("{a}.k_proj.bias"), config.qkv_bias)?,
+                        v_bias: optional(format!("{a}.v_proj.bias"), config.qkv_bias)?,
+                        o_bias: optional(format!("{a}.o_proj.bias"), config.o_bias)?,
+                    },
+                    post_attention_norm: get(
+                        params,
+                        &format!("{p}.post_attention_layernorm.weight"),
+                    )?,
+                    gate: get(params, &format!("{p}.mlp.gate_proj.weight"))?,
+                    up: get(params, &format!("{p}.mlp.up_proj.weight"))?,
+                    down: get(params, &format!("{p}.mlp.down_proj.weight"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed = get(params, "model.embed_tokens.weight")?;
+        let lm_head = if config.tie_word_embeddings {
+            embed.clone()
+        } else {
+            get(params, "lm_head.weight")?
+        };
+        Ok(Self {
+            config: config.clone(),
+            embed,
+            layers,
+            norm: get(params, "model.norm.weight")?,
+            lm_head,
+            inv_freq: config.rope_inv_freq(),
+        })
+    }
+
+    /// The config this model was built from.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Logits `(batch, seq, vocab)` for every position of `ids: (batch, seq)` (u32 token ids).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
+        let c = &self.config;
+        let dtype = self.embed.dtype();
+        let device = ids.device();
+        let (cos, sin) = ops::rope_tables(&self.inv_freq, seq, dtype, device)?;
+        let mask = ops::causal_mask(seq, c.sliding_window, dtype, device)?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            batch,
+            seq,
+            c.hidden_size,
+        ))?;
+        for layer in &self.layers {
+            let a = &layer.attention;
+            let h = ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
+            let heads = |w: &Tensor, b: Option<&Tensor>, n: usize| {
+                ops::linear(&h, w, b)?
+                    .reshape((batch, seq, n, c.head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = heads(&a.q, a.q_bias.as_ref(), c.num_attention_heads)?;
+            let k = heads(&a.k, a.k_bias.as_ref(), c.num_key_value_heads)?;
+            let v = heads(&a.v, a.v_bias.as_ref(), c.num_key_value_heads)?;
+            let q = ops::rope(&q, &cos, &sin)?;
+            let k = ops::rope(&k, &cos, &sin)?;
+            let y = ops::attention(&q, &k, &v, &mask)?;
+            let y = y
+                .transpose(1, 2)?
+                .reshape((batch, seq, c.num_attention_heads * c.head_dim))?;
+            x = (x + ops::linear(&y, &a.o, a.o_bias.as_ref())?)?;
+            let h = ops::rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
+            let gated = ops::swiglu(
+                &ops::linear(&h, &layer.gate, None)?,
+                &ops::linear(&h, &layer.up, None)?,
+            )?;
+            x = (x + ops::linear(&gated, &layer.down, None)?)?;
+        }
+        let x = ops::rms_norm(&x, &self.norm, c.rms_norm_eps)?;
+        ops::linear(&x, &self.lm_head, None)
+    }
+
+    /// Mean next-token cross-entropy of `ids: (batch, seq)`: position `t` predicts token `t + 1`.
+    pub fn loss(&self, ids: &Tensor) -> Result<Tensor> {
+        let (inputs, targets) = shift(ids)?;
+        let logits = self.forward(&inputs)?;
+        ops::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)
+    }
+}
+
+/// Splits `(batch, seq)` ids into inputs `[.., :-1]` and next-token targets `[.., 1:]`.
+pub fn shift(ids: &Tensor) -> Result<(Tensor, Tensor)> {
+    let seq = ids.dim(1)?;
+    Ok((ids.narrow(1, 0, seq - 1)?, ids.narrow(1, 1, seq - 1)?))
+}

@@ -1,0 +1,139 @@
+//! Using a model on text: perplexity of a document, and continuations of a prompt.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, IndexOp, Tensor, D};
+use rand::SeedableRng;
+use rand_distr::{weighted::WeightedIndex, Distribution};
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use crate::model::{ops, Llama};
+
+/// Mean next-token loss of a text.
+#[derive(Debug, Clone, Serialize)]
+pub struct Perplexity {
+    /// Tokens in the text (special tokens the tokenizer adds included).
+    pub tokens: usize,
+    /// Tokens that were predicted: all but the first.
+    pub scored_tokens: usize,
+    /// Mean negative log-likelihood, nats per scored token.
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+}
+
+/// Encodes text the way the model was trained (the tokenizer's own special-token conventions).
+pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let encoding = tokenizer
+        .encode(text, true)
+        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+    Ok(encoding.get_ids().to_vec())
+}
+
+/// Windows of at most `seq_len` inputs covering `ids`; consecutive windows share one token so that
+/// every token after the first is predicted exactly once.
+pub fn windows(ids: &[u32], seq_len: usize) -> impl Iterator<Item = &[u32]> {
+    let count = (ids.len().saturating_sub(1)).div_ceil(seq_len.max(1));
+    (0..count).map(move |w| &ids[w * seq_len..((w + 1) * seq_len + 1).min(ids.len())])
+}
+
+/// Loss and perplexity of `ids` under `model`, in windows of `seq_len` tokens.
+pub fn perplexity(
+    model: &Llama,
+    ids: &[u32],
+    seq_len: usize,
+    device: &Device,
+) -> Result<Perplexity> {
+    if ids.len() < 2 {
+        bail!(
+            "the text has {} token(s); at least 2 are needed to measure a loss",
+            ids.len()
+        );
+    }
+    if seq_len == 0 {
+        bail!("seq_len must be positive");
+    }
+    let mut total = 0.0f64;
+    for window in windows(ids, seq_len) {
+        let window = Tensor::new(window, device)?.unsqueeze(0)?;
+        let (inputs, targets) = crate::model::shift(&window)?;
+        let logits = model.forward(&inputs)?.squeeze(0)?;
+        let nll = ops::token_nll(&logits, &targets.squeeze(0)?)?;
+        total += nll.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    }
+    let scored = ids.len() - 1;
+    let loss = total / scored as f64;
+    Ok(Perplexity {
+        tokens: ids.len(),
+        scored_tokens: scored,
+        loss,
+        perplexity: loss.exp(),
+    })
+}
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy)]
+pub enum Decoding {
+    /// The most likely token.
+    Greedy,
+    /// A draw from the `top_k` most likely tokens at `temperature`, reproducible from `seed`.
+    Sample {
+        temperature: f64,
+        top_k: usize,
+        seed: u64,
+    },
+}
+
+/// Continues `prompt` by up to `max_new_tokens` tokens, stopping early at an end-of-sequence token.
+/// Returns only the continuation.
+pub fn generate(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    max_new_tokens: usize,
+    decoding: Decoding,
+    device: &Device,
+) -> Result<String> {
+    let mut ids = encode(tokenizer, prompt)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty after tokenization");
+    }
+    let prompt_len = ids.len();
+    let context = model.config().max_position_embeddings;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(match decoding {
+        Decoding::Sample { seed, .. } => seed,
+        Decoding::Greedy => 0,
+    });
+    for _ in 0..max_new_tokens {
+        let start = ids.len().saturating_sub(context);
+        let input = Tensor::new(&ids[start..], device)?.unsqueeze(0)?;
+        let logits = model
+            .forward(&input)?
+            .i((0, ids.len() - start - 1))?
+            .to_dtype(DType::F32)?;
+        let next = match decoding {
+            Decoding::Greedy => logits.argmax(D::Minus1)?.to_scalar::<u32>()?,
+            Decoding::Sample {
+                temperature, top_k, ..
+            } => {
+                let logits: Vec<f32> = logits.to_vec1()?;
+                let mut order: Vec<usize> = (0..logits.len()).collect();
+                order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+                order.truncate(top_k.max(1));
+                let top = logits[order[0]] as f64;
+                let weights: Vec<f64> = order
+                    .iter()
+                    .map(|&i| ((logits[i] as f64 - top) / temperature.max(1e-6)).exp())
+                    .collect();
+                order[WeightedIndex::new(&weights)?.sample(&mut rng)] as u32
+            }
+        };
+        ids.push(next);
+        if model.config().eos_token_ids.contains(&next) {
+            break;
+        }
+    }
+    tokenizer
+        .decode(&ids[prompt_len..], true)
+        .map_err(|e| anyhow::anyhow!("decoding: {e}"))
+}

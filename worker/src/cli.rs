@@ -1,0 +1,211 @@
+//! Command-line interface: one subcommand per model operation.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Parser, Subcommand, ValueEnum};
+use cpt_train::text::{self, Decoding};
+use cpt_train::{gguf, hf, Llama, ModelDir};
+
+/// cpt worker and model tools.
+#[derive(Parser)]
+#[command(version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Storage dtype of written weights.
+#[derive(Clone, Copy, ValueEnum)]
+enum WeightDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<WeightDtype> for DType {
+    fn from(d: WeightDtype) -> Self {
+        match d {
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::Bf16 => DType::BF16,
+            WeightDtype::F16 => DType::F16,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a GGUF file (llama architecture) into a new HuggingFace model directory.
+    Import {
+        /// The .gguf file.
+        gguf: PathBuf,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage dtype of the written weights.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: WeightDtype,
+    },
+    /// Write a model directory or checkpoint as a HuggingFace directory transformers loads as is.
+    Export {
+        /// A model directory or a checkpoint directory.
+        source: PathBuf,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: WeightDtype,
+    },
+    /// Write a randomly initialised model of any shape in HuggingFace layout.
+    Init {
+        /// A HuggingFace config.json giving the shape.
+        #[arg(long)]
+        config: PathBuf,
+        /// The tokenizer.json to ship with the model.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Print the loss and perplexity of a text file as one JSON object.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        /// A UTF-8 text file.
+        #[arg(long)]
+        text: PathBuf,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// Also write the first window's `input_ids` and `logits` to this safetensors file.
+        #[arg(long)]
+        save_logits: Option<PathBuf>,
+    },
+    /// Continue a prompt (greedy unless --temperature is given).
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// Sample at this temperature instead of decoding greedily.
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// With --temperature: sample among the k most likely tokens.
+        #[arg(long, default_value_t = 50)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn load_model(dir: &std::path::Path, device: &Device) -> Result<(ModelDir, Llama)> {
+    let model_dir = ModelDir::open(dir)?;
+    let params = model_dir.load_params(DType::F32, device)?;
+    let model = Llama::new(&model_dir.config, &params)?;
+    Ok((model_dir, model))
+}
+
+impl Cli {
+    /// Runs the chosen subcommand.
+    pub fn run(self) -> Result<()> {
+        let device = Device::Cpu;
+        match self.command {
+            Command::Import {
+                gguf: path,
+                out,
+                dtype,
+            } => {
+                let config = gguf::import(&path, &out, dtype.into())?;
+                println!(
+                    "imported {} ({} layers, hidden {}, vocab {}) into {}",
+                    path.display(),
+                    config.num_hidden_layers,
+                    config.hidden_size,
+                    config.vocab_size,
+                    out.display()
+                );
+            }
+            Command::Export { source, out, dtype } => {
+                hf::export(&source, &out, dtype.into())?;
+                println!("exported {} to {}", source.display(), out.display());
+            }
+            Command::Init {
+                config,
+                tokenizer,
+                out,
+                seed,
+            } => {
+                let config = hf::init_model_dir(&config, &tokenizer, &out, seed)?;
+                let params =
+                    config.non_embedding_parameters() + config.vocab_size * config.hidden_size;
+                println!(
+                    "initialised a {params}-parameter model in {}",
+                    out.display()
+                );
+            }
+            Command::Eval {
+                model,
+                text: text_path,
+                seq_len,
+                save_logits,
+            } => {
+                let (model_dir, model) = load_model(&model, &device)?;
+                let text = std::fs::read_to_string(&text_path)
+                    .with_context(|| format!("reading {}", text_path.display()))?;
+                let ids = text::encode(&model_dir.tokenizer()?, &text)?;
+                let result = text::perplexity(&model, &ids, seq_len, &device)?;
+                if let Some(path) = save_logits {
+                    let window = text::windows(&ids, seq_len)
+                        .next()
+                        .expect("perplexity checked the length");
+                    let input = Tensor::new(window, &device)?.unsqueeze(0)?;
+                    let logits = model.forward(&input)?.squeeze(0)?;
+                    let tensors = [
+                        (
+                            "input_ids".to_string(),
+                            input.squeeze(0)?.to_dtype(DType::I64)?,
+                        ),
+                        ("logits".to_string(), logits),
+                    ];
+                    cpt_train::params::write_safetensors(&path, &tensors)?;
+                }
+                println!("{}", serde_json::to_string(&result)?);
+            }
+            Command::Generate {
+                model,
+                prompt,
+                max_new_tokens,
+                temperature,
+                top_k,
+                seed,
+            } => {
+                let (model_dir, model) = load_model(&model, &device)?;
+                let decoding = match temperature {
+                    Some(temperature) => Decoding::Sample {
+                        temperature,
+                        top_k,
+                        seed,
+                    },
+                    None => Decoding::Greedy,
+                };
+                let tokenizer = model_dir.tokenizer()?;
+                let continuation = text::generate(
+                    &model,
+                    &tokenizer,
+                    &prompt,
+                    max_new_tokens,
+                    decoding,
+                    &device,
+                )?;
+                println!("{prompt}{continuation}");
+            }
+        }
+        Ok(())
+    }
+}
