@@ -19,10 +19,7 @@ pub enum ConfigError {
 }
 
 fn field_error(field: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Field {
-        field: field.to_string(),
-        message: message.into(),
-    }
+    ConfigError::Field { field: field.to_string(), message: message.into() }
 }
 
 /// The architectures whose weights and graph this crate supports.
@@ -50,12 +47,7 @@ pub enum RopeScaling {
     /// Positions divided by `factor`.
     Linear { factor: f64 },
     /// Llama 3.1's frequency-dependent scaling.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: usize,
-    },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
 }
 
 /// Everything the graph needs to know about a model.
@@ -127,13 +119,10 @@ fn token_ids(value: Option<&Value>, field: &str) -> Result<Vec<u32>, ConfigError
     let as_id = |v: &Value| v.as_u64().and_then(|v| u32::try_from(v).ok());
     match value {
         None | Some(Value::Null) => Ok(vec![]),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| as_id(v).ok_or_else(|| field_error(field, "must be token ids")))
-            .collect(),
-        Some(v) => as_id(v)
-            .map(|id| vec![id])
-            .ok_or_else(|| field_error(field, "must be a token id")),
+        Some(Value::Array(items)) => {
+            items.iter().map(|v| as_id(v).ok_or_else(|| field_error(field, "must be token ids"))).collect()
+        }
+        Some(v) => as_id(v).map(|id| vec![id]).ok_or_else(|| field_error(field, "must be a token id")),
     }
 }
 
@@ -154,9 +143,7 @@ fn rope_scaling(value: &Value, field: &str) -> Result<Option<RopeScaling>, Confi
     };
     match kind {
         "default" => Ok(None),
-        "linear" => Ok(Some(RopeScaling::Linear {
-            factor: number("factor")?,
-        })),
+        "linear" => Ok(Some(RopeScaling::Linear { factor: number("factor")? })),
         "llama3" => Ok(Some(RopeScaling::Llama3 {
             factor: number("factor")?,
             low_freq_factor: number("low_freq_factor")?,
@@ -186,12 +173,7 @@ impl ModelConfig {
                 "Qwen2ForCausalLM" => Architecture::Qwen2,
                 other => return Err(ConfigError::Architecture(other.to_string())),
             },
-            Some(_) => {
-                return Err(field_error(
-                    "architectures",
-                    "must name exactly one architecture",
-                ))
-            }
+            Some(_) => return Err(field_error("architectures", "must name exactly one architecture")),
             None => match raw.model_type.as_deref() {
                 Some("llama") => Architecture::Llama,
                 Some("mistral") => Architecture::Mistral,
@@ -201,10 +183,7 @@ impl ModelConfig {
             },
         };
         if let Some(act) = raw.hidden_act.as_deref().filter(|a| *a != "silu") {
-            return Err(field_error(
-                "hidden_act",
-                format!("`{act}` is not supported (only silu)"),
-            ));
+            return Err(field_error("hidden_act", format!("`{act}` is not supported (only silu)")));
         }
         if raw.mlp_bias == Some(true) {
             return Err(field_error("mlp_bias", "true is not supported"));
@@ -213,20 +192,12 @@ impl ModelConfig {
         let num_attention_heads = positive(raw.num_attention_heads, "num_attention_heads")?;
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-            return Err(field_error(
-                "num_key_value_heads",
-                "must divide num_attention_heads",
-            ));
+            return Err(field_error("num_key_value_heads", "must divide num_attention_heads"));
         }
         let head_dim = match raw.head_dim {
             Some(d) => d,
             None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-            None => {
-                return Err(field_error(
-                    "num_attention_heads",
-                    "must divide hidden_size when head_dim is absent",
-                ))
-            }
+            None => return Err(field_error("num_attention_heads", "must divide hidden_size when head_dim is absent")),
         };
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(field_error("head_dim", "must be positive and even"));
@@ -234,19 +205,10 @@ impl ModelConfig {
         // transformers 5 keeps theta and scaling together in `rope_parameters`; older files split them.
         let (rope_theta, rope_scaling) = match &raw.rope_parameters {
             Some(params) if !params.is_null() => {
-                let theta = params
-                    .get("rope_theta")
-                    .and_then(Value::as_f64)
-                    .or(raw.rope_theta);
+                let theta = params.get("rope_theta").and_then(Value::as_f64).or(raw.rope_theta);
                 (theta, rope_scaling(params, "rope_parameters")?)
             }
-            _ => (
-                raw.rope_theta,
-                rope_scaling(
-                    raw.rope_scaling.as_ref().unwrap_or(&Value::Null),
-                    "rope_scaling",
-                )?,
-            ),
+            _ => (raw.rope_theta, rope_scaling(raw.rope_scaling.as_ref().unwrap_or(&Value::Null), "rope_scaling")?),
         };
         let rope_theta = rope_theta.unwrap_or(10_000.0);
         if rope_theta <= 0.0 {
@@ -255,15 +217,15 @@ impl ModelConfig {
         let sliding_window = match architecture {
             Architecture::Mistral => match &raw.sliding_window {
                 None | Some(Value::Null) => None,
-                Some(v) => Some(v.as_u64().filter(|w| *w > 0).ok_or_else(|| {
-                    field_error("sliding_window", "must be a positive integer or null")
-                })? as usize),
+                Some(v) => Some(
+                    v.as_u64()
+                        .filter(|w| *w > 0)
+                        .ok_or_else(|| field_error("sliding_window", "must be a positive integer or null"))?
+                        as usize,
+                ),
             },
             Architecture::Qwen2 if raw.use_sliding_window == Some(true) => {
-                return Err(field_error(
-                    "use_sliding_window",
-                    "true is not supported for Qwen2",
-                ));
+                return Err(field_error("use_sliding_window", "true is not supported for Qwen2"));
             }
             _ => None,
         };
@@ -290,9 +252,7 @@ impl ModelConfig {
             o_bias: architecture == Architecture::Llama && attention_bias,
             sliding_window,
             initializer_range: raw.initializer_range.unwrap_or(0.02),
-            bos_token_id: token_ids(raw.bos_token_id.as_ref(), "bos_token_id")?
-                .first()
-                .copied(),
+            bos_token_id: token_ids(raw.bos_token_id.as_ref(), "bos_token_id")?.first().copied(),
             eos_token_ids: token_ids(raw.eos_token_id.as_ref(), "eos_token_id")?,
         })
     }
@@ -387,8 +347,7 @@ impl ModelConfig {
                         } else if wavelen > old_len / low_freq_factor {
                             inv_freq / factor
                         } else {
-                            let smooth = (old_len / wavelen - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor);
+                            let smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
                         }
                     }
@@ -402,11 +361,8 @@ impl ModelConfig {
         let (h, hd) = (self.hidden_size, self.head_dim);
         let q = self.num_attention_heads * hd;
         let kv = self.num_key_value_heads * hd;
-        let attention = h * q
-            + 2 * h * kv
-            + q * h
-            + if self.qkv_bias { q + 2 * kv } else { 0 }
-            + if self.o_bias { h } else { 0 };
+        let attention =
+            h * q + 2 * h * kv + q * h + if self.qkv_bias { q + 2 * kv } else { 0 } + if self.o_bias { h } else { 0 };
         let mlp = 3 * h * self.intermediate_size;
         let layer = attention + mlp + 2 * h;
         self.num_hidden_layers * layer + h + self.vocab_size * h

@@ -12,12 +12,8 @@ use crate::config::ModelConfig;
 use crate::params::Params;
 
 /// Files copied verbatim from a source directory when present, so export loses nothing.
-const PASSTHROUGH_FILES: [&str; 4] = [
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    IMPORT_REPORT,
-];
+const PASSTHROUGH_FILES: [&str; 4] =
+    ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json", IMPORT_REPORT];
 
 /// Provenance written by `import`: where the weights came from and whether they were quantized.
 pub const IMPORT_REPORT: &str = "cpt_import.json";
@@ -33,17 +29,12 @@ impl ModelDir {
     /// Reads and validates `config.json`.
     pub fn open(path: &Path) -> Result<Self> {
         let config_path = path.join("config.json");
-        let text = std::fs::read_to_string(&config_path)
-            .with_context(|| format!("reading {}", config_path.display()))?;
-        let config_json: Value = serde_json::from_str(&text)
-            .with_context(|| format!("parsing {}", config_path.display()))?;
-        let config = ModelConfig::from_json(&config_json)
-            .with_context(|| format!("in {}", config_path.display()))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            config_json,
-            config,
-        })
+        let text =
+            std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
+        let config_json: Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
+        let config = ModelConfig::from_json(&config_json).with_context(|| format!("in {}", config_path.display()))?;
+        Ok(Self { path: path.to_path_buf(), config_json, config })
     }
 
     /// The weights as trainable variables of `dtype`.
@@ -64,8 +55,7 @@ impl ModelDir {
 
 /// Loads a `tokenizer.json`, naming the file on failure.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    Tokenizer::from_file(path)
-        .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", path.display()))
+    Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", path.display()))
 }
 
 /// Everything a written model directory contains.
@@ -89,8 +79,7 @@ fn torch_dtype(dtype: DType) -> Result<&'static str> {
 }
 
 fn token_text(tokenizer: &Tokenizer, id: Option<u32>) -> Value {
-    id.and_then(|id| tokenizer.id_to_token(id))
-        .map_or(Value::Null, Value::from)
+    id.and_then(|id| tokenizer.id_to_token(id)).map_or(Value::Null, Value::from)
 }
 
 /// `tokenizer_config.json` for a tokenizer that only has `tokenizer.json`.
@@ -112,21 +101,12 @@ fn generation_config(config: &ModelConfig) -> Value {
 /// directory that is fsynced and renamed into place, so `out` is either absent or complete.
 pub fn write_model_dir(out: &Path, files: ModelFiles<'_>) -> Result<()> {
     if out.exists() {
-        bail!(
-            "{} already exists; choose a new output directory",
-            out.display()
-        );
+        bail!("{} already exists; choose a new output directory", out.display());
     }
     let config = ModelConfig::from_json(&files.config_json)?;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = out
-        .file_name()
-        .context("output path has no file name")?
-        .to_string_lossy();
+    let name = out.file_name().context("output path has no file name")?.to_string_lossy();
     let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
@@ -134,9 +114,7 @@ pub fn write_model_dir(out: &Path, files: ModelFiles<'_>) -> Result<()> {
     std::fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
 
     let mut config_json = files.config_json;
-    let object = config_json
-        .as_object_mut()
-        .context("config.json is not an object")?;
+    let object = config_json.as_object_mut().context("config.json is not an object")?;
     object.insert("torch_dtype".into(), torch_dtype(files.dtype)?.into());
     object.remove("dtype"); // transformers 5's spelling; one source of truth is enough.
 
@@ -147,16 +125,10 @@ pub fn write_model_dir(out: &Path, files: ModelFiles<'_>) -> Result<()> {
         Ok(())
     };
     write("config.json", &serde_json::to_string_pretty(&config_json)?)?;
-    let tokenizer_json = files
-        .tokenizer
-        .to_string(true)
-        .map_err(|e| anyhow::anyhow!("serialising tokenizer: {e}"))?;
+    let tokenizer_json = files.tokenizer.to_string(true).map_err(|e| anyhow::anyhow!("serialising tokenizer: {e}"))?;
     write("tokenizer.json", &tokenizer_json)?;
     let generated = [
-        (
-            "tokenizer_config.json",
-            tokenizer_config(&config, files.tokenizer),
-        ),
+        ("tokenizer_config.json", tokenizer_config(&config, files.tokenizer)),
         ("generation_config.json", generation_config(&config)),
     ];
     for (file, value) in generated {
@@ -167,12 +139,9 @@ pub fn write_model_dir(out: &Path, files: ModelFiles<'_>) -> Result<()> {
     for (file, text) in &files.extra {
         write(file, text)?;
     }
-    files
-        .params
-        .save(&staging.join("model.safetensors"), files.dtype)?;
+    files.params.save(&staging.join("model.safetensors"), files.dtype)?;
     std::fs::File::open(&staging)?.sync_all()?;
-    std::fs::rename(&staging, out)
-        .with_context(|| format!("renaming {} to {}", staging.display(), out.display()))?;
+    std::fs::rename(&staging, out).with_context(|| format!("renaming {} to {}", staging.display(), out.display()))?;
     std::fs::File::open(parent)?.sync_all()?;
     Ok(())
 }
@@ -189,56 +158,32 @@ pub fn export(source: &Path, out: &Path, dtype: DType) -> Result<()> {
         if path.exists() {
             extra.push((
                 file.to_string(),
-                std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading {}", path.display()))?,
+                std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
             ));
         }
     }
     write_model_dir(
         out,
-        ModelFiles {
-            config_json: model.config_json,
-            params: &params,
-            dtype,
-            tokenizer: &tokenizer,
-            extra,
-        },
+        ModelFiles { config_json: model.config_json, params: &params, dtype, tokenizer: &tokenizer, extra },
     )
 }
 
 /// Writes a randomly initialised model of the shape in `config_path` to `out`, with the tokenizer
 /// at `tokenizer_path`, reproducible from `seed`.
-pub fn init_model_dir(
-    config_path: &Path,
-    tokenizer_path: &Path,
-    out: &Path,
-    seed: u64,
-) -> Result<ModelConfig> {
-    let text = std::fs::read_to_string(config_path)
-        .with_context(|| format!("reading {}", config_path.display()))?;
-    let config_json: Value = serde_json::from_str(&text)
-        .with_context(|| format!("parsing {}", config_path.display()))?;
-    let config = ModelConfig::from_json(&config_json)
-        .with_context(|| format!("in {}", config_path.display()))?;
+pub fn init_model_dir(config_path: &Path, tokenizer_path: &Path, out: &Path, seed: u64) -> Result<ModelConfig> {
+    let text = std::fs::read_to_string(config_path).with_context(|| format!("reading {}", config_path.display()))?;
+    let config_json: Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
+    let config = ModelConfig::from_json(&config_json).with_context(|| format!("in {}", config_path.display()))?;
     let tokenizer = load_tokenizer(tokenizer_path)?;
     let tokenizer_vocab = tokenizer.get_vocab_size(true);
     if tokenizer_vocab > config.vocab_size {
-        bail!(
-            "{} has {tokenizer_vocab} tokens but vocab_size is {}",
-            tokenizer_path.display(),
-            config.vocab_size
-        );
+        bail!("{} has {tokenizer_vocab} tokens but vocab_size is {}", tokenizer_path.display(), config.vocab_size);
     }
     let params = Params::init_random(&config, seed, DType::F32, &Device::Cpu)?;
     write_model_dir(
         out,
-        ModelFiles {
-            config_json,
-            params: &params,
-            dtype: DType::F32,
-            tokenizer: &tokenizer,
-            extra: vec![],
-        },
+        ModelFiles { config_json, params: &params, dtype: DType::F32, tokenizer: &tokenizer, extra: vec![] },
     )?;
     Ok(config)
 }

@@ -24,10 +24,7 @@ pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let h = config.hidden_size;
     let q = config.num_attention_heads * config.head_dim;
     let kv = config.num_key_value_heads * config.head_dim;
-    let mut tensors = vec![(
-        "model.embed_tokens.weight".to_string(),
-        vec![config.vocab_size, h],
-    )];
+    let mut tensors = vec![("model.embed_tokens.weight".to_string(), vec![config.vocab_size, h])];
     for layer in 0..config.num_hidden_layers {
         let p = format!("model.layers.{layer}");
         let mut push = |name: &str, shape: Vec<usize>| tensors.push((format!("{p}.{name}"), shape));
@@ -65,8 +62,7 @@ pub fn is_norm_or_bias(name: &str) -> bool {
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("reading {}", index.display()))?;
+        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
         let map = json
@@ -80,10 +76,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if single.exists() {
         return Ok(vec![single]);
     }
-    bail!(
-        "{}: neither model.safetensors nor model.safetensors.index.json",
-        dir.display()
-    )
+    bail!("{}: neither model.safetensors nor model.safetensors.index.json", dir.display())
 }
 
 /// A model's parameters as candle variables, keyed by HuggingFace tensor name.
@@ -93,11 +86,7 @@ pub struct Params {
 
 impl Params {
     /// Checks names and shapes against the config and wraps the tensors as variables of `dtype`.
-    pub fn from_tensors(
-        config: &ModelConfig,
-        mut tensors: HashMap<String, Tensor>,
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn from_tensors(config: &ModelConfig, mut tensors: HashMap<String, Tensor>, dtype: DType) -> Result<Self> {
         tensors.retain(|name, _| !is_derived_buffer(name));
         if config.tie_word_embeddings {
             // Tied checkpoints sometimes store lm_head anyway; transformers ignores it, and so do we.
@@ -105,16 +94,9 @@ impl Params {
         }
         let expected = expected_tensors(config);
         let expected_names: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-        let missing: Vec<&str> = expected_names
-            .iter()
-            .copied()
-            .filter(|n| !tensors.contains_key(*n))
-            .collect();
-        let mut unexpected: Vec<&str> = tensors
-            .keys()
-            .map(String::as_str)
-            .filter(|n| !expected_names.contains(n))
-            .collect();
+        let missing: Vec<&str> = expected_names.iter().copied().filter(|n| !tensors.contains_key(*n)).collect();
+        let mut unexpected: Vec<&str> =
+            tensors.keys().map(String::as_str).filter(|n| !expected_names.contains(n)).collect();
         unexpected.sort_unstable();
         if !missing.is_empty() || !unexpected.is_empty() {
             bail!("weights do not match config.json: missing tensors {missing:?}; unexpected tensors {unexpected:?}");
@@ -123,10 +105,7 @@ impl Params {
         for (name, shape) in expected {
             let tensor = tensors.remove(&name).expect("checked above");
             if tensor.dims() != shape.as_slice() {
-                bail!(
-                    "tensor `{name}` has shape {:?}, config.json implies {shape:?}",
-                    tensor.dims()
-                );
+                bail!("tensor `{name}` has shape {:?}, config.json implies {shape:?}", tensor.dims());
             }
             vars.insert(name, Var::from_tensor(&tensor.to_dtype(dtype)?)?);
         }
@@ -134,35 +113,22 @@ impl Params {
     }
 
     /// Loads the weights of a HuggingFace model directory.
-    pub fn load_dir(
-        dir: &Path,
-        config: &ModelConfig,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn load_dir(dir: &Path, config: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
         let files = weight_files(dir)?;
         // Safety: the files are mapped read-only; cpt never writes a file while a model is loaded from it.
         let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
             .with_context(|| format!("reading safetensors in {}", dir.display()))?;
         let mut tensors = HashMap::new();
         for (name, _) in mapped.tensors() {
-            let tensor = mapped
-                .load(&name, device)
-                .with_context(|| format!("loading tensor `{name}`"))?;
+            let tensor = mapped.load(&name, device).with_context(|| format!("loading tensor `{name}`"))?;
             tensors.insert(name, tensor);
         }
-        Self::from_tensors(config, tensors, dtype)
-            .with_context(|| format!("loading {}", dir.display()))
+        Self::from_tensors(config, tensors, dtype).with_context(|| format!("loading {}", dir.display()))
     }
 
     /// Fresh weights as transformers initialises a LLaMA: normal(0, initializer_range) for matrices,
     /// ones for norms, zeros for biases, reproducible from `seed`.
-    pub fn init_random(
-        config: &ModelConfig,
-        seed: u64,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn init_random(config: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let normal = Normal::new(0.0f32, config.initializer_range as f32)?;
         let mut tensors = HashMap::new();
@@ -213,8 +179,7 @@ impl Params {
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
-    safetensors::serialize_to_file(views, metadata, path)
-        .with_context(|| format!("writing {}", path.display()))?;
+    safetensors::serialize_to_file(views, metadata, path).with_context(|| format!("writing {}", path.display()))?;
     std::fs::File::open(path)?.sync_all()?;
     Ok(())
 }

@@ -24,9 +24,7 @@ pub struct Perplexity {
 
 /// Encodes text the way the model was trained (the tokenizer's own special-token conventions).
 pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    let encoding = tokenizer
-        .encode(text, true)
-        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+    let encoding = tokenizer.encode(text, true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
     Ok(encoding.get_ids().to_vec())
 }
 
@@ -38,17 +36,9 @@ pub fn windows(ids: &[u32], seq_len: usize) -> impl Iterator<Item = &[u32]> {
 }
 
 /// Loss and perplexity of `ids` under `model`, in windows of `seq_len` tokens.
-pub fn perplexity(
-    model: &Llama,
-    ids: &[u32],
-    seq_len: usize,
-    device: &Device,
-) -> Result<Perplexity> {
+pub fn perplexity(model: &Llama, ids: &[u32], seq_len: usize, device: &Device) -> Result<Perplexity> {
     if ids.len() < 2 {
-        bail!(
-            "the text has {} token(s); at least 2 are needed to measure a loss",
-            ids.len()
-        );
+        bail!("the text has {} token(s); at least 2 are needed to measure a loss", ids.len());
     }
     if seq_len == 0 {
         bail!("seq_len must be positive");
@@ -63,12 +53,7 @@ pub fn perplexity(
     }
     let scored = ids.len() - 1;
     let loss = total / scored as f64;
-    Ok(Perplexity {
-        tokens: ids.len(),
-        scored_tokens: scored,
-        loss,
-        perplexity: loss.exp(),
-    })
+    Ok(Perplexity { tokens: ids.len(), scored_tokens: scored, loss, perplexity: loss.exp() })
 }
 
 /// How the next token is chosen.
@@ -77,11 +62,7 @@ pub enum Decoding {
     /// The most likely token.
     Greedy,
     /// A draw from the `top_k` most likely tokens at `temperature`, reproducible from `seed`.
-    Sample {
-        temperature: f64,
-        top_k: usize,
-        seed: u64,
-    },
+    Sample { temperature: f64, top_k: usize, seed: u64 },
 }
 
 /// Continues `prompt` by up to `max_new_tokens` tokens, stopping early at an end-of-sequence token.
@@ -107,24 +88,17 @@ pub fn generate(
     for _ in 0..max_new_tokens {
         let start = ids.len().saturating_sub(context);
         let input = Tensor::new(&ids[start..], device)?.unsqueeze(0)?;
-        let logits = model
-            .forward(&input)?
-            .i((0, ids.len() - start - 1))?
-            .to_dtype(DType::F32)?;
+        let logits = model.forward(&input)?.i((0, ids.len() - start - 1))?.to_dtype(DType::F32)?;
         let next = match decoding {
             Decoding::Greedy => logits.argmax(D::Minus1)?.to_scalar::<u32>()?,
-            Decoding::Sample {
-                temperature, top_k, ..
-            } => {
+            Decoding::Sample { temperature, top_k, .. } => {
                 let logits: Vec<f32> = logits.to_vec1()?;
                 let mut order: Vec<usize> = (0..logits.len()).collect();
                 order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
                 order.truncate(top_k.max(1));
                 let top = logits[order[0]] as f64;
-                let weights: Vec<f64> = order
-                    .iter()
-                    .map(|&i| ((logits[i] as f64 - top) / temperature.max(1e-6)).exp())
-                    .collect();
+                let weights: Vec<f64> =
+                    order.iter().map(|&i| ((logits[i] as f64 - top) / temperature.max(1e-6)).exp()).collect();
                 order[WeightedIndex::new(&weights)?.sample(&mut rng)] as u32
             }
         };
@@ -133,7 +107,5 @@ pub fn generate(
             break;
         }
     }
-    tokenizer
-        .decode(&ids[prompt_len..], true)
-        .map_err(|e| anyhow::anyhow!("decoding: {e}"))
+    tokenizer.decode(&ids[prompt_len..], true).map_err(|e| anyhow::anyhow!("decoding: {e}"))
 }

@@ -116,11 +116,7 @@ impl Cli {
     pub fn run(self) -> Result<()> {
         let device = Device::Cpu;
         match self.command {
-            Command::Import {
-                gguf: path,
-                out,
-                dtype,
-            } => {
+            Command::Import { gguf: path, out, dtype } => {
                 let config = gguf::import(&path, &out, dtype.into())?;
                 println!(
                     "imported {} ({} layers, hidden {}, vocab {}) into {}",
@@ -135,74 +131,37 @@ impl Cli {
                 hf::export(&source, &out, dtype.into())?;
                 println!("exported {} to {}", source.display(), out.display());
             }
-            Command::Init {
-                config,
-                tokenizer,
-                out,
-                seed,
-            } => {
+            Command::Init { config, tokenizer, out, seed } => {
                 let config = hf::init_model_dir(&config, &tokenizer, &out, seed)?;
-                let params =
-                    config.non_embedding_parameters() + config.vocab_size * config.hidden_size;
-                println!(
-                    "initialised a {params}-parameter model in {}",
-                    out.display()
-                );
+                let params = config.non_embedding_parameters() + config.vocab_size * config.hidden_size;
+                println!("initialised a {params}-parameter model in {}", out.display());
             }
-            Command::Eval {
-                model,
-                text: text_path,
-                seq_len,
-                save_logits,
-            } => {
+            Command::Eval { model, text: text_path, seq_len, save_logits } => {
                 let (model_dir, model) = load_model(&model, &device)?;
-                let text = std::fs::read_to_string(&text_path)
-                    .with_context(|| format!("reading {}", text_path.display()))?;
+                let text =
+                    std::fs::read_to_string(&text_path).with_context(|| format!("reading {}", text_path.display()))?;
                 let ids = text::encode(&model_dir.tokenizer()?, &text)?;
                 let result = text::perplexity(&model, &ids, seq_len, &device)?;
                 if let Some(path) = save_logits {
-                    let window = text::windows(&ids, seq_len)
-                        .next()
-                        .expect("perplexity checked the length");
+                    let window = text::windows(&ids, seq_len).next().expect("perplexity checked the length");
                     let input = Tensor::new(window, &device)?.unsqueeze(0)?;
                     let logits = model.forward(&input)?.squeeze(0)?;
                     let tensors = [
-                        (
-                            "input_ids".to_string(),
-                            input.squeeze(0)?.to_dtype(DType::I64)?,
-                        ),
+                        ("input_ids".to_string(), input.squeeze(0)?.to_dtype(DType::I64)?),
                         ("logits".to_string(), logits),
                     ];
                     cpt_train::params::write_safetensors(&path, &tensors)?;
                 }
                 println!("{}", serde_json::to_string(&result)?);
             }
-            Command::Generate {
-                model,
-                prompt,
-                max_new_tokens,
-                temperature,
-                top_k,
-                seed,
-            } => {
+            Command::Generate { model, prompt, max_new_tokens, temperature, top_k, seed } => {
                 let (model_dir, model) = load_model(&model, &device)?;
                 let decoding = match temperature {
-                    Some(temperature) => Decoding::Sample {
-                        temperature,
-                        top_k,
-                        seed,
-                    },
+                    Some(temperature) => Decoding::Sample { temperature, top_k, seed },
                     None => Decoding::Greedy,
                 };
                 let tokenizer = model_dir.tokenizer()?;
-                let continuation = text::generate(
-                    &model,
-                    &tokenizer,
-                    &prompt,
-                    max_new_tokens,
-                    decoding,
-                    &device,
-                )?;
+                let continuation = text::generate(&model, &tokenizer, &prompt, max_new_tokens, decoding, &device)?;
                 println!("{prompt}{continuation}");
             }
         }

@@ -29,9 +29,7 @@ impl Metadata<'_> {
         self.0.get(key)
     }
     pub fn require(&self, key: &str) -> Result<&Value> {
-        self.0
-            .get(key)
-            .with_context(|| format!("GGUF metadata `{key}` is missing"))
+        self.0.get(key).with_context(|| format!("GGUF metadata `{key}` is missing"))
     }
     pub fn usize(&self, key: &str) -> Result<usize> {
         let value = match self.require(key)? {
@@ -43,8 +41,7 @@ impl Metadata<'_> {
             Value::I64(v) => u64::try_from(*v).ok(),
             _ => None,
         };
-        let value = value
-            .with_context(|| format!("GGUF metadata `{key}` is not a non-negative integer"))?;
+        let value = value.with_context(|| format!("GGUF metadata `{key}` is not a non-negative integer"))?;
         usize::try_from(value).with_context(|| format!("GGUF metadata `{key}` is too large"))
     }
     pub fn f64(&self, key: &str) -> Result<f64> {
@@ -56,24 +53,13 @@ impl Metadata<'_> {
             .with_context(|| format!("GGUF metadata `{key}` is not a number"))
     }
     pub fn optional_u32(&self, key: &str) -> Result<Option<u32>> {
-        self.get(key)
-            .map(|v| {
-                v.to_u32()
-                    .with_context(|| format!("GGUF metadata `{key}` is not a u32"))
-            })
-            .transpose()
+        self.get(key).map(|v| v.to_u32().with_context(|| format!("GGUF metadata `{key}` is not a u32"))).transpose()
     }
     pub fn string(&self, key: &str) -> Result<&str> {
-        Ok(self
-            .require(key)?
-            .to_string()
-            .with_context(|| format!("GGUF metadata `{key}` is not a string"))?
-            .as_str())
+        Ok(self.require(key)?.to_string().with_context(|| format!("GGUF metadata `{key}` is not a string"))?.as_str())
     }
     pub fn array(&self, key: &str) -> Result<&Vec<Value>> {
-        self.require(key)?
-            .to_vec()
-            .with_context(|| format!("GGUF metadata `{key}` is not an array"))
+        self.require(key)?.to_vec().with_context(|| format!("GGUF metadata `{key}` is not an array"))
     }
 }
 
@@ -90,9 +76,7 @@ fn config_from_metadata(meta: &Metadata, vocab_size: usize, tied: bool) -> Resul
         None => hidden_size / heads,
     };
     if meta.get("llama.rope.scaling.type").is_some() {
-        bail!(
-            "GGUF metadata `llama.rope.scaling.type` is set; scaled RoPE import is not supported"
-        );
+        bail!("GGUF metadata `llama.rope.scaling.type` is set; scaled RoPE import is not supported");
     }
     let eos = meta.optional_u32("tokenizer.ggml.eos_token_id")?;
     let json = json!({
@@ -130,15 +114,9 @@ fn hf_tensor_name(name: &str) -> Result<String> {
     if let Some(fixed) = fixed {
         return Ok(fixed.to_string());
     }
-    let rest = name
-        .strip_prefix("blk.")
-        .with_context(|| format!("unknown GGUF tensor `{name}`"))?;
-    let (layer, rest) = rest
-        .split_once('.')
-        .with_context(|| format!("unknown GGUF tensor `{name}`"))?;
-    let (part, suffix) = rest
-        .split_once('.')
-        .with_context(|| format!("unknown GGUF tensor `{name}`"))?;
+    let rest = name.strip_prefix("blk.").with_context(|| format!("unknown GGUF tensor `{name}`"))?;
+    let (layer, rest) = rest.split_once('.').with_context(|| format!("unknown GGUF tensor `{name}`"))?;
+    let (part, suffix) = rest.split_once('.').with_context(|| format!("unknown GGUF tensor `{name}`"))?;
     let hf = match part {
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
@@ -162,11 +140,7 @@ pub fn unpermute_rows(tensor: &Tensor, heads: usize) -> candle_core::Result<Tens
     let dims = tensor.dims().to_vec();
     let rows = dims[0];
     let rest: usize = dims[1..].iter().product();
-    tensor
-        .reshape((heads, rows / heads / 2, 2, rest))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)
+    tensor.reshape((heads, rows / heads / 2, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)
 }
 
 /// The inverse of [`unpermute_rows`]: llama.cpp's own permutation, for writing test files.
@@ -174,11 +148,7 @@ pub fn permute_rows(tensor: &Tensor, heads: usize) -> candle_core::Result<Tensor
     let dims = tensor.dims().to_vec();
     let rows = dims[0];
     let rest: usize = dims[1..].iter().product();
-    tensor
-        .reshape((heads, 2, rows / heads / 2, rest))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)
+    tensor.reshape((heads, 2, rows / heads / 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -197,15 +167,12 @@ fn sha256_file(path: &Path) -> Result<String> {
 
 /// Imports `gguf_path` into a new HF directory `out` with weights stored as `dtype`.
 pub fn import(gguf_path: &Path, out: &Path, dtype: DType) -> Result<ModelConfig> {
-    let open = || {
-        std::fs::File::open(gguf_path).with_context(|| format!("opening {}", gguf_path.display()))
-    };
+    let open = || std::fs::File::open(gguf_path).with_context(|| format!("opening {}", gguf_path.display()));
     let mut reader = BufReader::new(open()?);
-    let content = Content::read(&mut reader)
-        .with_context(|| format!("reading GGUF header of {}", gguf_path.display()))?;
+    let content =
+        Content::read(&mut reader).with_context(|| format!("reading GGUF header of {}", gguf_path.display()))?;
     let meta = Metadata(&content.metadata);
-    let tokenizer =
-        tokenizer::from_metadata(&meta).context("rebuilding the tokenizer from GGUF metadata")?;
+    let tokenizer = tokenizer::from_metadata(&meta).context("rebuilding the tokenizer from GGUF metadata")?;
     let vocab_size = match meta.get("llama.vocab_size") {
         Some(_) => meta.usize("llama.vocab_size")?,
         None => meta.array("tokenizer.ggml.tokens")?.len(),
@@ -221,16 +188,10 @@ pub fn import(gguf_path: &Path, out: &Path, dtype: DType) -> Result<ModelConfig>
         if name == "rope_freqs.weight" || name.ends_with(".rope_freqs.weight") {
             bail!("GGUF tensor `{name}` (scaled RoPE frequencies) is not supported");
         }
-        let qtensor = content
-            .tensor(&mut reader, name, &Device::Cpu)
-            .with_context(|| format!("reading `{name}`"))?;
-        *source_types
-            .entry(format!("{:?}", qtensor.dtype()))
-            .or_default() += 1;
+        let qtensor = content.tensor(&mut reader, name, &Device::Cpu).with_context(|| format!("reading `{name}`"))?;
+        *source_types.entry(format!("{:?}", qtensor.dtype())).or_default() += 1;
         let hf_name = hf_tensor_name(name)?;
-        let mut tensor = qtensor
-            .dequantize(&Device::Cpu)
-            .with_context(|| format!("dequantizing `{name}`"))?;
+        let mut tensor = qtensor.dequantize(&Device::Cpu).with_context(|| format!("dequantizing `{name}`"))?;
         if hf_name.ends_with("q_proj.weight") {
             tensor = unpermute_rows(&tensor, config.num_attention_heads)?;
         } else if hf_name.ends_with("k_proj.weight") {
@@ -239,9 +200,7 @@ pub fn import(gguf_path: &Path, out: &Path, dtype: DType) -> Result<ModelConfig>
         tensors.insert(hf_name, tensor);
     }
     let params = Params::from_tensors(&config, tensors, DType::F32)?;
-    let quantized = source_types
-        .keys()
-        .any(|t| !matches!(t.as_str(), "F32" | "F16" | "BF16"));
+    let quantized = source_types.keys().any(|t| !matches!(t.as_str(), "F32" | "F16" | "BF16"));
     let report = json!({
         "source": gguf_path.display().to_string(),
         "source_sha256": sha256_file(gguf_path)?,
@@ -254,17 +213,8 @@ pub fn import(gguf_path: &Path, out: &Path, dtype: DType) -> Result<ModelConfig>
             "weights were converted from an unquantized GGUF file"
         },
     });
-    let extra = vec![(
-        IMPORT_REPORT.to_string(),
-        serde_json::to_string_pretty(&report)?,
-    )];
-    let files = ModelFiles {
-        config_json: config.to_hf_json(),
-        params: &params,
-        dtype,
-        tokenizer: &tokenizer,
-        extra,
-    };
+    let extra = vec![(IMPORT_REPORT.to_string(), serde_json::to_string_pretty(&report)?)];
+    let files = ModelFiles { config_json: config.to_hf_json(), params: &params, dtype, tokenizer: &tokenizer, extra };
     write_model_dir(out, files)?;
     Ok(config)
 }

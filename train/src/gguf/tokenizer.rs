@@ -18,7 +18,8 @@ const TOKEN_CONTROL: i32 = 3;
 const TOKEN_USER_DEFINED: i32 = 4;
 
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn byte_level(use_regex: bool) -> Value {
     json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
@@ -49,11 +50,7 @@ fn bpe_pre_tokenizer(pre: &str) -> Result<Value> {
 fn strings(meta: &Metadata, key: &str) -> Result<Vec<String>> {
     meta.array(key)?
         .iter()
-        .map(|v| {
-            Ok(v.to_string()
-                .with_context(|| format!("`{key}` holds a non-string"))?
-                .clone())
-        })
+        .map(|v| Ok(v.to_string().with_context(|| format!("`{key}` holds a non-string"))?.clone()))
         .collect()
 }
 
@@ -63,10 +60,7 @@ fn token_types(meta: &Metadata, count: usize) -> Result<Vec<i32>> {
         Some(_) => meta
             .array("tokenizer.ggml.token_type")?
             .iter()
-            .map(|v| {
-                v.to_i32()
-                    .context("`tokenizer.ggml.token_type` holds a non-integer")
-            })
+            .map(|v| v.to_i32().context("`tokenizer.ggml.token_type` holds a non-integer"))
             .collect(),
     }
 }
@@ -85,17 +79,10 @@ fn added_tokens(tokens: &[String], types: &[i32]) -> Vec<Value> {
 }
 
 /// Adds BOS in front of every sequence, as the model was trained, when the metadata asks for it.
-fn post_processor(
-    tokens: &[String],
-    bos: Option<u32>,
-    add_bos: bool,
-    fallback: Value,
-) -> Result<Value> {
+fn post_processor(tokens: &[String], bos: Option<u32>, add_bos: bool, fallback: Value) -> Result<Value> {
     match (add_bos, bos) {
         (true, Some(id)) => {
-            let bos = tokens
-                .get(id as usize)
-                .context("`tokenizer.ggml.bos_token_id` is out of range")?;
+            let bos = tokens.get(id as usize).context("`tokenizer.ggml.bos_token_id` is out of range")?;
             Ok(json!({
                 "type": "TemplateProcessing",
                 "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
@@ -104,29 +91,19 @@ fn post_processor(
                 "special_tokens": {bos.clone(): {"id": bos, "ids": [id], "tokens": [bos]}},
             }))
         }
-        (true, None) => bail!(
-            "`tokenizer.ggml.add_bos_token` is true but `tokenizer.ggml.bos_token_id` is missing"
-        ),
+        (true, None) => bail!("`tokenizer.ggml.add_bos_token` is true but `tokenizer.ggml.bos_token_id` is missing"),
         (false, _) => Ok(fallback),
     }
 }
 
 fn vocab_map(tokens: &[String]) -> serde_json::Map<String, Value> {
-    tokens
-        .iter()
-        .enumerate()
-        .map(|(id, t)| (t.clone(), Value::from(id)))
-        .collect()
+    tokens.iter().enumerate().map(|(id, t)| (t.clone(), Value::from(id))).collect()
 }
 
 /// SentencePiece merges: every split of a vocabulary piece into two vocabulary pieces, ranked by the
 /// merged piece's score, then by the ids of its halves (transformers' `SentencePieceExtractor`).
 fn sentencepiece_merges(tokens: &[String], scores: &[f32], types: &[i32]) -> Vec<Value> {
-    let ids: HashMap<&str, usize> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.as_str(), i))
-        .collect();
+    let ids: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
     let mut merges: Vec<(f32, usize, usize, usize)> = Vec::new();
     for (merged, piece) in tokens.iter().enumerate() {
         if types[merged] != 1 {
@@ -138,16 +115,8 @@ fn sentencepiece_merges(tokens: &[String], scores: &[f32], types: &[i32]) -> Vec
             }
         }
     }
-    merges.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then(a.1.cmp(&b.1))
-            .then(a.2.cmp(&b.2))
-            .then(a.3.cmp(&b.3))
-    });
-    merges
-        .into_iter()
-        .map(|(_, _, l, r)| json!([tokens[l], tokens[r]]))
-        .collect()
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
+    merges.into_iter().map(|(_, _, l, r)| json!([tokens[l], tokens[r]])).collect()
 }
 
 /// Builds the tokenizer described by the GGUF metadata.
@@ -156,18 +125,12 @@ pub(crate) fn from_metadata(meta: &Metadata) -> Result<Tokenizer> {
     let tokens = strings(meta, "tokenizer.ggml.tokens")?;
     let types = token_types(meta, tokens.len())?;
     if types.len() != tokens.len() {
-        bail!(
-            "`tokenizer.ggml.token_type` has {} entries for {} tokens",
-            types.len(),
-            tokens.len()
-        );
+        bail!("`tokenizer.ggml.token_type` has {} entries for {} tokens", types.len(), tokens.len());
     }
     let bos = meta.optional_u32("tokenizer.ggml.bos_token_id")?;
     let add_bos_default = model == "llama";
     let add_bos = match meta.get("tokenizer.ggml.add_bos_token") {
-        Some(v) => v
-            .to_bool()
-            .context("`tokenizer.ggml.add_bos_token` is not a bool")?,
+        Some(v) => v.to_bool().context("`tokenizer.ggml.add_bos_token` is not a bool")?,
         None => add_bos_default,
     };
     let json = match model {
@@ -176,10 +139,7 @@ pub(crate) fn from_metadata(meta: &Metadata) -> Result<Tokenizer> {
                 Some(_) => meta.string("tokenizer.ggml.pre")?,
                 None => "default",
             };
-            let merges: Vec<Value> = strings(meta, "tokenizer.ggml.merges")?
-                .into_iter()
-                .map(Value::from)
-                .collect();
+            let merges: Vec<Value> = strings(meta, "tokenizer.ggml.merges")?.into_iter().map(Value::from).collect();
             json!({
                 "version": "1.0", "truncation": null, "padding": null,
                 "added_tokens": added_tokens(&tokens, &types),
@@ -197,21 +157,12 @@ pub(crate) fn from_metadata(meta: &Metadata) -> Result<Tokenizer> {
             let scores: Vec<f32> = meta
                 .array("tokenizer.ggml.scores")?
                 .iter()
-                .map(|v| {
-                    v.to_f32()
-                        .context("`tokenizer.ggml.scores` holds a non-float")
-                })
+                .map(|v| v.to_f32().context("`tokenizer.ggml.scores` holds a non-float"))
                 .collect::<Result<_>>()?;
             if scores.len() != tokens.len() {
-                bail!(
-                    "`tokenizer.ggml.scores` has {} entries for {} tokens",
-                    scores.len(),
-                    tokens.len()
-                );
+                bail!("`tokenizer.ggml.scores` has {} entries for {} tokens", scores.len(), tokens.len());
             }
-            let unk = meta
-                .optional_u32("tokenizer.ggml.unknown_token_id")?
-                .and_then(|id| tokens.get(id as usize));
+            let unk = meta.optional_u32("tokenizer.ggml.unknown_token_id")?.and_then(|id| tokens.get(id as usize));
             json!({
                 "version": "1.0", "truncation": null, "padding": null,
                 "added_tokens": added_tokens(&tokens, &types),
@@ -232,11 +183,8 @@ pub(crate) fn from_metadata(meta: &Metadata) -> Result<Tokenizer> {
                           "vocab": vocab_map(&tokens), "merges": sentencepiece_merges(&tokens, &scores, &types)},
             })
         }
-        other => bail!(
-            "GGUF `tokenizer.ggml.model` = `{other}` is not supported (supported: gpt2, llama)"
-        ),
+        other => bail!("GGUF `tokenizer.ggml.model` = `{other}` is not supported (supported: gpt2, llama)"),
     };
     let text = serde_json::to_string(&json)?;
-    text.parse::<Tokenizer>()
-        .map_err(|e| anyhow::anyhow!("the rebuilt tokenizer.json does not load: {e}"))
+    text.parse::<Tokenizer>().map_err(|e| anyhow::anyhow!("the rebuilt tokenizer.json does not load: {e}"))
 }

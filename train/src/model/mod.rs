@@ -45,8 +45,7 @@ fn get(params: &Params, name: &str) -> Result<Tensor> {
 impl Llama {
     /// Builds the graph over `params`, which must match `config` (see [`Params::from_tensors`]).
     pub fn new(config: &ModelConfig, params: &Params) -> Result<Self> {
-        let optional =
-            |name: String, present: bool| present.then(|| get(params, &name)).transpose();
+        let optional = |name: String, present: bool| present.then(|| get(params, &name)).transpose();
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
@@ -63,10 +62,7 @@ impl Llama {
                         v_bias: optional(format!("{a}.v_proj.bias"), config.qkv_bias)?,
                         o_bias: optional(format!("{a}.o_proj.bias"), config.o_bias)?,
                     },
-                    post_attention_norm: get(
-                        params,
-                        &format!("{p}.post_attention_layernorm.weight"),
-                    )?,
+                    post_attention_norm: get(params, &format!("{p}.post_attention_layernorm.weight"))?,
                     gate: get(params, &format!("{p}.mlp.gate_proj.weight"))?,
                     up: get(params, &format!("{p}.mlp.up_proj.weight"))?,
                     down: get(params, &format!("{p}.mlp.down_proj.weight"))?,
@@ -74,11 +70,7 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         let embed = get(params, "model.embed_tokens.weight")?;
-        let lm_head = if config.tie_word_embeddings {
-            embed.clone()
-        } else {
-            get(params, "lm_head.weight")?
-        };
+        let lm_head = if config.tie_word_embeddings { embed.clone() } else { get(params, "lm_head.weight")? };
         Ok(Self {
             config: config.clone(),
             embed,
@@ -102,19 +94,12 @@ impl Llama {
         let device = ids.device();
         let (cos, sin) = ops::rope_tables(&self.inv_freq, seq, dtype, device)?;
         let mask = ops::causal_mask(seq, c.sliding_window, dtype, device)?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            batch,
-            seq,
-            c.hidden_size,
-        ))?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((batch, seq, c.hidden_size))?;
         for layer in &self.layers {
             let a = &layer.attention;
             let h = ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
             let heads = |w: &Tensor, b: Option<&Tensor>, n: usize| {
-                ops::linear(&h, w, b)?
-                    .reshape((batch, seq, n, c.head_dim))?
-                    .transpose(1, 2)?
-                    .contiguous()
+                ops::linear(&h, w, b)?.reshape((batch, seq, n, c.head_dim))?.transpose(1, 2)?.contiguous()
             };
             let q = heads(&a.q, a.q_bias.as_ref(), c.num_attention_heads)?;
             let k = heads(&a.k, a.k_bias.as_ref(), c.num_key_value_heads)?;
@@ -122,15 +107,10 @@ impl Llama {
             let q = ops::rope(&q, &cos, &sin)?;
             let k = ops::rope(&k, &cos, &sin)?;
             let y = ops::attention(&q, &k, &v, &mask)?;
-            let y = y
-                .transpose(1, 2)?
-                .reshape((batch, seq, c.num_attention_heads * c.head_dim))?;
+            let y = y.transpose(1, 2)?.reshape((batch, seq, c.num_attention_heads * c.head_dim))?;
             x = (x + ops::linear(&y, &a.o, a.o_bias.as_ref())?)?;
             let h = ops::rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
-            let gated = ops::swiglu(
-                &ops::linear(&h, &layer.gate, None)?,
-                &ops::linear(&h, &layer.up, None)?,
-            )?;
+            let gated = ops::swiglu(&ops::linear(&h, &layer.gate, None)?, &ops::linear(&h, &layer.up, None)?)?;
             x = (x + ops::linear(&gated, &layer.down, None)?)?;
         }
         let x = ops::rms_norm(&x, &self.norm, c.rms_norm_eps)?;

@@ -21,10 +21,19 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     y.reshape(shape)
 }
 
-/// Root-mean-square normalisation over the last dimension, computed in f32 as transformers does.
+/// Half-precision values are widened to f32 for reductions and exponentials; f32 and f64 stay as
+/// they are.
+fn widened(x: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::BF16 | DType::F16 => x.to_dtype(DType::F32),
+        _ => Ok(x.clone()),
+    }
+}
+
+/// Root-mean-square normalisation over the last dimension, widened to f32 as transformers does.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = widened(x)?;
     let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
     let normalized = x.broadcast_mul(&(mean_square + eps)?.sqrt()?.recip()?)?;
     normalized.to_dtype(dtype)?.broadcast_mul(weight)
@@ -32,22 +41,13 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// `cos` and `sin` tables of shape `(seq_len, head_dim)` for positions `0..seq_len`, in HF's
 /// half-split layout (frequencies repeated, not interleaved).
-pub fn rope_tables(
-    inv_freq: &[f64],
-    seq_len: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
+pub fn rope_tables(inv_freq: &[f64], seq_len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = inv_freq.len();
     // transformers computes the angles in f32; doing the same keeps logits within 1e-6 of it.
-    let angles: Vec<f32> = (0..seq_len)
-        .flat_map(|p| (0..2 * half).map(move |i| p as f32 * inv_freq[i % half] as f32))
-        .collect();
+    let angles: Vec<f32> =
+        (0..seq_len).flat_map(|p| (0..2 * half).map(move |i| p as f32 * inv_freq[i % half] as f32)).collect();
     let angles = Tensor::from_vec(angles, (seq_len, 2 * half), device)?;
-    Ok((
-        angles.cos()?.to_dtype(dtype)?,
-        angles.sin()?.to_dtype(dtype)?,
-    ))
+    Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
 }
 
 /// Rotary position embedding of `x: (batch, heads, seq, head_dim)`.
@@ -60,23 +60,10 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// Additive mask `(seq, seq)`: 0 where query `i` may see key `j`, −∞ elsewhere.
-pub fn causal_mask(
-    seq_len: usize,
-    sliding_window: Option<usize>,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
+pub fn causal_mask(seq_len: usize, sliding_window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
     let window = sliding_window.unwrap_or(usize::MAX);
     let mask: Vec<f32> = (0..seq_len)
-        .flat_map(|i| {
-            (0..seq_len).map(move |j| {
-                if j > i || i - j >= window {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
+        .flat_map(|i| (0..seq_len).map(move |j| if j > i || i - j >= window { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Tensor::from_vec(mask, (seq_len, seq_len), device)?.to_dtype(dtype)
 }
@@ -106,14 +93,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     let groups = heads / kv_heads;
     let q = q.reshape((b, kv_heads, groups * s, d))?;
     let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
-    let scores = scores
-        .reshape((b, kv_heads, groups, s, s))?
-        .broadcast_add(mask)?;
-    let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-    probs
-        .reshape((b, kv_heads, groups * s, s))?
-        .matmul(v)?
-        .reshape((b, heads, s, d))
+    let scores = scores.reshape((b, kv_heads, groups, s, s))?.broadcast_add(mask)?;
+    let probs = softmax_last_dim(&widened(&scores)?)?.to_dtype(v.dtype())?;
+    probs.reshape((b, kv_heads, groups * s, s))?.matmul(v)?.reshape((b, heads, s, d))
 }
 
 /// The SwiGLU gate: `silu(gate) * up`.
@@ -121,13 +103,10 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 
-/// Negative log-likelihood of each target under `logits: (n, vocab)`, shape `(n,)`, in f32.
+/// Negative log-likelihood of each target under `logits: (n, vocab)`, shape `(n,)`, at least f32.
 pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let log_probs = log_softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
-    log_probs
-        .gather(&targets.unsqueeze(1)?, 1)?
-        .squeeze(1)?
-        .neg()
+    let log_probs = log_softmax_last_dim(&widened(logits)?)?;
+    log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
 }
 
 /// Mean cross-entropy of `targets: (n,)` under `logits: (n, vocab)`.

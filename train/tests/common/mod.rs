@@ -1,0 +1,65 @@
+//! Small models and tokenizers shared by the integration tests.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device};
+use cpt_train::{ModelConfig, Params};
+use serde_json::{json, Value};
+use tokenizers::Tokenizer;
+
+/// A HF config.json for a tiny model; `extra` fields override the defaults.
+pub fn tiny_config_json(architecture: &str, extra: Value) -> Value {
+    let mut config = json!({
+        "architectures": [architecture],
+        "vocab_size": 300,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": false,
+        "bos_token_id": 256,
+        "eos_token_id": 256,
+    });
+    for (k, v) in extra.as_object().expect("extra is an object") {
+        config[k] = v.clone();
+    }
+    config
+}
+
+pub fn tiny_config(architecture: &str, extra: Value) -> ModelConfig {
+    ModelConfig::from_json(&tiny_config_json(architecture, extra)).expect("tiny config is valid")
+}
+
+pub fn tiny_params(config: &ModelConfig, seed: u64, dtype: DType) -> Params {
+    Params::init_random(config, seed, dtype, &Device::Cpu).expect("init")
+}
+
+/// A byte-level tokenizer with no merges: one token per byte, plus `<|endoftext|>` as id 256.
+pub fn byte_tokenizer() -> Tokenizer {
+    let mut vocab = serde_json::Map::new();
+    for (id, ch) in tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+        .into_iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .enumerate()
+    {
+        vocab.insert(ch.to_string(), id.into());
+    }
+    vocab.insert("<|endoftext|>".into(), 256.into());
+    let json = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 256, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": []},
+    });
+    json.to_string().parse().expect("byte tokenizer loads")
+}

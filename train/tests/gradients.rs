@@ -1,0 +1,183 @@
+//! Every op of the model against central finite differences in f64, and the whole model's backward
+//! pass reaching every parameter.
+
+mod common;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use cpt_train::model::ops;
+use cpt_train::Llama;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+fn random(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let values: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+/// Compares the analytic gradient of `sum(f(inputs) · projection)` with central differences for
+/// every element of every input.
+fn check_gradients(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let output = f(&tensors).unwrap();
+    let projection = random(output.dims(), 99);
+    let scalar =
+        |xs: &[Tensor]| -> f64 { (f(xs).unwrap() * &projection).unwrap().sum_all().unwrap().to_scalar().unwrap() };
+    let grads = (output * &projection).unwrap().sum_all().unwrap().backward().unwrap();
+    let eps = 1e-6;
+    for (i, var) in vars.iter().enumerate() {
+        let analytic: Vec<f64> =
+            grads.get(var).expect("input has a gradient").flatten_all().unwrap().to_vec1().unwrap();
+        let base: Vec<f64> = inputs[i].flatten_all().unwrap().to_vec1().unwrap();
+        for (j, &a) in analytic.iter().enumerate() {
+            let nudged = |delta: f64| {
+                let mut values = base.clone();
+                values[j] += delta;
+                let mut xs = inputs.to_vec();
+                xs[i] = Tensor::from_vec(values, inputs[i].dims(), &Device::Cpu).unwrap();
+                scalar(&xs)
+            };
+            let numeric = (nudged(eps) - nudged(-eps)) / (2.0 * eps);
+            let tolerance = 1e-6 * (1.0 + numeric.abs());
+            assert!((a - numeric).abs() < tolerance, "input {i} element {j}: analytic {a} vs numeric {numeric}");
+        }
+    }
+}
+
+#[test]
+fn rms_norm_gradient_matches_finite_differences() {
+    check_gradients(&[random(&[3, 5, 8], 1), random(&[8], 2)], |x| ops::rms_norm(&x[0], &x[1], 1e-5));
+}
+
+#[test]
+fn linear_with_bias_gradient_matches_finite_differences() {
+    check_gradients(&[random(&[2, 3, 6], 1), random(&[4, 6], 2), random(&[4], 3)], |x| {
+        ops::linear(&x[0], &x[1], Some(&x[2]))
+    });
+}
+
+#[test]
+fn rope_gradient_matches_finite_differences() {
+    let config = common::tiny_config("LlamaForCausalLM", json!({}));
+    let (cos, sin) = ops::rope_tables(&config.rope_inv_freq(), 5, DType::F64, &Device::Cpu).unwrap();
+    check_gradients(&[random(&[2, 3, 5, 8], 1)], |x| ops::rope(&x[0], &cos, &sin));
+}
+
+#[test]
+fn causal_grouped_query_attention_gradient_matches_finite_differences() {
+    let mask = ops::causal_mask(5, None, DType::F64, &Device::Cpu).unwrap();
+    // 4 query heads share 2 key/value heads.
+    check_gradients(&[random(&[2, 4, 5, 6], 1), random(&[2, 2, 5, 6], 2), random(&[2, 2, 5, 6], 3)], |x| {
+        ops::attention(&x[0], &x[1], &x[2], &mask)
+    });
+}
+
+#[test]
+fn sliding_window_attention_gradient_matches_finite_differences() {
+    let mask = ops::causal_mask(6, Some(2), DType::F64, &Device::Cpu).unwrap();
+    check_gradients(&[random(&[1, 2, 6, 4], 1), random(&[1, 1, 6, 4], 2), random(&[1, 1, 6, 4], 3)], |x| {
+        ops::attention(&x[0], &x[1], &x[2], &mask)
+    });
+}
+
+#[test]
+fn attention_never_looks_at_future_or_out_of_window_tokens() {
+    let (q, k, v) = (random(&[1, 2, 6, 4], 1), random(&[1, 1, 6, 4], 2), random(&[1, 1, 6, 4], 3));
+    for window in [None, Some(2)] {
+        let mask = ops::causal_mask(6, window, DType::F64, &Device::Cpu).unwrap();
+        let before: Vec<f64> = ops::attention(&q, &k, &v, &mask).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        // Changing the last key and value may only change the last position's output.
+        let k2 = Tensor::cat(&[k.narrow(2, 0, 5).unwrap(), random(&[1, 1, 1, 4], 7)], 2).unwrap();
+        let v2 = Tensor::cat(&[v.narrow(2, 0, 5).unwrap(), random(&[1, 1, 1, 4], 8)], 2).unwrap();
+        let after: Vec<f64> = ops::attention(&q, &k2, &v2, &mask).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (i, (a, b)) in before.iter().zip(&after).enumerate() {
+            let position = (i / 4) % 6;
+            if position < 5 {
+                assert_eq!(a, b, "position {position} saw the future (window {window:?})");
+            } else {
+                assert_ne!(a, b, "the last position ignored its own key (window {window:?})");
+            }
+        }
+    }
+}
+
+#[test]
+fn swiglu_gradient_matches_finite_differences() {
+    check_gradients(&[random(&[3, 7], 1), random(&[3, 7], 2)], |x| ops::swiglu(&x[0], &x[1]));
+}
+
+#[test]
+fn cross_entropy_gradient_matches_finite_differences() {
+    let targets = Tensor::new(&[3u32, 0, 9, 4, 4], &Device::Cpu).unwrap();
+    check_gradients(&[(random(&[5, 10], 1) * 4.0).unwrap()], |x| ops::cross_entropy(&x[0], &targets));
+}
+
+#[test]
+fn cross_entropy_equals_hand_computed_value() {
+    // logits [0, ln 3] → p = [1/4, 3/4]; targets pick 3/4 then 1/4.
+    let logits = Tensor::new(&[[0.0f64, 3f64.ln()], [0.0, 3f64.ln()]], &Device::Cpu).unwrap();
+    let targets = Tensor::new(&[1u32, 0], &Device::Cpu).unwrap();
+    let loss: f64 = ops::cross_entropy(&logits, &targets).unwrap().to_scalar().unwrap();
+    let expected = -((0.75f64).ln() + (0.25f64).ln()) / 2.0;
+    assert!((loss - expected).abs() < 1e-12, "{loss} vs {expected}");
+}
+
+#[test]
+fn whole_model_gradient_matches_finite_differences() {
+    for architecture in ["LlamaForCausalLM", "Qwen2ForCausalLM"] {
+        let config =
+            common::tiny_config(architecture, json!({"hidden_size": 16, "intermediate_size": 24, "vocab_size": 20}));
+        let params = common::tiny_params(&config, 3, DType::F64);
+        let ids = Tensor::new(&[[1u32, 5, 7, 2, 19, 3]], &Device::Cpu).unwrap();
+        let loss_of = |params: &cpt_train::Params| -> f64 {
+            Llama::new(&config, params).unwrap().loss(&ids).unwrap().to_scalar().unwrap()
+        };
+        let grads = Llama::new(&config, &params).unwrap().loss(&ids).unwrap().backward().unwrap();
+        let eps = 1e-6;
+        for (name, var) in params.iter() {
+            let analytic: Vec<f64> = grads.get(var).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let original = var.as_tensor().copy().unwrap();
+            let values: Vec<f64> = original.flatten_all().unwrap().to_vec1().unwrap();
+            // Three elements per tensor keep the test fast while touching every parameter.
+            for j in [0, values.len() / 2, values.len() - 1] {
+                let at = |delta: f64| {
+                    let mut v = values.clone();
+                    v[j] += delta;
+                    var.set(&Tensor::from_vec(v, original.dims(), &Device::Cpu).unwrap()).unwrap();
+                    loss_of(&params)
+                };
+                let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+                var.set(&original).unwrap();
+                let tolerance = 1e-6 * (1.0 + numeric.abs());
+                assert!(
+                    (analytic[j] - numeric).abs() < tolerance,
+                    "{architecture} {name}[{j}]: {} vs {numeric}",
+                    analytic[j]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_trainable_tensor_receives_a_gradient_in_one_backward_pass() {
+    let cases = [
+        ("LlamaForCausalLM", json!({})),
+        ("LlamaForCausalLM", json!({"tie_word_embeddings": true, "attention_bias": true})),
+        ("MistralForCausalLM", json!({"sliding_window": 3})),
+        ("Qwen2ForCausalLM", json!({})),
+    ];
+    for (architecture, extra) in cases {
+        let config = common::tiny_config(architecture, extra.clone());
+        let params = common::tiny_params(&config, 1, DType::F32);
+        let ids = Tensor::new(&[[1u32, 5, 7, 2, 9, 3, 4, 8], [8, 4, 3, 9, 2, 7, 5, 1]], &Device::Cpu).unwrap();
+        let grads = Llama::new(&config, &params).unwrap().loss(&ids).unwrap().backward().unwrap();
+        for (name, var) in params.iter() {
+            let grad = grads.get(var).unwrap_or_else(|| panic!("{architecture} {extra}: `{name}` got no gradient"));
+            let norm: f32 = grad.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(norm > 0.0 && norm.is_finite(), "{architecture} {extra}: `{name}` gradient norm {norm}");
+        }
+    }
+}
