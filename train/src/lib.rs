@@ -4,14 +4,20 @@
 //! Plain functions and small types: no async runtime and no database, so the worker can run any of
 //! it on a dedicated thread and tests can call it directly.
 
-pub mod config;
+pub use cpt_protocol::model_config as config;
+pub mod checkpoint;
 pub mod gguf;
 pub mod hf;
 pub mod model;
+pub mod optim;
 pub mod params;
+pub mod peak;
+pub mod schedule;
 pub mod text;
+pub mod trainer;
 
 pub use config::ModelConfig;
 pub use hf::ModelDir;
 pub use model::Llama;
 pub use params::Params;
+pub use trainer::{train, Outcome, RunOptions, StopFlag};

@@ -85,6 +85,36 @@ enum Command {
         #[arg(long)]
         save_logits: Option<PathBuf>,
     },
+    /// Run a job spec standalone; events go to <run-dir>/events.jsonl.
+    Train {
+        /// A job spec (JSON, the schema of `POST /v1/jobs`).
+        #[arg(long)]
+        spec: PathBuf,
+        #[arg(long)]
+        run_dir: PathBuf,
+        /// Continue from the newest valid checkpoint in the run directory.
+        #[arg(long)]
+        resume: bool,
+        /// Checkpoint and exit after this step.
+        #[arg(long)]
+        stop_after_steps: Option<u64>,
+    },
+    /// Tokenize and pack text (.txt, .jsonl; files or directories) into a dataset directory.
+    Prepare {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
+        /// Output dataset directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Tokens per block (overrides the config file).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// A JSON preparation config (see `PrepareConfig`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Continue a prompt (greedy unless --temperature is given).
     Generate {
         #[arg(long)]
@@ -133,8 +163,7 @@ impl Cli {
             }
             Command::Init { config, tokenizer, out, seed } => {
                 let config = hf::init_model_dir(&config, &tokenizer, &out, seed)?;
-                let params = config.non_embedding_parameters() + config.vocab_size * config.hidden_size;
-                println!("initialised a {params}-parameter model in {}", out.display());
+                println!("initialised a {}-parameter model in {}", config.total_parameters(), out.display());
             }
             Command::Eval { model, text: text_path, seq_len, save_logits } => {
                 let (model_dir, model) = load_model(&model, &device)?;
@@ -153,6 +182,12 @@ impl Cli {
                     cpt_train::params::write_safetensors(&path, &tensors)?;
                 }
                 println!("{}", serde_json::to_string(&result)?);
+            }
+            Command::Train { spec, run_dir, resume, stop_after_steps } => {
+                crate::run_local::train_command(&spec, &run_dir, resume, stop_after_steps)?;
+            }
+            Command::Prepare { tokenizer, input, out, seq_len, config } => {
+                crate::run_local::prepare_command(&tokenizer, &input, &out, seq_len, config.as_deref())?;
             }
             Command::Generate { model, prompt, max_new_tokens, temperature, top_k, seed } => {
                 let (model_dir, model) = load_model(&model, &device)?;

@@ -1,6 +1,7 @@
 //! `cpt-worker`: the standalone CLI over cpt's training core (and, later, the worker process).
 
 mod cli;
+mod run_local;
 
 use clap::Parser;
 

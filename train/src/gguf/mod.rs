@@ -8,14 +8,13 @@
 pub mod tokenizer;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufReader, Read};
+use std::io::BufReader;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use crate::config::{Architecture, ModelConfig};
 use crate::hf::{write_model_dir, ModelFiles, IMPORT_REPORT};
@@ -151,20 +150,6 @@ pub fn permute_rows(tensor: &Tensor, heads: usize) -> candle_core::Result<Tensor
     tensor.reshape((heads, 2, rows / heads / 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = BufReader::new(std::fs::File::open(path)?);
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
-    Ok(format!("{:x}", hasher.finalize()))
-}
-
 /// Imports `gguf_path` into a new HF directory `out` with weights stored as `dtype`.
 pub fn import(gguf_path: &Path, out: &Path, dtype: DType) -> Result<ModelConfig> {
     let open = || std::fs::File::open(gguf_path).with_context(|| format!("opening {}", gguf_path.display()));
@@ -203,7 +188,7 @@ pub fn import(gguf_path: &Path, out: &Path, dtype: DType) -> Result<ModelConfig>
     let quantized = source_types.keys().any(|t| !matches!(t.as_str(), "F32" | "F16" | "BF16"));
     let report = json!({
         "source": gguf_path.display().to_string(),
-        "source_sha256": sha256_file(gguf_path)?,
+        "source_sha256": cpt_data::sha256_file(gguf_path)?,
         "source_name": meta.get("general.name").and_then(|v| v.to_string().ok()),
         "quantized": quantized,
         "tensor_types": source_types,

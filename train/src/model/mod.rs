@@ -81,6 +81,41 @@ impl Llama {
         })
     }
 
+    /// The same model over detached views of its weights: forward passes record no backward graph,
+    /// and later in-place updates of the variables are still seen.
+    pub fn detached(&self) -> Llama {
+        let d = |t: &Tensor| t.detach();
+        let o = |t: &Option<Tensor>| t.as_ref().map(Tensor::detach);
+        Llama {
+            config: self.config.clone(),
+            embed: d(&self.embed),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| Layer {
+                    input_norm: d(&l.input_norm),
+                    attention: Attention {
+                        q: d(&l.attention.q),
+                        k: d(&l.attention.k),
+                        v: d(&l.attention.v),
+                        o: d(&l.attention.o),
+                        q_bias: o(&l.attention.q_bias),
+                        k_bias: o(&l.attention.k_bias),
+                        v_bias: o(&l.attention.v_bias),
+                        o_bias: o(&l.attention.o_bias),
+                    },
+                    post_attention_norm: d(&l.post_attention_norm),
+                    gate: d(&l.gate),
+                    up: d(&l.up),
+                    down: d(&l.down),
+                })
+                .collect(),
+            norm: d(&self.norm),
+            lm_head: d(&self.lm_head),
+            inv_freq: self.inv_freq.clone(),
+        }
+    }
+
     /// The config this model was built from.
     pub fn config(&self) -> &ModelConfig {
         &self.config

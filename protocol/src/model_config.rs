@@ -367,4 +367,10 @@ impl ModelConfig {
         let layer = attention + mlp + 2 * h;
         self.num_hidden_layers * layer + h + self.vocab_size * h
     }
+
+    /// All distinct parameters (a tied lm_head shares the embedding).
+    pub fn total_parameters(&self) -> usize {
+        let embedding = self.vocab_size * self.hidden_size;
+        self.non_embedding_parameters() + if self.tie_word_embeddings { 0 } else { embedding }
+    }
 }

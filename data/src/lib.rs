@@ -1,0 +1,16 @@
+//! cpt's data pipeline: token shards on disk ([`format`], [`writer`]), a memory-mapped reader with
+//! shuffled, resumable block streams ([`reader`]), weighted mixtures of datasets ([`mixture`]),
+//! and text preparation ([`prepare`]). No candle, no async.
+
+pub mod format;
+pub mod mixture;
+pub mod prepare;
+pub mod reader;
+pub mod staged;
+pub mod writer;
+
+pub use format::{Manifest, Split};
+pub use mixture::{Mixture, MixtureState};
+pub use reader::{BlockStream, Cursor, SplitReader};
+pub use staged::{sha256_file, StagedDir};
+pub use writer::{DatasetWriter, TokenizerInfo};

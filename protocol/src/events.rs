@@ -1,0 +1,101 @@
+//! Events a training run emits, in order. Units are in the field names or documented here:
+//! seconds, tokens, FLOPs (floating-point operations), nats (natural-log loss).
+
+use serde::{Deserialize, Serialize};
+
+use crate::plan::Plan;
+
+/// Something that happened in a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    /// The run started (fresh or resumed) with this plan.
+    Started {
+        plan: Plan,
+        /// The step it starts after: 0 for a fresh run, the checkpoint's step on resume.
+        from_step: u64,
+        resumed: bool,
+        device: String,
+        /// Peak FLOP/s used for MFU, and where that number came from.
+        peak_flops_per_second: f64,
+        peak_source: String,
+    },
+    /// One optimizer step.
+    Step(StepMetrics),
+    /// Loss on one held-out set.
+    Eval {
+        step: u64,
+        set: String,
+        /// Mean nats per predicted token.
+        loss: f64,
+        perplexity: f64,
+        tokens: u64,
+    },
+    /// A checkpoint was written and is complete.
+    Checkpoint { step: u64, path: String, tokens_total: u64 },
+    /// A continuation of a configured prompt.
+    Sample { step: u64, prompt: String, continuation: String },
+    /// Something a user should look at that did not stop training.
+    Warning { step: u64, code: WarningCode, message: String },
+    /// The run ended: `succeeded`, or `stopped` (interrupted with a checkpoint, resumable).
+    Finished { step: u64, tokens_total: u64, outcome: String },
+}
+
+/// Per-step training metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// 1-based optimizer step.
+    pub step: u64,
+    /// Mean next-token loss over the step's micro-batches, nats per token.
+    pub loss: f64,
+    /// Learning rate applied at this step.
+    pub lr: f64,
+    /// Global gradient L2 norm before clipping.
+    pub grad_norm: f64,
+    /// Whether the update was skipped (non-finite loss or gradient).
+    pub skipped: bool,
+    /// Tokens in this step and in the whole run so far.
+    pub tokens: u64,
+    pub tokens_total: u64,
+    /// Throughput of this step, tokens per wall-clock second.
+    pub tokens_per_second: f64,
+    /// Model FLOPs of this step and of the run so far (see `plan::flops_per_token`).
+    pub flops: f64,
+    pub flops_total: f64,
+    /// Achieved model FLOP/s and its ratio to the device's peak (model FLOPs utilisation).
+    pub flops_per_second: f64,
+    pub mfu: f64,
+    /// Wall time of the step, split into waiting for data and computing.
+    pub step_seconds: f64,
+    pub data_seconds: f64,
+    pub compute_seconds: f64,
+}
+
+/// Stable codes of warnings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarningCode {
+    /// The loss or gradient was NaN/Inf; the update was skipped.
+    NonFiniteStep,
+    /// The loss jumped far above its moving average.
+    LossSpike,
+    /// A checkpoint failed verification and an older one was used.
+    CorruptCheckpoint,
+    /// A dataset was tokenized with a different tokenizer.json than the model's.
+    TokenizerMismatch,
+}
+
+impl Event {
+    /// The event's `kind` as serialised.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Started { .. } => "started",
+            Event::Step(_) => "step",
+            Event::Eval { .. } => "eval",
+            Event::Checkpoint { .. } => "checkpoint",
+            Event::Sample { .. } => "sample",
+            Event::Warning { .. } => "warning",
+            Event::Finished { .. } => "finished",
+        }
+    }
+}

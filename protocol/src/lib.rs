@@ -1,0 +1,12 @@
+//! Types that cross cpt's process boundaries (server ↔ worker ↔ user): model shapes, job specs and
+//! their validation, resolved plans, and training events. Pure data and arithmetic, no I/O.
+
+pub mod events;
+pub mod model_config;
+pub mod plan;
+pub mod spec;
+
+pub use events::{Event, StepMetrics, WarningCode};
+pub use model_config::ModelConfig;
+pub use plan::Plan;
+pub use spec::JobSpec;

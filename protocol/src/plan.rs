@@ -1,0 +1,105 @@
+//! The resolved plan of a job: what a dry run returns and what training follows.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model_config::ModelConfig;
+use crate::spec::{JobSpec, LearningRate, Precision};
+
+/// Pretraining peak learning rate assumed for `lr: "auto"` when `base_lr` is absent (LLaMA-7B's).
+pub const DEFAULT_BASE_LR: f64 = 3e-4;
+/// Pretraining batch assumed for `lr: "auto"` when `base_batch_tokens` is absent (LLaMA's 4M tokens).
+pub const DEFAULT_BASE_BATCH_TOKENS: u64 = 4 * 1024 * 1024;
+/// CPT starts from this fraction of the pretraining peak (Gupta et al. 2023; Ibrahim et al. 2024).
+pub const CPT_LR_FRACTION: f64 = 0.1;
+
+/// The learning rate a job will use and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResolvedLr {
+    pub peak: f64,
+    pub min: f64,
+    pub reasoning: String,
+}
+
+/// Resolves `lr`: a fixed value as given, or `"auto"` = 10% of the pretraining peak scaled by the
+/// square root of the batch ratio (4× the batch → 2× the rate).
+pub fn resolve_lr(spec: &JobSpec) -> ResolvedLr {
+    let (peak, reasoning) = match spec.lr {
+        LearningRate::Fixed(lr) => (lr, format!("lr {lr:e} as given")),
+        LearningRate::Auto(_) => {
+            let base = spec.base_lr.unwrap_or(DEFAULT_BASE_LR);
+            let base_batch = spec.base_batch_tokens.unwrap_or(DEFAULT_BASE_BATCH_TOKENS);
+            let ratio = spec.tokens_per_step() as f64 / base_batch as f64;
+            let peak = CPT_LR_FRACTION * base * ratio.sqrt();
+            let base_source = if spec.base_lr.is_some() { "given" } else { "default" };
+            let batch_source = if spec.base_batch_tokens.is_some() { "given" } else { "default" };
+            let reasoning = format!(
+                "auto: {CPT_LR_FRACTION} × pretraining peak {base:e} ({base_source}) × sqrt(batch {} / pretraining batch {base_batch} ({batch_source}) tokens) = {peak:e}",
+                spec.tokens_per_step()
+            );
+            (peak, reasoning)
+        }
+    };
+    ResolvedLr { peak, min: peak * spec.min_lr_ratio, reasoning }
+}
+
+/// Model FLOPs per trained token (forward + backward): `6·N + 12·L·(heads·head_dim)·seq_len`, where
+/// `N` counts non-embedding parameters plus the lm_head (PaLM's formula; the second term is
+/// attention's score and value matmuls, which have no parameters).
+pub fn flops_per_token(config: &ModelConfig, seq_len: usize) -> f64 {
+    let n = config.non_embedding_parameters() as f64;
+    let attention = (config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len) as f64;
+    6.0 * n + 12.0 * attention
+}
+
+/// A rough upper bound of training memory in bytes: f32 weights, gradients and two AdamW moments,
+/// plus activations kept for the backward pass and the logits.
+pub fn memory_estimate_bytes(config: &ModelConfig, spec: &JobSpec) -> u64 {
+    let params = config.total_parameters() as f64;
+    let state = params * 4.0 * 4.0;
+    let act_bytes = match spec.precision {
+        Precision::F32 => 4.0,
+        Precision::Bf16 => 2.0,
+    };
+    let (b, s, h) = (spec.micro_batch_size as f64, spec.seq_len as f64, config.hidden_size as f64);
+    let heads = config.num_attention_heads as f64;
+    let inter = config.intermediate_size as f64;
+    // Per layer: norms, q/k/v/o inputs and outputs, MLP intermediates, scores and probabilities.
+    let per_layer = b * s * (12.0 * h + 4.0 * inter) + 3.0 * b * heads * s * s;
+    let activations = per_layer * config.num_hidden_layers as f64 * act_bytes;
+    // Logits, log-probabilities and their gradient, in f32.
+    let logits = 3.0 * b * s * config.vocab_size as f64 * 4.0;
+    (state + activations + logits) as u64
+}
+
+/// Everything a dry run reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub total_steps: u64,
+    pub tokens_per_step: u64,
+    pub total_tokens: u64,
+    pub warmup_steps: u64,
+    pub lr: ResolvedLr,
+    pub flops_per_token: f64,
+    pub total_flops: f64,
+    pub parameters: u64,
+    pub memory_estimate_bytes: u64,
+}
+
+impl Plan {
+    /// The plan of `spec` on a model of shape `config`.
+    pub fn new(spec: &JobSpec, config: &ModelConfig) -> Self {
+        let flops_per_token = flops_per_token(config, spec.seq_len);
+        let total_tokens = spec.total_steps() * spec.tokens_per_step();
+        Plan {
+            total_steps: spec.total_steps(),
+            tokens_per_step: spec.tokens_per_step(),
+            total_tokens,
+            warmup_steps: spec.warmup_steps(),
+            lr: resolve_lr(spec),
+            flops_per_token,
+            total_flops: flops_per_token * total_tokens as f64,
+            parameters: config.total_parameters() as u64,
+            memory_estimate_bytes: memory_estimate_bytes(config, spec),
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The data a run reads: a weighted mixture of training sources and fixed held-out eval sets.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use cpt_data::reader::{mix, read_manifest};
+use cpt_data::{BlockStream, Cursor, Mixture, MixtureState, Split, SplitReader};
+use cpt_protocol::JobSpec;
+
+use crate::config::ModelConfig;
+
+/// A named held-out set: the first `eval_blocks` blocks of a dataset's validation split, in index
+/// order, so every evaluation of a run scores exactly the same tokens.
+pub struct EvalSet {
+    pub name: String,
+    pub blocks: Vec<Vec<u32>>,
+}
+
+/// Training and evaluation data of a run.
+pub struct TrainData {
+    pub mixture: Mixture,
+    pub eval_sets: Vec<EvalSet>,
+    /// Notes worth a warning (e.g. a tokenizer that differs from the model's).
+    pub notes: Vec<String>,
+}
+
+fn check_dataset(
+    dir: &Path,
+    spec: &JobSpec,
+    config: &ModelConfig,
+    tokenizer_sha256: &str,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let manifest = read_manifest(dir)?;
+    if manifest.seq_len != spec.seq_len {
+        bail!("{}: blocks of {} tokens, the spec's seq_len is {}", dir.display(), manifest.seq_len, spec.seq_len);
+    }
+    if manifest.vocab_size > config.vocab_size {
+        bail!(
+            "{}: tokenizer vocabulary {} exceeds the model's {}",
+            dir.display(),
+            manifest.vocab_size,
+            config.vocab_size
+        );
+    }
+    if manifest.tokenizer_sha256 != tokenizer_sha256 {
+        notes.push(format!(
+            "{} was tokenized with a tokenizer.json (sha256 {}) that differs from the model's ({tokenizer_sha256})",
+            dir.display(),
+            manifest.tokenizer_sha256
+        ));
+    }
+    Ok(())
+}
+
+impl TrainData {
+    /// Opens the spec's datasets; `state` resumes the mixture where a checkpoint left it.
+    pub fn open(
+        spec: &JobSpec,
+        config: &ModelConfig,
+        tokenizer_sha256: &str,
+        state: Option<&MixtureState>,
+    ) -> Result<Self> {
+        let mut notes = Vec::new();
+        let mut sources = Vec::new();
+        for (i, source) in spec.train_data.iter().enumerate() {
+            let dir = Path::new(&source.dataset);
+            check_dataset(dir, spec, config, tokenizer_sha256, &mut notes)
+                .with_context(|| format!("train_data[{i}]"))?;
+            let reader = SplitReader::open(dir, Split::Train).with_context(|| format!("train_data[{i}]"))?;
+            // Each source gets its own shuffle key so equal datasets are not read in lockstep.
+            let stream = BlockStream::new(reader, mix(spec.seed ^ mix(i as u64 + 1)), Cursor::default())
+                .with_context(|| format!("train_data[{i}]: {}", dir.display()))?;
+            sources.push((stream, source.weight));
+        }
+        let mixture = Mixture::new(sources, spec.seed, state)?;
+        let mut eval_sets = Vec::new();
+        for (name, dataset) in &spec.eval_data {
+            let dir = Path::new(dataset);
+            check_dataset(dir, spec, config, tokenizer_sha256, &mut notes)
+                .with_context(|| format!("eval_data.{name}"))?;
+            let reader = SplitReader::open(dir, Split::Validation).with_context(|| format!("eval_data.{name}"))?;
+            if reader.is_empty() {
+                bail!("eval_data.{name}: {} has no validation blocks", dir.display());
+            }
+            let count = reader.len().min(spec.eval_blocks as u64);
+            eval_sets.push(EvalSet { name: name.clone(), blocks: (0..count).map(|i| reader.block(i)).collect() });
+        }
+        Ok(Self { mixture, eval_sets, notes })
+    }
+
+    /// The next micro-batch `(micro_batch_size, seq_len)` of u32 ids.
+    pub fn next_batch(&mut self, micro_batch_size: usize, device: &Device) -> Result<Tensor> {
+        let mut ids = Vec::new();
+        let mut seq_len = 0;
+        for _ in 0..micro_batch_size {
+            let (_, block) = self.mixture.next_block();
+            seq_len = block.len();
+            ids.extend(block);
+        }
+        Ok(Tensor::from_vec(ids, (micro_batch_size, seq_len), device)?)
+    }
+}

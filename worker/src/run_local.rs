@@ -1,0 +1,150 @@
+//! `cpt-worker train` and `cpt-worker prepare`: standalone runs with a live progress line.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use cpt_data::prepare::{prepare, PrepareConfig};
+use cpt_protocol::{Event, JobSpec};
+use cpt_train::{train, RunOptions, StopFlag};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Appends events to `<run_dir>/events.jsonl`, one JSON object per line with `seq` (continuing
+/// across resumes) and `time` (Unix milliseconds) beside the event's own fields.
+pub struct EventLog {
+    file: std::fs::File,
+    seq: u64,
+}
+
+impl EventLog {
+    pub fn open(run_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        let path = run_dir.join("events.jsonl");
+        let seq = match std::fs::File::open(&path) {
+            Ok(file) => BufReader::new(file).lines().count() as u64,
+            Err(_) => 0,
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self { file, seq })
+    }
+
+    pub fn append(&mut self, event: &Event) -> Result<()> {
+        let mut value = serde_json::to_value(event)?;
+        let time = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        value["seq"] = self.seq.into();
+        value["time"] = time.into();
+        writeln!(self.file, "{value}")?;
+        self.seq += 1;
+        Ok(())
+    }
+}
+
+fn describe(event: &Event) -> Option<String> {
+    Some(match event {
+        Event::Started { plan, from_step, .. } => format!(
+            "{} steps × {} tokens, lr {:.2e} ({}), warmup {} steps, {:.2} GFLOP/token, from step {from_step}",
+            plan.total_steps,
+            plan.tokens_per_step,
+            plan.lr.peak,
+            plan.lr.reasoning,
+            plan.warmup_steps,
+            plan.flops_per_token / 1e9
+        ),
+        Event::Eval { step, set, loss, perplexity, .. } => {
+            format!("step {step} eval {set}: loss {loss:.4}, perplexity {perplexity:.2}")
+        }
+        Event::Checkpoint { path, .. } => format!("checkpoint {path}"),
+        Event::Sample { step, prompt, continuation } => format!("step {step} sample: {prompt}|{continuation}"),
+        Event::Warning { message, .. } => format!("warning: {message}"),
+        Event::Finished { step, outcome, .. } => format!("{outcome} at step {step}"),
+        Event::Step(_) => return None,
+    })
+}
+
+/// Runs a job spec file in `run_dir`.
+pub fn train_command(spec_path: &Path, run_dir: &Path, resume: bool, stop_after_steps: Option<u64>) -> Result<()> {
+    let text = std::fs::read_to_string(spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
+    let spec = JobSpec::from_json_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", spec_path.display()))?;
+    let mut log = EventLog::open(run_dir)?;
+    let bar = ProgressBar::new(spec.total_steps());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("a valid template"),
+    );
+    let stop = StopFlag::default();
+    let options = RunOptions { resume, stop_after_steps, device: Device::Cpu };
+    let mut failure = None;
+    let outcome = train(&spec, run_dir, &options, &stop, |event| {
+        if let Err(error) = log.append(&event) {
+            failure.get_or_insert(error);
+            stop.stop();
+        }
+        match &event {
+            Event::Step(m) => {
+                bar.set_position(m.step);
+                bar.set_message(format!(
+                    "loss {:.4} lr {:.2e} |g| {:.2} {:.0} tok/s MFU {:.1}%",
+                    m.loss,
+                    m.lr,
+                    m.grad_norm,
+                    m.tokens_per_second,
+                    100.0 * m.mfu
+                ));
+            }
+            Event::Started { from_step, .. } => {
+                bar.set_position(*from_step);
+                bar.println(describe(&event).expect("described"));
+            }
+            other => bar.println(describe(other).expect("described")),
+        }
+    });
+    bar.finish_and_clear();
+    if let Some(error) = failure {
+        return Err(error.context("writing events.jsonl"));
+    }
+    let outcome = outcome?;
+    let verb = if outcome.stopped { "stopped" } else { "finished" };
+    println!(
+        "{verb} at step {} ({} tokens); checkpoint {}",
+        outcome.step,
+        outcome.tokens_total,
+        outcome.checkpoint.display()
+    );
+    Ok(())
+}
+
+/// Tokenizes and packs text files into a dataset directory.
+pub fn prepare_command(
+    tokenizer: &Path,
+    inputs: &[PathBuf],
+    out: &Path,
+    seq_len: Option<usize>,
+    config: Option<&Path>,
+) -> Result<()> {
+    let mut prepare_config: PrepareConfig = match config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => PrepareConfig::default(),
+    };
+    if let Some(seq_len) = seq_len {
+        prepare_config.seq_len = seq_len;
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}]").expect("a valid template"));
+    let (manifest, stats) = prepare(tokenizer, inputs, out, &prepare_config, |bytes| {
+        bar.set_message(format!("{:.1} MB read", bytes as f64 / 1e6));
+        bar.tick();
+    })?;
+    bar.finish_and_clear();
+    println!("{}", serde_json::to_string_pretty(&serde_json::json!({"manifest": manifest, "stats": stats}))?);
+    Ok(())
+}
