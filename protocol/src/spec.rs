@@ -201,16 +201,20 @@ fn problem(field: impl Into<String>, message: impl Into<String>) -> FieldError {
 }
 
 impl JobSpec {
-    /// Parses a spec from JSON text, turning serde's message into a field error where possible.
+    /// Parses and validates a spec from JSON text; errors name the offending field's path.
     pub fn from_json_str(text: &str) -> Result<Self, FieldError> {
-        let spec: JobSpec = serde_json::from_str(text).map_err(|e| {
-            let message = e.to_string();
-            let field = message
-                .split('`')
-                .nth(1)
-                .filter(|_| message.starts_with("unknown field") || message.starts_with("missing field"))
-                .unwrap_or("")
-                .to_string();
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let spec: JobSpec = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.into_inner().to_string();
+            // A missing field is not on the path (its parent is); serde names it in the message.
+            let missing = message.strip_prefix("missing field `").and_then(|m| m.split('`').next());
+            let field = match (missing, path.as_str()) {
+                (Some(name), ".") => name.to_string(),
+                (Some(name), parent) => format!("{parent}.{name}"),
+                (None, ".") => String::new(),
+                (None, path) => path.to_string(),
+            };
             problem(field, message)
         })?;
         spec.validate()?;

@@ -114,6 +114,10 @@ pub fn write_model_files(staged: &StagedDir, files: ModelFiles<'_>) -> Result<()
     let object = config_json.as_object_mut().context("config.json is not an object")?;
     object.insert("torch_dtype".into(), torch_dtype(files.dtype)?.into());
     object.remove("dtype"); // transformers 5's spelling; one source of truth is enough.
+                            // transformers picks the model class from these; a hand-written config may lack one of them.
+    let (class, model_type) = config.architecture.hf_names();
+    object.entry("model_type").or_insert(model_type.into());
+    object.entry("architectures").or_insert(serde_json::json!([class]));
 
     staged.write("config.json", serde_json::to_string_pretty(&config_json)?)?;
     let tokenizer_json = files.tokenizer.to_string(true).map_err(|e| anyhow::anyhow!("serialising tokenizer: {e}"))?;

@@ -1,0 +1,91 @@
+//! Job spec parsing, validation and the resolved plan.
+
+use cpt_protocol::plan::{flops_per_token, resolve_lr, DEFAULT_BASE_LR};
+use cpt_protocol::{JobSpec, ModelConfig, Plan};
+use serde_json::{json, Value};
+
+fn spec_json(extra: Value) -> String {
+    let mut spec = json!({
+        "name": "t", "base_model": "m", "train_data": [{"dataset": "d"}], "seq_len": 128, "max_steps": 100,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        if v.is_null() {
+            spec.as_object_mut().unwrap().remove(k);
+        } else {
+            spec[k] = v.clone();
+        }
+    }
+    spec.to_string()
+}
+
+#[test]
+fn defaults_fill_a_minimal_spec() {
+    let spec = JobSpec::from_json_str(&spec_json(json!({}))).unwrap();
+    assert_eq!((spec.micro_batch_size, spec.grad_accum_steps, spec.keep_checkpoints), (1, 1, 3));
+    assert_eq!(spec.betas, [0.9, 0.95]);
+    assert_eq!(spec.tokens_per_step(), 128);
+}
+
+#[test]
+fn every_invalid_field_is_named() {
+    let cases = [
+        (json!({"seq_len": 0}), "seq_len"),
+        (json!({"train_data": []}), "train_data"),
+        (json!({"train_data": [{"dataset": "d", "weight": -1}]}), "train_data[0].weight"),
+        (json!({"lr": 2.0}), "lr"),
+        (json!({"lr": "fast"}), "lr"),
+        (json!({"train_data": [{"dataset": 5}]}), "train_data[0].dataset"),
+        (json!({"train_data": [{"weight": 1}]}), "train_data[0].dataset"),
+        (json!({"warmup_steps": 5, "warmup_ratio": 0.1}), "warmup_ratio"),
+        (json!({"max_steps": null}), "max_steps"),
+        (json!({"max_tokens": 1000}), "max_tokens"),
+        (json!({"betas": [0.9, 1.0]}), "betas[1]"),
+        (json!({"grad_clip": 0}), "grad_clip"),
+        (json!({"eval_data": {"bad name": "d"}}), "eval_data.bad name"),
+        (json!({"spike_factor": 1.0}), "spike_factor"),
+        (json!({"learning_rate": 1e-4}), "learning_rate"),
+        (json!({"name": null}), "name"),
+    ];
+    for (extra, field) in cases {
+        let error =
+            JobSpec::from_json_str(&spec_json(extra.clone())).err().unwrap_or_else(|| panic!("{extra} accepted"));
+        assert_eq!(error.field, field, "{extra}: {error}");
+    }
+}
+
+#[test]
+fn auto_lr_is_a_tenth_of_the_pretraining_peak_scaled_by_the_root_batch_ratio() {
+    // 4× the reference batch → 2× the rate.
+    let spec = JobSpec::from_json_str(&spec_json(
+        json!({"lr": "auto", "base_lr": 1e-3, "base_batch_tokens": 32, "micro_batch_size": 1}),
+    ))
+    .unwrap();
+    let lr = resolve_lr(&spec);
+    assert!((lr.peak - 0.1 * 1e-3 * 2.0).abs() < 1e-15, "{lr:?}");
+    assert!((lr.min - lr.peak * 0.1).abs() < 1e-18);
+    assert!(lr.reasoning.contains("given"), "{}", lr.reasoning);
+    let default = resolve_lr(&JobSpec::from_json_str(&spec_json(json!({}))).unwrap());
+    assert!(default.reasoning.contains("default") && default.peak < 0.1 * DEFAULT_BASE_LR);
+}
+
+#[test]
+fn the_plan_counts_steps_tokens_warmup_and_flops() {
+    let spec = JobSpec::from_json_str(&spec_json(json!({
+        "max_steps": null, "max_tokens": 10_000, "micro_batch_size": 2, "grad_accum_steps": 4, "warmup_ratio": 0.1
+    })))
+    .unwrap();
+    let config = ModelConfig::from_json(&json!({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "tie_word_embeddings": true,
+    }))
+    .unwrap();
+    let plan = Plan::new(&spec, &config);
+    assert_eq!((plan.tokens_per_step, plan.total_steps, plan.warmup_steps), (1024, 10, 1));
+    // Hand count: per layer 4·64² attention + 3·64·128 MLP + 2·64 norms; final norm; lm_head 1000·64.
+    let n = 2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64 + 1000 * 64;
+    assert_eq!(config.non_embedding_parameters(), n);
+    assert_eq!(plan.parameters, n as u64, "tied: the embedding is the lm_head");
+    assert_eq!(flops_per_token(&config, 128), 6.0 * n as f64 + 12.0 * (2 * 4 * 16 * 128) as f64);
+    assert_eq!(plan.total_flops, plan.flops_per_token * 10240.0);
+    assert!(plan.memory_estimate_bytes > 16 * n as u64);
+}

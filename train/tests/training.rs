@@ -1,0 +1,216 @@
+//! The training loop on a tiny model: exact resume, schedules, checkpoints, the NaN guard.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use cpt_data::{DatasetWriter, Split, TokenizerInfo};
+use cpt_protocol::spec::Schedule;
+use cpt_protocol::{Event, JobSpec, WarningCode};
+use cpt_train::checkpoint;
+use cpt_train::hf::{write_model_dir, ModelFiles};
+use cpt_train::schedule::LrSchedule;
+use cpt_train::{train, ModelConfig, Outcome, RunOptions, StopFlag};
+use serde_json::json;
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+}
+
+/// A tiny base model, a "domain" and a "general" dataset of 16-token blocks.
+fn fixture(poison: bool) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let config_json = common::tiny_config_json("LlamaForCausalLM", json!({}));
+    let config = ModelConfig::from_json(&config_json).unwrap();
+    let params = common::tiny_params(&config, 3, DType::F32);
+    if poison {
+        let var = params.iter().find(|(n, _)| *n == "model.norm.weight").unwrap().1;
+        var.set(&(var.as_tensor() * f64::NAN).unwrap()).unwrap();
+    }
+    let tokenizer = common::byte_tokenizer();
+    let files = ModelFiles { config_json, params: &params, dtype: DType::F32, tokenizer: &tokenizer, extra: vec![] };
+    write_model_dir(&root.join("base"), files).unwrap();
+    let tokenizer_sha256 = cpt_data::sha256_file(&root.join("base/tokenizer.json")).unwrap();
+    for (name, offset) in [("domain", 1u32), ("general", 7)] {
+        let info = TokenizerInfo { sha256: tokenizer_sha256.clone(), vocab_size: 257, eos_token_id: 256 };
+        let mut writer = DatasetWriter::create(&root.join(name), 16, info).unwrap();
+        for doc in 0..120u32 {
+            let tokens: Vec<u32> = (0..(5 + doc % 11)).map(|i| (doc * offset + i * 13) % 256).collect();
+            let split = if doc % 10 == 0 { Split::Validation } else { Split::Train };
+            writer.push_document(split, &tokens).unwrap();
+        }
+        writer.finish(vec![], serde_json::Value::Null).unwrap();
+    }
+    Fixture { _tmp: tmp, root }
+}
+
+fn spec(root: &Path, extra: serde_json::Value) -> JobSpec {
+    let p = |name: &str| root.join(name).display().to_string();
+    let mut spec = json!({
+        "name": "tiny",
+        "base_model": p("base"),
+        "train_data": [{"dataset": p("domain"), "weight": 3.0}, {"dataset": p("general"), "weight": 1.0}],
+        "eval_data": {"domain": p("domain"), "general": p("general")},
+        "seq_len": 16, "micro_batch_size": 2, "grad_accum_steps": 2,
+        "lr": 3e-3, "schedule": "cosine", "warmup_steps": 3, "max_steps": 10,
+        "eval_every": 4, "eval_blocks": 4, "checkpoint_every": 4, "keep_checkpoints": 2,
+        "sample_prompts": ["ab"], "sample_every": 5, "sample_tokens": 3,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    serde_json::from_value(spec).unwrap()
+}
+
+fn run(spec: &JobSpec, run_dir: &Path, resume: bool, stop_after: Option<u64>) -> (anyhow::Result<Outcome>, Vec<Event>) {
+    let mut events = Vec::new();
+    let options = RunOptions { resume, stop_after_steps: stop_after, device: Device::Cpu };
+    let outcome = train(spec, run_dir, &options, &StopFlag::default(), |e| events.push(e));
+    (outcome, events)
+}
+
+fn steps(events: &[Event]) -> Vec<(u64, u64, u64)> {
+    // (step, loss bits, lr bits): bit-level comparison.
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Step(m) => Some((m.step, m.loss.to_bits(), m.lr.to_bits())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_stopped_and_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
+    let f = fixture(false);
+    let spec = spec(&f.root, json!({}));
+    let (whole, whole_events) = run(&spec, &f.root.join("whole"), false, None);
+    let whole = whole.unwrap();
+    assert!(!whole.stopped && whole.step == 10);
+
+    let (first, first_events) = run(&spec, &f.root.join("split"), false, Some(6));
+    let first = first.unwrap();
+    assert!(first.stopped && first.step == 6);
+    let (second, second_events) = run(&spec, &f.root.join("split"), true, None);
+    let second = second.unwrap();
+    assert!(!second.stopped && second.step == 10);
+    assert!(matches!(second_events[0], Event::Started { from_step: 6, resumed: true, .. }));
+
+    let mut split = steps(&first_events);
+    split.extend(steps(&second_events));
+    assert_eq!(split, steps(&whole_events), "per-step losses and learning rates must match bit for bit");
+    // Right after resume, the learning rate continues the schedule: no second warmup.
+    let lr_after_resume = f64::from_bits(steps(&second_events)[0].2);
+    assert_eq!(lr_after_resume, spec_schedule(&spec).lr_at(7));
+    assert!(lr_after_resume < 3e-3, "step 7 of a cosine decay is below the peak");
+    assert_eq!(
+        std::fs::read(whole.checkpoint.join("model.safetensors")).unwrap(),
+        std::fs::read(second.checkpoint.join("model.safetensors")).unwrap(),
+        "final weights must be bit-identical"
+    );
+    assert_eq!(
+        std::fs::read(whole.checkpoint.join("optimizer.safetensors")).unwrap(),
+        std::fs::read(second.checkpoint.join("optimizer.safetensors")).unwrap(),
+    );
+}
+
+fn spec_schedule(spec: &JobSpec) -> LrSchedule {
+    LrSchedule { kind: spec.schedule, peak: 3e-3, min: 3e-4, warmup_steps: 3, total_steps: 10, decay_steps: 2 }
+}
+
+#[test]
+fn a_run_reports_evals_from_step_zero_samples_and_checkpoints_it_can_load() {
+    let f = fixture(false);
+    let (outcome, events) = run(&spec(&f.root, json!({})), &f.root.join("run"), false, None);
+    let outcome = outcome.unwrap();
+    let evals: Vec<(u64, &str)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Eval { step, set, .. } => Some((*step, set.as_str())),
+            _ => None,
+        })
+        .collect();
+    let expected: Vec<(u64, &str)> = [0, 4, 8, 10].iter().flat_map(|&s| [(s, "domain"), (s, "general")]).collect();
+    assert_eq!(evals, expected);
+    let samples = events.iter().filter(|e| matches!(e, Event::Sample { .. })).count();
+    assert_eq!(samples, 2, "steps 5 and 10");
+    // Kept: the newest two of 4, 8, 10.
+    assert_eq!(checkpoint::list(&f.root.join("run")).unwrap(), vec![8, 10]);
+    checkpoint::verify(&outcome.checkpoint).unwrap();
+    let model = cpt_train::ModelDir::open(&outcome.checkpoint).unwrap();
+    model.load_params(DType::F32, &Device::Cpu).unwrap();
+    let first_loss = events.iter().find_map(|e| if let Event::Step(m) = e { Some(m.loss) } else { None }).unwrap();
+    let last_loss = events.iter().rev().find_map(|e| if let Event::Step(m) = e { Some(m.loss) } else { None }).unwrap();
+    assert!(last_loss < first_loss, "training lowers the loss: {first_loss} → {last_loss}");
+    let Event::Step(m) = events.iter().find(|e| matches!(e, Event::Step(_))).unwrap() else { unreachable!() };
+    assert_eq!(m.tokens, 2 * 2 * 16);
+    assert!(m.tokens_per_second > 0.0 && m.flops > 0.0 && m.mfu > 0.0 && m.compute_seconds > 0.0);
+}
+
+#[test]
+fn a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one() {
+    let f = fixture(false);
+    let spec = spec(&f.root, json!({"checkpoint_every": 2, "keep_checkpoints": 3}));
+    let run_dir = f.root.join("run");
+    run(&spec, &run_dir, false, Some(6)).0.unwrap();
+    assert_eq!(checkpoint::list(&run_dir).unwrap(), vec![2, 4, 6]);
+    let weights = run_dir.join("checkpoints/step-6/model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&weights, bytes).unwrap();
+    let (outcome, events) = run(&spec, &run_dir, true, None);
+    assert!(matches!(events[0], Event::Started { from_step: 4, .. }), "{:?}", events[0]);
+    assert!(events.iter().any(|e| matches!(e, Event::Warning { code: WarningCode::CorruptCheckpoint, .. })));
+    assert_eq!(outcome.unwrap().step, 10);
+}
+
+#[test]
+fn non_finite_steps_are_skipped_with_warnings_then_fail_the_run() {
+    let f = fixture(true);
+    let (outcome, events) =
+        run(&spec(&f.root, json!({"max_bad_steps": 3, "eval_data": {}})), &f.root.join("run"), false, None);
+    let error = outcome.unwrap_err().to_string();
+    assert!(error.contains("3 consecutive"), "{error}");
+    let skipped = events.iter().filter(|e| matches!(e, Event::Step(m) if m.skipped)).count();
+    let warnings =
+        events.iter().filter(|e| matches!(e, Event::Warning { code: WarningCode::NonFiniteStep, .. })).count();
+    assert_eq!((skipped, warnings), (2, 3), "the third bad step fails before its step event");
+}
+
+#[test]
+fn resuming_under_a_changed_spec_is_refused() {
+    let f = fixture(false);
+    let run_dir = f.root.join("run");
+    run(&spec(&f.root, json!({})), &run_dir, false, Some(4)).0.unwrap();
+    let error = run(&spec(&f.root, json!({"lr": 1e-3})), &run_dir, true, None).0.unwrap_err().to_string();
+    assert!(error.contains("spec differs"), "{error}");
+}
+
+#[test]
+fn learning_rate_schedules_match_hand_computed_values() {
+    let s = |kind| LrSchedule { kind, peak: 1.0, min: 0.1, warmup_steps: 4, total_steps: 14, decay_steps: 5 };
+    let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    for kind in [Schedule::Constant, Schedule::Linear, Schedule::Cosine, Schedule::Wsd] {
+        close(s(kind).lr_at(1), 0.25);
+        close(s(kind).lr_at(4), 1.0);
+    }
+    close(s(Schedule::Constant).lr_at(14), 1.0);
+    close(s(Schedule::Linear).lr_at(9), 0.1 + 0.9 * 0.5);
+    close(s(Schedule::Linear).lr_at(14), 0.1);
+    close(s(Schedule::Cosine).lr_at(9), 0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * 0.5).cos()));
+    close(s(Schedule::Cosine).lr_at(14), 0.1);
+    close(s(Schedule::Wsd).lr_at(9), 1.0);
+    close(s(Schedule::Wsd).lr_at(11), 1.0 + (0.1 - 1.0) * 2.0 / 5.0);
+    close(s(Schedule::Wsd).lr_at(14), 0.1);
+}
+
+#[test]
+fn retention_keeps_the_newest_checkpoints() {
+    assert_eq!(checkpoint::to_delete(&[30, 10, 20, 40], 2), vec![10, 20]);
+    assert_eq!(checkpoint::to_delete(&[10], 3), Vec::<u64>::new());
+    assert_eq!(checkpoint::to_delete(&[], 1), Vec::<u64>::new());
+}
