@@ -89,3 +89,55 @@ fn the_plan_counts_steps_tokens_warmup_and_flops() {
     assert_eq!(plan.total_flops, plan.flops_per_token * 10240.0);
     assert!(plan.memory_estimate_bytes > 16 * n as u64);
 }
+
+fn repo_file(path: &str) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    std::fs::read_to_string(root.join(path)).unwrap()
+}
+
+#[test]
+fn the_example_specs_are_valid() {
+    for file in ["examples/tiny-cpu.json", "examples/smollm2-tang-poetry.json"] {
+        JobSpec::from_json_str(&repo_file(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+}
+
+#[test]
+fn every_spec_field_is_documented_in_the_examples_readme() {
+    let readme = repo_file("examples/README.md");
+    let spec = JobSpec::from_json_str(&spec_json(json!({}))).unwrap();
+    for field in serde_json::to_value(&spec).unwrap().as_object().unwrap().keys() {
+        assert!(readme.contains(&format!("`{field}`")), "examples/README.md does not document `{field}`");
+    }
+}
+
+#[test]
+fn every_step_metric_is_documented_with_the_events() {
+    let readme = repo_file("examples/README.md");
+    let events = &readme[readme.find("## Events").expect("an events section")..];
+    let step = cpt_protocol::StepMetrics {
+        step: 1,
+        loss: 0.0,
+        lr: 0.0,
+        grad_norm: 0.0,
+        skipped: false,
+        tokens: 0,
+        tokens_total: 0,
+        tokens_per_second: 0.0,
+        flops: 0.0,
+        flops_total: 0.0,
+        flops_per_second: 0.0,
+        mfu: 0.0,
+        step_seconds: 0.0,
+        data_seconds: 0.0,
+        compute_seconds: 0.0,
+    };
+    for field in serde_json::to_value(cpt_protocol::Event::Step(step)).unwrap().as_object().unwrap().keys() {
+        if field != "kind" {
+            assert!(events.contains(&format!("`{field}`")), "the events table does not document `{field}`");
+        }
+    }
+    for kind in ["started", "step", "eval", "checkpoint", "sample", "warning", "finished"] {
+        assert!(events.contains(&format!("| `{kind}` |")), "the events table lacks `{kind}`");
+    }
+}

@@ -78,6 +78,8 @@ pub fn train_command(spec_path: &Path, run_dir: &Path, resume: bool, stop_after_
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
             .expect("a valid template"),
     );
+    // Without a terminal the bar draws nothing, so progress goes to stderr as plain lines.
+    let say = |line: String| if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) };
     let stop = StopFlag::default();
     let options = RunOptions { resume, stop_after_steps, device: Device::Cpu };
     let mut failure = None;
@@ -88,21 +90,25 @@ pub fn train_command(spec_path: &Path, run_dir: &Path, resume: bool, stop_after_
         }
         match &event {
             Event::Step(m) => {
-                bar.set_position(m.step);
-                bar.set_message(format!(
+                let line = format!(
                     "loss {:.4} lr {:.2e} |g| {:.2} {:.0} tok/s MFU {:.1}%",
                     m.loss,
                     m.lr,
                     m.grad_norm,
                     m.tokens_per_second,
                     100.0 * m.mfu
-                ));
+                );
+                bar.set_position(m.step);
+                if bar.is_hidden() {
+                    eprintln!("step {}/{}: {line}", m.step, bar.length().unwrap_or(0));
+                }
+                bar.set_message(line);
             }
             Event::Started { from_step, .. } => {
                 bar.set_position(*from_step);
-                bar.println(describe(&event).expect("described"));
+                say(describe(&event).expect("described"));
             }
-            other => bar.println(describe(other).expect("described")),
+            other => say(describe(other).expect("described")),
         }
     });
     bar.finish_and_clear();
