@@ -1,18 +1,23 @@
-//! Text files to a dataset: read documents, hold out a validation split, tokenize, pack.
+//! Text files to a dataset: read documents, clean, deduplicate, hold out a validation split,
+//! tokenize and pack. Streams in batches, so memory is bounded by the batch and the dedup index.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
+use crate::clean::{clean, CleanConfig};
+use crate::dedup::{DedupConfig, Deduplicator, Verdict};
 use crate::format::{Manifest, Split};
+use crate::input::{input_files, DocumentReader, Item, ReadOptions};
 use crate::reader::mix;
+use crate::report::Report;
 use crate::writer::{DatasetWriter, TokenizerInfo};
 
-/// How text becomes documents.
+/// How text becomes a dataset; every part has a default (`{}` is a valid config file).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrepareConfig {
@@ -23,7 +28,12 @@ pub struct PrepareConfig {
     pub txt_split_on_blank_lines: bool,
     /// `.jsonl` files: the field holding the text.
     pub jsonl_text_field: String,
-    /// Documents per tokenizer batch.
+    /// The end-of-document token joining documents; by default the tokenizer's own
+    /// (`<|endoftext|>`, `</s>`, `<|end_of_text|>` or `<eos>`).
+    pub eos_token: Option<String>,
+    pub clean: CleanConfig,
+    pub dedup: DedupConfig,
+    /// Documents processed together (cleaned and tokenized in parallel).
     pub batch_documents: usize,
 }
 
@@ -34,87 +44,12 @@ impl Default for PrepareConfig {
             validation_fraction: 0.005,
             txt_split_on_blank_lines: true,
             jsonl_text_field: "text".into(),
-            batch_documents: 256,
+            eos_token: None,
+            clean: CleanConfig::default(),
+            dedup: DedupConfig::default(),
+            batch_documents: 1024,
         }
     }
-}
-
-/// Counts a preparation reports besides the manifest's.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PrepareStats {
-    pub files: u64,
-    pub bytes_read: u64,
-    pub documents_read: u64,
-    pub empty_documents: u64,
-    /// Records that could not be read (invalid UTF-8, broken JSON), as `file:line: reason`.
-    pub bad_records: Vec<String>,
-}
-
-/// Expands files and directories (recursively) into `.txt` and `.jsonl` files, sorted.
-pub fn input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    let mut pending: Vec<PathBuf> = inputs.to_vec();
-    while let Some(path) = pending.pop() {
-        let metadata = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
-        if metadata.is_dir() {
-            for entry in std::fs::read_dir(&path).with_context(|| format!("listing {}", path.display()))? {
-                pending.push(entry?.path());
-            }
-        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("txt" | "jsonl")) {
-            files.push(path);
-        } else if inputs.contains(&path) {
-            bail!("{}: only .txt and .jsonl files are read", path.display());
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
-/// Documents of one file, with bad records noted in `stats`.
-fn read_documents(path: &Path, config: &PrepareConfig, stats: &mut PrepareStats) -> Result<Vec<String>> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let jsonl = path.extension().is_some_and(|e| e == "jsonl");
-    let mut documents = Vec::new();
-    let mut current = String::new();
-    for (number, line) in BufReader::new(file).split(b'\n').enumerate() {
-        let bytes = line.with_context(|| format!("reading {}", path.display()))?;
-        stats.bytes_read += bytes.len() as u64 + 1;
-        let Ok(line) = String::from_utf8(bytes) else {
-            stats.bad_records.push(format!("{}:{}: invalid UTF-8", path.display(), number + 1));
-            continue;
-        };
-        if jsonl {
-            if line.trim().is_empty() {
-                continue;
-            }
-            match serde_json::from_str::<serde_json::Value>(&line) {
-                Ok(value) => match value.get(&config.jsonl_text_field).and_then(|t| t.as_str()) {
-                    Some(text) => documents.push(text.to_string()),
-                    None => stats.bad_records.push(format!(
-                        "{}:{}: no string field `{}`",
-                        path.display(),
-                        number + 1,
-                        config.jsonl_text_field
-                    )),
-                },
-                Err(e) => stats.bad_records.push(format!("{}:{}: {e}", path.display(), number + 1)),
-            }
-        } else if config.txt_split_on_blank_lines && line.trim().is_empty() {
-            if !current.trim().is_empty() {
-                documents.push(std::mem::take(&mut current));
-            }
-            current.clear();
-        } else {
-            if !current.is_empty() {
-                current.push('\n');
-            }
-            current.push_str(line.trim_end_matches('\r'));
-        }
-    }
-    if !current.trim().is_empty() {
-        documents.push(current);
-    }
-    Ok(documents)
 }
 
 /// The split a document belongs to, decided by its text alone.
@@ -128,22 +63,28 @@ pub fn split_of(text: &str, validation_fraction: f64) -> Split {
     }
 }
 
-/// Tokenizes `inputs` with the tokenizer at `tokenizer_path` into a new dataset at `out`.
+/// Cleans, deduplicates and tokenizes `inputs` with the tokenizer at `tokenizer_path` into a new
+/// dataset at `out`. `progress` is called with the bytes read so far.
 pub fn prepare(
     tokenizer_path: &Path,
     inputs: &[PathBuf],
     out: &Path,
     config: &PrepareConfig,
     mut progress: impl FnMut(u64),
-) -> Result<(Manifest, PrepareStats)> {
+) -> Result<(Manifest, Report)> {
     let tokenizer_bytes =
         std::fs::read(tokenizer_path).with_context(|| format!("reading {}", tokenizer_path.display()))?;
     let tokenizer = Tokenizer::from_bytes(&tokenizer_bytes)
         .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", tokenizer_path.display()))?;
-    let eos = ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>"]
-        .iter()
-        .find_map(|t| tokenizer.token_to_id(t))
-        .with_context(|| format!("{}: no end-of-text token found", tokenizer_path.display()))?;
+    let eos = match &config.eos_token {
+        Some(token) => {
+            tokenizer.token_to_id(token).with_context(|| format!("`eos_token` {token} is not in the vocabulary"))?
+        }
+        None => ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>"]
+            .iter()
+            .find_map(|t| tokenizer.token_to_id(t))
+            .with_context(|| format!("{}: no end-of-text token found; set `eos_token`", tokenizer_path.display()))?,
+    };
     let info = TokenizerInfo {
         sha256: format!("{:x}", Sha256::digest(&tokenizer_bytes)),
         vocab_size: tokenizer.get_vocab_size(true),
@@ -151,29 +92,87 @@ pub fn prepare(
     };
     let files = input_files(inputs)?;
     if files.is_empty() {
-        bail!("no .txt or .jsonl files among the inputs");
+        bail!("no .txt, .jsonl or .gz files among the inputs");
     }
+    let read = ReadOptions {
+        txt_split_on_blank_lines: config.txt_split_on_blank_lines,
+        jsonl_text_field: config.jsonl_text_field.clone(),
+    };
     let mut writer = DatasetWriter::create(out, config.seq_len, info)?;
-    let mut stats = PrepareStats::default();
+    let mut dedup = Deduplicator::new(config.dedup.clone());
+    let mut report = Report::default();
+    let mut bytes_before = 0;
     for file in &files {
-        stats.files += 1;
-        let documents = read_documents(file, config, &mut stats)?;
-        for batch in documents.chunks(config.batch_documents.max(1)) {
-            let encodings = tokenizer
-                .encode_batch(batch.to_vec(), true)
-                .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", file.display()))?;
-            for (text, encoding) in batch.iter().zip(encodings) {
-                stats.documents_read += 1;
-                if encoding.get_ids().is_empty() {
-                    stats.empty_documents += 1;
-                    continue;
+        report.files += 1;
+        let mut reader = DocumentReader::open(file, &read)?;
+        loop {
+            let mut batch = Vec::with_capacity(config.batch_documents);
+            for item in reader.by_ref().take(config.batch_documents.max(1)) {
+                match item? {
+                    Item::Document { text, origin } => batch.push((text, origin)),
+                    Item::Bad { origin, reason } => report.bad_record(&origin, &reason),
                 }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let kept = filter_batch(batch, config, &mut dedup, &mut report);
+            let texts: Vec<&str> = kept.iter().map(String::as_str).collect();
+            let encodings = tokenizer
+                .encode_batch(texts, true)
+                .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", file.display()))?;
+            for (text, encoding) in kept.iter().zip(encodings) {
                 writer.push_document(split_of(text, config.validation_fraction), encoding.get_ids())?;
             }
+            progress(bytes_before + reader.bytes_read);
         }
-        progress(stats.bytes_read);
+        bytes_before += reader.bytes_read;
     }
+    report.bytes_read = bytes_before;
     let sources = inputs.iter().map(|p| p.display().to_string()).collect();
-    let manifest = writer.finish(sources, serde_json::to_value(&stats)?)?;
-    Ok((manifest, stats))
+    let manifest = writer.finish(sources, serde_json::to_value(&report)?)?;
+    Ok((manifest, report))
+}
+
+/// Cleans a batch in parallel, then deduplicates it in order; returns the kept texts.
+fn filter_batch(
+    batch: Vec<(String, String)>,
+    config: &PrepareConfig,
+    dedup: &mut Deduplicator,
+    report: &mut Report,
+) -> Vec<String> {
+    let index = &*dedup;
+    let cleaned: Vec<_> = batch
+        .into_par_iter()
+        .map(|(text, origin)| {
+            let cleaned = clean(&text, &config.clean);
+            let fingerprint = cleaned.outcome.as_ref().ok().map(|t| index.fingerprint(t));
+            (text, origin, cleaned, fingerprint)
+        })
+        .collect();
+    let mut kept = Vec::new();
+    for (original, origin, cleaned, fingerprint) in cleaned {
+        report.documents_read += 1;
+        report.chars_read += original.chars().count() as u64;
+        for (rule, line) in &cleaned.removed_lines {
+            report.line_removed(rule, &origin, line);
+        }
+        let text = match cleaned.outcome {
+            Ok(text) => text,
+            Err(rule) => {
+                report.document_removed(rule, &origin, &original);
+                continue;
+            }
+        };
+        match dedup.check(&fingerprint.expect("kept documents are fingerprinted")) {
+            Verdict::ExactDuplicate => report.document_removed("exact_duplicate", &origin, &text),
+            Verdict::NearDuplicate => report.document_removed("near_duplicate", &origin, &text),
+            Verdict::Unique => {
+                report.documents_kept += 1;
+                report.chars_kept += text.chars().count() as u64;
+                kept.push(text);
+            }
+        }
+    }
+    kept
 }

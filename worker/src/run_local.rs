@@ -146,11 +146,16 @@ pub fn prepare_command(
     }
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}]").expect("a valid template"));
-    let (manifest, stats) = prepare(tokenizer, inputs, out, &prepare_config, |bytes| {
+    let started = std::time::Instant::now();
+    let (manifest, report) = prepare(tokenizer, inputs, out, &prepare_config, |bytes| {
         bar.set_message(format!("{:.1} MB read", bytes as f64 / 1e6));
         bar.tick();
     })?;
     bar.finish_and_clear();
-    println!("{}", serde_json::to_string_pretty(&serde_json::json!({"manifest": manifest, "stats": stats}))?);
+    // The readable report on stderr; the manifest (which embeds the report) as JSON on stdout.
+    eprint!("{}", report.table());
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!("{} in {seconds:.1} s ({:.2} MB/s)", out.display(), report.bytes_read as f64 / 1e6 / seconds);
+    println!("{}", serde_json::to_string_pretty(&manifest)?);
     Ok(())
 }

@@ -1,0 +1,252 @@
+//! Cleaning: Unicode normalisation, line-level removal of boilerplate and junk lines, and
+//! document-level quality rules in the spirit of Gopher (Rae et al. 2021) and RefinedWeb (Penedo et
+//! al. 2023), with CJK-aware variants. Every rule has a stable name used in the report.
+
+use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization;
+
+/// Unicode normalisation form. NFKC folds full-width CJK punctuation (，→ ,), so NFC is the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalization {
+    None,
+    Nfc,
+    Nfkc,
+}
+
+/// Every cleaning rule's setting; `Default` gives sensible values for English and Chinese.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CleanConfig {
+    pub normalization: Normalization,
+    /// Remove control characters other than newline and tab.
+    pub strip_control_chars: bool,
+    /// Lines at most `boilerplate_max_line_chars` long containing one of these (case-insensitive) go.
+    pub boilerplate_patterns: Vec<String>,
+    pub boilerplate_max_line_chars: usize,
+    /// Lines whose characters are mostly URLs go.
+    pub max_url_line_ratio: f64,
+    /// Lines of at least 4 visible characters that are mostly symbols (not letters, digits or spaces) go.
+    pub max_symbol_line_ratio: f64,
+    pub min_chars: usize,
+    pub max_chars: usize,
+    /// Non-CJK documents: mean word length bounds (Gopher: 3–10).
+    pub min_mean_word_length: f64,
+    pub max_mean_word_length: f64,
+    /// `#` and `…` per word (Gopher: 0.1).
+    pub max_symbol_word_ratio: f64,
+    /// Fraction of lines starting with a bullet (Gopher: 0.9).
+    pub max_bullet_line_ratio: f64,
+    /// Fraction of lines ending with an ellipsis (Gopher: 0.3).
+    pub max_ellipsis_line_ratio: f64,
+    /// Fraction of characters in lines that repeat an earlier line (Gopher: 0.2).
+    pub max_duplicate_line_char_fraction: f64,
+    /// For n = 2, 3, 4: the most frequent n-gram's share of characters (Gopher: 0.2, 0.18, 0.16).
+    /// Words for most text, characters for CJK; only for documents of at least 64 such units, where
+    /// repetition means spam rather than style (refrains in poems).
+    pub max_top_ngram_char_fraction: [f64; 3],
+    /// Keep only documents detected as one of these ISO 639-3 codes (e.g. `eng`, `cmn`); empty keeps all.
+    pub languages: Vec<String>,
+}
+
+impl Default for CleanConfig {
+    fn default() -> Self {
+        let patterns = [
+            "subscribe to our newsletter",
+            "accept all cookies",
+            "we use cookies",
+            "cookie policy",
+            "click here to",
+            "all rights reserved",
+            "sign up for our",
+            "follow us on",
+            "share this article",
+            "privacy policy",
+            "terms of service",
+            "enable javascript",
+            "点击关注",
+            "扫码",
+            "扫一扫",
+            "广告",
+            "版权所有",
+            "关注公众号",
+            "长按识别",
+            "免责声明",
+            "转载请注明",
+            "未经授权",
+            "点击阅读原文",
+        ];
+        Self {
+            normalization: Normalization::Nfc,
+            strip_control_chars: true,
+            boilerplate_patterns: patterns.iter().map(|p| p.to_string()).collect(),
+            boilerplate_max_line_chars: 80,
+            max_url_line_ratio: 0.5,
+            max_symbol_line_ratio: 0.5,
+            min_chars: 16,
+            max_chars: 1_000_000,
+            min_mean_word_length: 3.0,
+            max_mean_word_length: 10.0,
+            max_symbol_word_ratio: 0.1,
+            max_bullet_line_ratio: 0.9,
+            max_ellipsis_line_ratio: 0.3,
+            max_duplicate_line_char_fraction: 0.2,
+            max_top_ngram_char_fraction: [0.2, 0.18, 0.16],
+            languages: vec![],
+        }
+    }
+}
+
+/// A line removed from a kept or dropped document, and the rule that removed it.
+pub type RemovedLine = (&'static str, String);
+
+/// The result of cleaning one document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cleaned {
+    /// The cleaned text, or the rule that dropped the whole document.
+    pub outcome: Result<String, &'static str>,
+    pub removed_lines: Vec<RemovedLine>,
+}
+
+/// Whether `c` is a CJK ideograph, kana or hangul syllable.
+pub fn is_cjk(c: char) -> bool {
+    matches!(c as u32, 0x3040..=0x30FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xAC00..=0xD7AF | 0xF900..=0xFAFF | 0x20000..=0x2FA1F)
+}
+
+fn url_chars(line: &str) -> usize {
+    line.split_whitespace()
+        .filter(|w| w.starts_with("http://") || w.starts_with("https://") || w.starts_with("www."))
+        .map(|w| w.chars().count())
+        .sum()
+}
+
+fn line_rule(line: &str, lowered: &str, config: &CleanConfig) -> Option<&'static str> {
+    let chars = line.chars().count();
+    if chars <= config.boilerplate_max_line_chars
+        && config.boilerplate_patterns.iter().any(|p| lowered.contains(&p.to_lowercase()))
+    {
+        return Some("boilerplate_line");
+    }
+    let visible = line.chars().filter(|c| !c.is_whitespace()).count();
+    if visible > 0 && url_chars(line) as f64 / visible as f64 > config.max_url_line_ratio {
+        return Some("url_line");
+    }
+    let symbols = line.chars().filter(|c| !c.is_alphanumeric() && !c.is_whitespace()).count();
+    if visible >= 4 && symbols as f64 / visible as f64 > config.max_symbol_line_ratio {
+        return Some("symbol_line");
+    }
+    None
+}
+
+/// Documents shorter than this (in words, or characters for CJK) skip the n-gram rule.
+const MIN_NGRAM_UNITS: usize = 64;
+
+/// The share of characters covered by the most frequent n-gram, for n = 2, 3, 4.
+fn top_ngram_fractions(units: &[&str]) -> [f64; 3] {
+    let total: usize = units.iter().map(|u| u.chars().count()).sum();
+    let mut fractions = [0.0; 3];
+    for (slot, n) in (2..=4).enumerate() {
+        if units.len() < MIN_NGRAM_UNITS || total == 0 {
+            continue;
+        }
+        let mut counts: std::collections::HashMap<&[&str], usize> = std::collections::HashMap::new();
+        for gram in units.windows(n) {
+            *counts.entry(gram).or_default() += 1;
+        }
+        if let Some((gram, count)) = counts
+            .into_iter()
+            .filter(|(_, c)| *c > 1)
+            .max_by_key(|(g, c)| (*c, g.iter().map(|u| u.len()).sum::<usize>()))
+        {
+            let chars: usize = gram.iter().map(|u| u.chars().count()).sum();
+            fractions[slot] = (chars * count) as f64 / total as f64;
+        }
+    }
+    fractions
+}
+
+fn document_rule(text: &str, config: &CleanConfig) -> Option<&'static str> {
+    let chars = text.chars().count();
+    if chars < config.min_chars {
+        return Some("too_short");
+    }
+    if chars > config.max_chars {
+        return Some("too_long");
+    }
+    let letters = text.chars().filter(|c| c.is_alphanumeric()).count().max(1);
+    let cjk = text.chars().filter(|&c| is_cjk(c)).count() as f64 / letters as f64 > 0.3;
+    let words: Vec<&str> = text.split_whitespace().collect();
+    if !cjk && !words.is_empty() {
+        let mean = words.iter().map(|w| w.chars().count()).sum::<usize>() as f64 / words.len() as f64;
+        if mean < config.min_mean_word_length || mean > config.max_mean_word_length {
+            return Some("mean_word_length");
+        }
+    }
+    let symbols = text.matches('#').count() + text.matches('…').count() + text.matches("...").count();
+    let word_count = if cjk { text.chars().filter(|&c| is_cjk(c)).count() } else { words.len() };
+    if symbols as f64 / word_count.max(1) as f64 > config.max_symbol_word_ratio {
+        return Some("symbol_ratio");
+    }
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let line_count = lines.len().max(1) as f64;
+    let bullets = lines.iter().filter(|l| l.starts_with(['•', '-', '*', '·', '●', '▪', '◦', '‣'])).count();
+    if lines.len() > 1 && bullets as f64 / line_count > config.max_bullet_line_ratio {
+        return Some("bullet_lines");
+    }
+    let ellipses = lines.iter().filter(|l| l.ends_with("...") || l.ends_with('…')).count();
+    if ellipses as f64 / line_count > config.max_ellipsis_line_ratio {
+        return Some("ellipsis_lines");
+    }
+    let mut seen = std::collections::HashSet::new();
+    let duplicate_chars: usize = lines.iter().filter(|l| !seen.insert(**l)).map(|l| l.chars().count()).sum();
+    let line_chars: usize = lines.iter().map(|l| l.chars().count()).sum();
+    if duplicate_chars as f64 / line_chars.max(1) as f64 > config.max_duplicate_line_char_fraction {
+        return Some("duplicate_lines");
+    }
+    let cjk_units: Vec<String>;
+    let units: Vec<&str> = if cjk {
+        cjk_units = text.chars().filter(|c| c.is_alphanumeric()).map(String::from).collect();
+        cjk_units.iter().map(String::as_str).collect()
+    } else {
+        words
+    };
+    let fractions = top_ngram_fractions(&units);
+    if fractions.iter().zip(config.max_top_ngram_char_fraction).any(|(f, max)| *f > max) {
+        return Some("repeated_ngrams");
+    }
+    if !config.languages.is_empty() {
+        let detected = whatlang::detect(text).map(|info| info.lang().code());
+        if !detected.is_some_and(|code| config.languages.iter().any(|l| l == code)) {
+            return Some("language");
+        }
+    }
+    None
+}
+
+/// Cleans one document.
+pub fn clean(text: &str, config: &CleanConfig) -> Cleaned {
+    let normalized: String = match config.normalization {
+        Normalization::None => text.to_string(),
+        Normalization::Nfc => text.nfc().collect(),
+        Normalization::Nfkc => text.nfkc().collect(),
+    };
+    let normalized: String = if config.strip_control_chars {
+        normalized.chars().filter(|&c| !c.is_control() || c == '\n' || c == '\t').collect()
+    } else {
+        normalized
+    };
+    let mut removed_lines = Vec::new();
+    let mut kept = Vec::new();
+    for line in normalized.lines() {
+        match line_rule(line, &line.to_lowercase(), config) {
+            Some(rule) => removed_lines.push((rule, line.to_string())),
+            None => kept.push(line.trim_end()),
+        }
+    }
+    let text = kept.join("\n").trim().to_string();
+    let outcome = match document_rule(&text, config) {
+        Some(rule) => Err(rule),
+        None => Ok(text),
+    };
+    Cleaned { outcome, removed_lines }
+}
