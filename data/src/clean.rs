@@ -2,8 +2,12 @@
 //! document-level quality rules in the spirit of Gopher (Rae et al. 2021) and RefinedWeb (Penedo et
 //! al. 2023), with CJK-aware variants. Every rule has a stable name used in the report.
 
+use aho_corasick::AhoCorasick;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use unicode_normalization::UnicodeNormalization;
+
+use crate::hash::{hash_str, mix};
 
 /// Unicode normalisation form. NFKC folds full-width CJK punctuation (，→ ,), so NFC is the default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,7 +25,7 @@ pub struct CleanConfig {
     pub normalization: Normalization,
     /// Remove control characters other than newline and tab.
     pub strip_control_chars: bool,
-    /// Lines at most `boilerplate_max_line_chars` long containing one of these (case-insensitive) go.
+    /// Lines at most `boilerplate_max_line_chars` long containing one of these (ASCII case-insensitive) go.
     pub boilerplate_patterns: Vec<String>,
     pub boilerplate_max_line_chars: usize,
     /// Lines whose characters are mostly URLs go.
@@ -120,11 +124,9 @@ fn url_chars(line: &str) -> usize {
         .sum()
 }
 
-fn line_rule(line: &str, lowered: &str, config: &CleanConfig) -> Option<&'static str> {
+fn line_rule(line: &str, boilerplate: &AhoCorasick, config: &CleanConfig) -> Option<&'static str> {
     let chars = line.chars().count();
-    if chars <= config.boilerplate_max_line_chars
-        && config.boilerplate_patterns.iter().any(|p| lowered.contains(&p.to_lowercase()))
-    {
+    if chars <= config.boilerplate_max_line_chars && boilerplate.is_match(line) {
         return Some("boilerplate_line");
     }
     let visible = line.chars().filter(|c| !c.is_whitespace()).count();
@@ -141,24 +143,22 @@ fn line_rule(line: &str, lowered: &str, config: &CleanConfig) -> Option<&'static
 /// Documents shorter than this (in words, or characters for CJK) skip the n-gram rule.
 const MIN_NGRAM_UNITS: usize = 64;
 
-/// The share of characters covered by the most frequent n-gram, for n = 2, 3, 4.
-fn top_ngram_fractions(units: &[&str]) -> [f64; 3] {
-    let total: usize = units.iter().map(|u| u.chars().count()).sum();
+/// The share of characters covered by the most frequent n-gram, for n = 2, 3, 4, over units given
+/// as `(hash, characters)`.
+fn top_ngram_fractions(units: &[(u64, usize)]) -> [f64; 3] {
+    let total: usize = units.iter().map(|u| u.1).sum();
     let mut fractions = [0.0; 3];
+    if units.len() < MIN_NGRAM_UNITS || total == 0 {
+        return fractions;
+    }
     for (slot, n) in (2..=4).enumerate() {
-        if units.len() < MIN_NGRAM_UNITS || total == 0 {
-            continue;
-        }
-        let mut counts: std::collections::HashMap<&[&str], usize> = std::collections::HashMap::new();
+        let mut counts: FxHashMap<u64, (usize, usize)> = FxHashMap::default();
         for gram in units.windows(n) {
-            *counts.entry(gram).or_default() += 1;
+            let key = gram.iter().fold(0u64, |h, u| mix(h.rotate_left(7) ^ u.0));
+            let entry = counts.entry(key).or_insert((0, gram.iter().map(|u| u.1).sum()));
+            entry.0 += 1;
         }
-        if let Some((gram, count)) = counts
-            .into_iter()
-            .filter(|(_, c)| *c > 1)
-            .max_by_key(|(g, c)| (*c, g.iter().map(|u| u.len()).sum::<usize>()))
-        {
-            let chars: usize = gram.iter().map(|u| u.chars().count()).sum();
+        if let Some((count, chars)) = counts.into_values().filter(|(c, _)| *c > 1).max() {
             fractions[slot] = (chars * count) as f64 / total as f64;
         }
     }
@@ -197,18 +197,16 @@ fn document_rule(text: &str, config: &CleanConfig) -> Option<&'static str> {
     if ellipses as f64 / line_count > config.max_ellipsis_line_ratio {
         return Some("ellipsis_lines");
     }
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = FxHashSet::default();
     let duplicate_chars: usize = lines.iter().filter(|l| !seen.insert(**l)).map(|l| l.chars().count()).sum();
     let line_chars: usize = lines.iter().map(|l| l.chars().count()).sum();
     if duplicate_chars as f64 / line_chars.max(1) as f64 > config.max_duplicate_line_char_fraction {
         return Some("duplicate_lines");
     }
-    let cjk_units: Vec<String>;
-    let units: Vec<&str> = if cjk {
-        cjk_units = text.chars().filter(|c| c.is_alphanumeric()).map(String::from).collect();
-        cjk_units.iter().map(String::as_str).collect()
+    let units: Vec<(u64, usize)> = if cjk {
+        text.chars().filter(|c| c.is_alphanumeric()).map(|c| (mix(c as u64), 1)).collect()
     } else {
-        words
+        words.iter().map(|w| (hash_str(w), w.chars().count())).collect()
     };
     let fractions = top_ngram_fractions(&units);
     if fractions.iter().zip(config.max_top_ngram_char_fraction).any(|(f, max)| *f > max) {
@@ -223,30 +221,44 @@ fn document_rule(text: &str, config: &CleanConfig) -> Option<&'static str> {
     None
 }
 
-/// Cleans one document.
-pub fn clean(text: &str, config: &CleanConfig) -> Cleaned {
-    let normalized: String = match config.normalization {
-        Normalization::None => text.to_string(),
-        Normalization::Nfc => text.nfc().collect(),
-        Normalization::Nfkc => text.nfkc().collect(),
-    };
-    let normalized: String = if config.strip_control_chars {
-        normalized.chars().filter(|&c| !c.is_control() || c == '\n' || c == '\t').collect()
-    } else {
-        normalized
-    };
-    let mut removed_lines = Vec::new();
-    let mut kept = Vec::new();
-    for line in normalized.lines() {
-        match line_rule(line, &line.to_lowercase(), config) {
-            Some(rule) => removed_lines.push((rule, line.to_string())),
-            None => kept.push(line.trim_end()),
-        }
+/// A [`CleanConfig`] compiled for use: the boilerplate patterns become one automaton.
+pub struct Cleaner {
+    config: CleanConfig,
+    boilerplate: AhoCorasick,
+}
+
+impl Cleaner {
+    pub fn new(config: CleanConfig) -> anyhow::Result<Self> {
+        let boilerplate = AhoCorasick::builder().ascii_case_insensitive(true).build(&config.boilerplate_patterns)?;
+        Ok(Self { config, boilerplate })
     }
-    let text = kept.join("\n").trim().to_string();
-    let outcome = match document_rule(&text, config) {
-        Some(rule) => Err(rule),
-        None => Ok(text),
-    };
-    Cleaned { outcome, removed_lines }
+
+    /// Cleans one document.
+    pub fn clean(&self, text: &str) -> Cleaned {
+        let config = &self.config;
+        let normalized: String = match config.normalization {
+            Normalization::None => text.to_string(),
+            Normalization::Nfc => text.nfc().collect(),
+            Normalization::Nfkc => text.nfkc().collect(),
+        };
+        let normalized: String = if config.strip_control_chars {
+            normalized.chars().filter(|&c| !c.is_control() || c == '\n' || c == '\t').collect()
+        } else {
+            normalized
+        };
+        let mut removed_lines = Vec::new();
+        let mut kept = Vec::new();
+        for line in normalized.lines() {
+            match line_rule(line, &self.boilerplate, config) {
+                Some(rule) => removed_lines.push((rule, line.to_string())),
+                None => kept.push(line.trim_end()),
+            }
+        }
+        let text = kept.join("\n").trim().to_string();
+        let outcome = match document_rule(&text, config) {
+            Some(rule) => Err(rule),
+            None => Ok(text),
+        };
+        Cleaned { outcome, removed_lines }
+    }
 }

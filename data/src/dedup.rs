@@ -2,13 +2,12 @@
 //! shingles, banded into LSH buckets). Signatures are computed in parallel; the index decides in
 //! document order, so the first occurrence is the one kept.
 
-use std::collections::HashSet;
-
+use rustc_hash::FxHashSet;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clean::is_cjk;
-use crate::reader::mix;
+use crate::hash::{hash_str, mix};
 
 /// Deduplication settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,29 +53,22 @@ fn exact_key(text: &str) -> [u8; 16] {
     Sha256::digest(normalized.as_bytes())[..16].try_into().expect("16 bytes")
 }
 
-fn hash_str(s: &str) -> u64 {
-    // FNV-1a then SplitMix64: fast and well mixed for short shingles.
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in s.as_bytes() {
-        h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
-    }
-    mix(h)
-}
-
-/// Hashes of a document's shingles: word n-grams, or character n-grams for CJK text.
+/// Hashes of a document's shingles: word n-grams (lower-cased), or character n-grams for CJK
+/// text. Units are hashed once and windows combine their hashes, so no shingle string is built.
 pub fn shingles(text: &str, config: &DedupConfig) -> Vec<u64> {
     let letters = text.chars().filter(|c| c.is_alphanumeric()).count().max(1);
     let cjk = text.chars().filter(|&c| is_cjk(c)).count() * 10 > letters * 3;
-    let units: Vec<String> = if cjk {
-        text.chars().filter(|c| !c.is_whitespace()).map(String::from).collect()
+    let units: Vec<u64> = if cjk {
+        text.chars().filter(|c| !c.is_whitespace()).map(|c| mix(c as u64)).collect()
     } else {
-        text.split_whitespace().map(str::to_lowercase).collect()
+        text.split_whitespace().map(|w| hash_str(&w.to_lowercase())).collect()
     };
     let n = if cjk { config.char_shingle } else { config.word_shingle }.max(1);
+    let combine = |window: &[u64]| window.iter().fold(0u64, |h, &u| mix(h.rotate_left(5) ^ u));
     if units.len() <= n {
-        return vec![hash_str(&units.join(" "))];
+        return vec![combine(&units)];
     }
-    units.windows(n).map(|w| hash_str(&w.join(" "))).collect()
+    units.windows(n).map(combine).collect()
 }
 
 /// The MinHash signature of a set of shingle hashes: for each of `num_perm` hash functions
@@ -114,14 +106,14 @@ pub struct Fingerprint {
 pub struct Deduplicator {
     config: DedupConfig,
     rows: usize,
-    exact: HashSet<[u8; 16]>,
-    buckets: Vec<HashSet<u64>>,
+    exact: FxHashSet<[u8; 16]>,
+    buckets: Vec<FxHashSet<u64>>,
 }
 
 impl Deduplicator {
     pub fn new(config: DedupConfig) -> Self {
         let (bands, rows) = lsh_bands(config.threshold, config.num_perm);
-        Self { config, rows, exact: HashSet::new(), buckets: vec![HashSet::new(); bands] }
+        Self { config, rows, exact: FxHashSet::default(), buckets: vec![FxHashSet::default(); bands] }
     }
 
     /// Fingerprints a document (pure; call from any thread).

@@ -5,6 +5,7 @@
 pub mod clean;
 pub mod dedup;
 pub mod format;
+pub mod hash;
 pub mod input;
 pub mod mixture;
 pub mod prepare;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
-use crate::clean::{clean, CleanConfig};
+use crate::clean::{CleanConfig, Cleaner};
 use crate::dedup::{DedupConfig, Deduplicator, Verdict};
 use crate::format::{Manifest, Split};
 use crate::input::{input_files, DocumentReader, Item, ReadOptions};
@@ -99,6 +99,7 @@ pub fn prepare(
         jsonl_text_field: config.jsonl_text_field.clone(),
     };
     let mut writer = DatasetWriter::create(out, config.seq_len, info)?;
+    let cleaner = Cleaner::new(config.clean.clone())?;
     let mut dedup = Deduplicator::new(config.dedup.clone());
     let mut report = Report::default();
     let mut bytes_before = 0;
@@ -116,7 +117,7 @@ pub fn prepare(
             if batch.is_empty() {
                 break;
             }
-            let kept = filter_batch(batch, config, &mut dedup, &mut report);
+            let kept = filter_batch(batch, &cleaner, &mut dedup, &mut report);
             let texts: Vec<&str> = kept.iter().map(String::as_str).collect();
             let encodings = tokenizer
                 .encode_batch(texts, true)
@@ -137,7 +138,7 @@ pub fn prepare(
 /// Cleans a batch in parallel, then deduplicates it in order; returns the kept texts.
 fn filter_batch(
     batch: Vec<(String, String)>,
-    config: &PrepareConfig,
+    cleaner: &Cleaner,
     dedup: &mut Deduplicator,
     report: &mut Report,
 ) -> Vec<String> {
@@ -145,7 +146,7 @@ fn filter_batch(
     let cleaned: Vec<_> = batch
         .into_par_iter()
         .map(|(text, origin)| {
-            let cleaned = clean(&text, &config.clean);
+            let cleaned = cleaner.clean(&text);
             let fingerprint = cleaned.outcome.as_ref().ok().map(|t| index.fingerprint(t));
             (text, origin, cleaned, fingerprint)
         })

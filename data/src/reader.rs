@@ -8,6 +8,7 @@ use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
 use crate::format::{Manifest, Split, TokenWidth, FORMAT_VERSION};
+pub use crate::hash::mix;
 
 /// One split of a dataset, memory-mapped.
 pub struct SplitReader {
@@ -76,14 +77,6 @@ impl SplitReader {
             TokenWidth::U32 => data.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         }
     }
-}
-
-/// SplitMix64: a well-mixed 64-bit hash, used for every seeded decision in the data path.
-pub fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 /// Position `index` of a pseudo-random permutation of `0..n` keyed by `key`.
