@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Documents are concatenated, each followed by EOS, and cut into blocks of exactly `seq_len`
-//! tokens; the incomplete tail is dropped. Block `i` of a split starts at byte
+//! tokens; the incomplete tail is dropped, or padded with EOS and recorded as `padded_tokens` so
+//! that training masks it. Block `i` of a split starts at byte
 //! `i · seq_len · token_bytes` of the concatenated shards.
 
 use std::collections::BTreeMap;
@@ -43,6 +44,15 @@ impl TokenWidth {
     }
 }
 
+/// What happens to the tokens after the last full block of a split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TailPolicy {
+    #[default]
+    Drop,
+    Pad,
+}
+
 /// The two splits every dataset has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -75,8 +85,11 @@ pub struct SplitInfo {
     /// Tokens of the kept documents, EOS separators included, before cutting into blocks.
     pub tokens: u64,
     pub blocks: u64,
-    /// Tokens in the dropped incomplete tail.
+    /// Tokens in the dropped incomplete tail (tail policy `drop`).
     pub dropped_tail_tokens: u64,
+    /// EOS tokens padding the last block (tail policy `pad`); they are masked out of the loss.
+    #[serde(default)]
+    pub padded_tokens: u64,
     pub shards: Vec<Shard>,
 }
 

@@ -16,6 +16,6 @@ pub mod writer;
 
 pub use format::{Manifest, Split};
 pub use mixture::{Mixture, MixtureState};
-pub use reader::{BlockStream, Cursor, SplitReader};
+pub use reader::{Block, BlockStream, Cursor, SplitReader};
 pub use staged::{sha256_file, StagedDir};
 pub use writer::{DatasetWriter, TokenizerInfo};

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::reader::{mix, BlockStream, Cursor};
+use crate::reader::{mix, Block, BlockStream, Cursor};
 
 /// Everything needed to resume a mixture exactly.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,7 +65,7 @@ impl Mixture {
     }
 
     /// The next block and the index of the source it came from.
-    pub fn next_block(&mut self) -> (usize, Vec<u32>) {
+    pub fn next_block(&mut self) -> (usize, Block) {
         let source = self.source_of(self.draws);
         self.draws += 1;
         (source, self.sources[source].next_block())

@@ -11,7 +11,7 @@ use tokenizers::Tokenizer;
 
 use crate::clean::{CleanConfig, Cleaner};
 use crate::dedup::{DedupConfig, Deduplicator, Verdict};
-use crate::format::{Manifest, Split};
+use crate::format::{Manifest, Split, TailPolicy};
 use crate::input::{input_files, DocumentReader, Item, ReadOptions};
 use crate::reader::mix;
 use crate::report::Report;
@@ -35,6 +35,9 @@ pub struct PrepareConfig {
     pub dedup: DedupConfig,
     /// Documents processed together (cleaned and tokenized in parallel).
     pub batch_documents: usize,
+    /// The incomplete last block of each split: `drop` it, or `pad` it with EOS (masked in training;
+    /// useful when a validation split is smaller than a block).
+    pub tail: TailPolicy,
 }
 
 impl Default for PrepareConfig {
@@ -48,6 +51,7 @@ impl Default for PrepareConfig {
             clean: CleanConfig::default(),
             dedup: DedupConfig::default(),
             batch_documents: 1024,
+            tail: TailPolicy::Drop,
         }
     }
 }
@@ -131,7 +135,7 @@ pub fn prepare(
     }
     report.bytes_read = bytes_before;
     let sources = inputs.iter().map(|p| p.display().to_string()).collect();
-    let manifest = writer.finish(sources, serde_json::to_value(&report)?)?;
+    let manifest = writer.finish(config.tail, sources, serde_json::to_value(&report)?)?;
     Ok((manifest, report))
 }
 

@@ -17,6 +17,8 @@ pub struct SplitReader {
     shards: Vec<Mmap>,
     /// `starts[i]` is the first block of shard `i`; the last entry is the total.
     starts: Vec<u64>,
+    /// Padding tokens at the end of the last block.
+    padded: u64,
 }
 
 /// Reads `manifest.json` of a dataset directory.
@@ -50,7 +52,7 @@ impl SplitReader {
             shards.push(unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?);
             starts.push(starts.last().unwrap() + shard.blocks);
         }
-        Ok(Self { seq_len: manifest.seq_len, width: manifest.token_width, shards, starts })
+        Ok(Self { seq_len: manifest.seq_len, width: manifest.token_width, shards, starts, padded: info.padded_tokens })
     }
 
     pub fn len(&self) -> u64 {
@@ -63,6 +65,16 @@ impl SplitReader {
 
     pub fn seq_len(&self) -> usize {
         self.seq_len
+    }
+
+    /// Tokens of block `index` that are real text; the rest (only ever at the end of the last
+    /// block of a padded split) is padding to mask out of the loss.
+    pub fn valid_tokens(&self, index: u64) -> usize {
+        if index + 1 == self.len() {
+            self.seq_len - self.padded as usize
+        } else {
+            self.seq_len
+        }
     }
 
     /// The tokens of block `index`.
@@ -105,6 +117,13 @@ pub fn permute(index: u64, n: u64, key: u64) -> u64 {
     }
 }
 
+/// One block and how many of its tokens are text (the rest is padding).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    pub tokens: Vec<u32>,
+    pub valid: usize,
+}
+
 /// Where a reader is in its stream of blocks: everything needed to resume.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
@@ -135,8 +154,9 @@ impl BlockStream {
     }
 
     /// The next block; the cursor moves past it.
-    pub fn next_block(&mut self) -> Vec<u32> {
-        let block = self.reader.block(self.peek_index());
+    pub fn next_block(&mut self) -> Block {
+        let index = self.peek_index();
+        let block = Block { tokens: self.reader.block(index), valid: self.reader.valid_tokens(index) };
         self.cursor.position += 1;
         if self.cursor.position == self.reader.len() {
             self.cursor = Cursor { epoch: self.cursor.epoch + 1, position: 0 };

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::format::{Manifest, Shard, Split, SplitInfo, TokenWidth, FORMAT_VERSION};
+use crate::format::{Manifest, Shard, Split, SplitInfo, TailPolicy, TokenWidth, FORMAT_VERSION};
 use crate::staged::StagedDir;
 
 /// Blocks per shard file: 65,536 blocks of 2,048 u16 tokens is 256 MiB.
@@ -80,11 +80,20 @@ impl DatasetWriter {
     }
 
     /// Closes the shards, writes `manifest.json` and moves the dataset into place.
-    pub fn finish(mut self, sources: Vec<String>, stats: serde_json::Value) -> Result<Manifest> {
+    pub fn finish(mut self, tail: TailPolicy, sources: Vec<String>, stats: serde_json::Value) -> Result<Manifest> {
         let mut splits = BTreeMap::new();
         for (split, mut writer) in std::mem::take(&mut self.splits) {
+            let pending = std::mem::take(&mut writer.pending);
+            match tail {
+                TailPolicy::Pad if !pending.is_empty() => {
+                    let mut block = pending;
+                    writer.info.padded_tokens = (self.seq_len - block.len()) as u64;
+                    block.resize(self.seq_len, self.tokenizer.eos_token_id);
+                    writer.write_block(&block, self.width, self.staged.path())?;
+                }
+                _ => writer.info.dropped_tail_tokens = pending.len() as u64,
+            }
             writer.close_shard()?;
-            writer.info.dropped_tail_tokens = writer.pending.len() as u64;
             splits.insert(split, writer.info);
         }
         let manifest = Manifest {

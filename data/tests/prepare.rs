@@ -176,3 +176,17 @@ fn gzip_text_directories_and_globs_read_the_same_documents() {
     let missing = prepare(&tokenizer, &[tmp.path().join("nothing-*.txt")], &tmp.path().join("dc"), &config, |_| {});
     assert!(missing.unwrap_err().to_string().contains("matches no file"));
 }
+
+#[test]
+fn the_language_filter_keeps_only_the_requested_languages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokenizer = byte_tokenizer(tmp.path());
+    let docs: Vec<String> =
+        corpus("brown.jsonl", 10, 0).into_iter().chain(corpus("tang-poems.jsonl", 10, 60)).collect();
+    write_jsonl(&tmp.path().join("mixed.jsonl"), &docs);
+    let mut config = PrepareConfig { seq_len: 32, ..Default::default() };
+    config.clean.languages = vec!["eng".into()];
+    let (_, report) =
+        prepare(&tokenizer, &[tmp.path().join("mixed.jsonl")], &tmp.path().join("en"), &config, |_| {}).unwrap();
+    assert_eq!((report.documents_kept, removed(&report, "language")), (10, 10));
+}

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use cpt_data::format::TailPolicy;
 use cpt_data::reader::permute;
 use cpt_data::{BlockStream, Cursor, DatasetWriter, Mixture, Split, SplitReader, TokenizerInfo};
 
@@ -21,7 +22,7 @@ fn write(dir: &Path, docs: &[Vec<u32>], seq_len: usize, vocab: usize) -> cpt_dat
     for doc in docs {
         writer.push_document(Split::Train, doc).unwrap();
     }
-    writer.finish(vec!["test".into()], serde_json::Value::Null).unwrap()
+    writer.finish(TailPolicy::Drop, vec!["test".into()], serde_json::Value::Null).unwrap()
 }
 
 #[test]
@@ -77,7 +78,7 @@ fn each_epoch_reads_every_block_once_in_a_new_order() {
         for _ in 0..n {
             assert_eq!(stream.cursor.epoch, epoch);
             order.push(stream.peek_index());
-            *counts.entry(stream.next_block()).or_default() += 1;
+            *counts.entry(stream.next_block().tokens).or_default() += 1;
         }
         assert_eq!(counts, expected, "epoch {epoch} must read every block exactly once");
         orders.push(order);
@@ -93,11 +94,11 @@ fn a_stream_resumed_from_its_cursor_continues_exactly() {
     write(&dir, &documents(100, 1000), 8, 1000);
     let open = |cursor| BlockStream::new(SplitReader::open(&dir, Split::Train).unwrap(), 9, cursor).unwrap();
     let mut uninterrupted = open(Cursor::default());
-    let all: Vec<Vec<u32>> = (0..300).map(|_| uninterrupted.next_block()).collect();
+    let all: Vec<Vec<u32>> = (0..300).map(|_| uninterrupted.next_block().tokens).collect();
     let mut first = open(Cursor::default());
-    let mut read: Vec<Vec<u32>> = (0..137).map(|_| first.next_block()).collect();
+    let mut read: Vec<Vec<u32>> = (0..137).map(|_| first.next_block().tokens).collect();
     let mut resumed = open(first.cursor);
-    read.extend((137..300).map(|_| resumed.next_block()));
+    read.extend((137..300).map(|_| resumed.next_block().tokens));
     assert_eq!(read, all);
 }
 
@@ -113,12 +114,12 @@ fn a_mixture_follows_its_weights_and_resumes_exactly() {
         Mixture::new(vec![(sa, 3.0), (sb, 1.0)], 5, state).unwrap()
     };
     let mut mixture = open(None);
-    let draws: Vec<(usize, Vec<u32>)> = (0..4000).map(|_| mixture.next_block()).collect();
+    let draws: Vec<(usize, cpt_data::Block)> = (0..4000).map(|_| mixture.next_block()).collect();
     let from_b = draws.iter().filter(|(s, _)| *s == 1).count() as f64 / draws.len() as f64;
     assert!((from_b - 0.25).abs() < 0.03, "source b drew {from_b:.3} of blocks, weight says 0.25");
 
     let mut first = open(None);
-    let mut replay: Vec<(usize, Vec<u32>)> = (0..1234).map(|_| first.next_block()).collect();
+    let mut replay: Vec<(usize, cpt_data::Block)> = (0..1234).map(|_| first.next_block()).collect();
     let mut resumed = open(Some(&first.state()));
     replay.extend((1234..4000).map(|_| resumed.next_block()));
     assert_eq!(replay, draws);
@@ -146,4 +147,18 @@ fn out_of_vocabulary_tokens_and_existing_outputs_are_errors() {
     assert!(!dir.exists(), "an abandoned dataset leaves nothing behind");
     write(&dir, &documents(10, 100), 8, 100);
     assert!(DatasetWriter::create(&dir, 8, info(100)).err().unwrap().to_string().contains("already exists"));
+}
+
+#[test]
+fn a_padded_tail_is_one_more_block_whose_padding_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let mut writer = DatasetWriter::create(&dir, 8, info(1000)).unwrap();
+    writer.push_document(Split::Train, &[5; 10]).unwrap(); // 11 tokens with EOS: one block and 3 left
+    let manifest = writer.finish(TailPolicy::Pad, vec![], serde_json::Value::Null).unwrap();
+    let train = &manifest.splits[&Split::Train];
+    assert_eq!((train.blocks, train.padded_tokens, train.dropped_tail_tokens), (2, 5, 0));
+    let reader = SplitReader::open(&dir, Split::Train).unwrap();
+    assert_eq!((reader.valid_tokens(0), reader.valid_tokens(1)), (8, 3));
+    assert_eq!(reader.block(1), vec![5, 5, 0, 0, 0, 0, 0, 0]);
 }

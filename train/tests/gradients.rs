@@ -181,3 +181,16 @@ fn every_trainable_tensor_receives_a_gradient_in_one_backward_pass() {
         }
     }
 }
+
+#[test]
+fn masked_loss_equals_the_loss_of_the_unpadded_prefix() {
+    let config = common::tiny_config("LlamaForCausalLM", json!({}));
+    let params = common::tiny_params(&config, 2, DType::F64);
+    let model = Llama::new(&config, &params).unwrap();
+    let ids = Tensor::new(&[[3u32, 9, 4, 7, 1, 0, 0, 0]], &Device::Cpu).unwrap();
+    // 5 real tokens: targets at positions 0..4 count, the 3 padding targets do not.
+    let mask = Tensor::new(&[[1f64, 1., 1., 1., 0., 0., 0.]], &Device::Cpu).unwrap();
+    let masked: f64 = model.masked_loss(&ids, &mask).unwrap().to_scalar().unwrap();
+    let prefix: f64 = model.loss(&ids.narrow(1, 0, 5).unwrap()).unwrap().to_scalar().unwrap();
+    assert!((masked - prefix).abs() < 1e-12, "{masked} vs {prefix}");
+}

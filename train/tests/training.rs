@@ -5,6 +5,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use cpt_data::format::TailPolicy;
 use cpt_data::{DatasetWriter, Split, TokenizerInfo};
 use cpt_protocol::spec::Schedule;
 use cpt_protocol::{Event, JobSpec, WarningCode};
@@ -42,7 +43,7 @@ fn fixture(poison: bool) -> Fixture {
             let split = if doc % 10 == 0 { Split::Validation } else { Split::Train };
             writer.push_document(split, &tokens).unwrap();
         }
-        writer.finish(vec![], serde_json::Value::Null).unwrap();
+        writer.finish(TailPolicy::Pad, vec![], serde_json::Value::Null).unwrap();
     }
     Fixture { _tmp: tmp, root }
 }

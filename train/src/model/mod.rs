@@ -160,6 +160,18 @@ impl Llama {
     }
 }
 
+impl Llama {
+    /// Mean next-token loss over the target positions that `mask: (batch, seq - 1)` marks with 1
+    /// (0 for padding).
+    pub fn masked_loss(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (inputs, targets) = shift(ids)?;
+        let logits = self.forward(&inputs)?;
+        let nll = ops::token_nll(&logits.flatten_to(1)?, &targets.flatten_all()?)?;
+        let mask = mask.flatten_all()?.to_dtype(nll.dtype())?;
+        (nll * &mask)?.sum_all()?.broadcast_div(&mask.sum_all()?)
+    }
+}
+
 /// Splits `(batch, seq)` ids into inputs `[.., :-1]` and next-token targets `[.., 1:]`.
 pub fn shift(ids: &Tensor) -> Result<(Tensor, Tensor)> {
     let seq = ids.dim(1)?;

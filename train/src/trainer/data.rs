@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use cpt_data::reader::{mix, read_manifest};
-use cpt_data::{BlockStream, Cursor, Mixture, MixtureState, Split, SplitReader};
+use cpt_data::{Block, BlockStream, Cursor, Mixture, MixtureState, Split, SplitReader};
 use cpt_protocol::JobSpec;
 
 use crate::config::ModelConfig;
@@ -14,7 +14,32 @@ use crate::config::ModelConfig;
 /// order, so every evaluation of a run scores exactly the same tokens.
 pub struct EvalSet {
     pub name: String,
-    pub blocks: Vec<Vec<u32>>,
+    pub blocks: Vec<Block>,
+}
+
+/// A micro-batch: ids `(batch, seq_len)` and, when a block is padded, the loss mask
+/// `(batch, seq_len - 1)` over target positions.
+pub struct Batch {
+    pub ids: Tensor,
+    pub mask: Option<Tensor>,
+    /// Target positions that count: `batch · (seq_len - 1)` less the padded ones.
+    pub predicted: u64,
+}
+
+/// Stacks blocks into a [`Batch`].
+pub fn batch(blocks: &[Block], device: &Device) -> Result<Batch> {
+    let seq_len = blocks[0].tokens.len();
+    let ids: Vec<u32> = blocks.iter().flat_map(|b| b.tokens.iter().copied()).collect();
+    let ids = Tensor::from_vec(ids, (blocks.len(), seq_len), device)?;
+    let predicted: u64 = blocks.iter().map(|b| b.valid.saturating_sub(1) as u64).sum();
+    let mask = if blocks.iter().all(|b| b.valid == seq_len) {
+        None
+    } else {
+        let values: Vec<f32> =
+            blocks.iter().flat_map(|b| (1..seq_len).map(move |t| if t < b.valid { 1.0 } else { 0.0 })).collect();
+        Some(Tensor::from_vec(values, (blocks.len(), seq_len - 1), device)?)
+    };
+    Ok(Batch { ids, mask, predicted })
 }
 
 /// Training and evaluation data of a run.
@@ -85,20 +110,17 @@ impl TrainData {
                 bail!("eval_data.{name}: {} has no validation blocks", dir.display());
             }
             let count = reader.len().min(spec.eval_blocks as u64);
-            eval_sets.push(EvalSet { name: name.clone(), blocks: (0..count).map(|i| reader.block(i)).collect() });
+            eval_sets.push(EvalSet {
+                name: name.clone(),
+                blocks: (0..count).map(|i| Block { tokens: reader.block(i), valid: reader.valid_tokens(i) }).collect(),
+            });
         }
         Ok(Self { mixture, eval_sets, notes })
     }
 
-    /// The next micro-batch `(micro_batch_size, seq_len)` of u32 ids.
-    pub fn next_batch(&mut self, micro_batch_size: usize, device: &Device) -> Result<Tensor> {
-        let mut ids = Vec::new();
-        let mut seq_len = 0;
-        for _ in 0..micro_batch_size {
-            let (_, block) = self.mixture.next_block();
-            seq_len = block.len();
-            ids.extend(block);
-        }
-        Ok(Tensor::from_vec(ids, (micro_batch_size, seq_len), device)?)
+    /// The next micro-batch of `micro_batch_size` blocks from the mixture.
+    pub fn next_batch(&mut self, micro_batch_size: usize, device: &Device) -> Result<Batch> {
+        let blocks: Vec<Block> = (0..micro_batch_size).map(|_| self.mixture.next_block().1).collect();
+        batch(&blocks, device)
     }
 }

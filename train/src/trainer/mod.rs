@@ -65,6 +65,14 @@ pub fn spec_sha256(spec: &JobSpec) -> String {
     format!("{:x}", Sha256::digest(serde_json::to_vec(spec).expect("a spec serialises")))
 }
 
+/// Mean next-token loss of a batch, masking padding when there is any.
+fn batch_loss(model: &Llama, batch: &data::Batch) -> Result<Tensor> {
+    Ok(match &batch.mask {
+        Some(mask) => model.masked_loss(&batch.ids, mask)?,
+        None => model.loss(&batch.ids)?,
+    })
+}
+
 /// Mean loss of each eval set, without a backward graph.
 fn evaluate(
     model: &Llama,
@@ -78,11 +86,9 @@ fn evaluate(
     for set in &data.eval_sets {
         let (mut total, mut tokens) = (0.0f64, 0u64);
         for chunk in set.blocks.chunks(spec.micro_batch_size) {
-            let ids: Vec<u32> = chunk.iter().flatten().copied().collect();
-            let ids = Tensor::from_vec(ids, (chunk.len(), spec.seq_len), device)?;
-            let predicted = (chunk.len() * (spec.seq_len - 1)) as u64;
-            total += model.loss(&ids)?.to_dtype(DType::F64)?.to_scalar::<f64>()? * predicted as f64;
-            tokens += predicted;
+            let batch = data::batch(chunk, device)?;
+            total += batch_loss(&model, &batch)?.to_dtype(DType::F64)?.to_scalar::<f64>()? * batch.predicted as f64;
+            tokens += batch.predicted;
         }
         let loss = total / tokens as f64;
         on_event(Event::Eval { step, set: set.name.clone(), loss, perplexity: loss.exp(), tokens });
@@ -228,9 +234,9 @@ pub fn train(
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         for _ in 0..spec.grad_accum_steps {
             let fetch = Instant::now();
-            let ids = data.next_batch(spec.micro_batch_size, device)?;
+            let batch = data.next_batch(spec.micro_batch_size, device)?;
             data_seconds += fetch.elapsed().as_secs_f64();
-            let loss = model.loss(&ids)?;
+            let loss = batch_loss(&model, &batch)?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let store = (loss / spec.grad_accum_steps as f64)?.backward()?;
             for (name, var) in params.iter() {
