@@ -206,14 +206,17 @@ impl JobSpec {
         let mut deserializer = serde_json::Deserializer::from_str(text);
         let spec: JobSpec = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
             let path = e.path().to_string();
-            let message = e.into_inner().to_string();
+            let inner = e.into_inner();
+            let message = inner.to_string();
             // A missing field is not on the path (its parent is); serde names it in the message.
             let missing = message.strip_prefix("missing field `").and_then(|m| m.split('`').next());
-            let field = match (missing, path.as_str()) {
-                (Some(name), ".") => name.to_string(),
-                (Some(name), parent) => format!("{parent}.{name}"),
-                (None, ".") => String::new(),
-                (None, path) => path.to_string(),
+            let field = match (inner.classify(), missing, path.as_str()) {
+                // Not JSON at all: no field to blame.
+                (serde_json::error::Category::Syntax | serde_json::error::Category::Eof, _, _) => String::new(),
+                (_, Some(name), ".") => name.to_string(),
+                (_, Some(name), parent) => format!("{parent}.{name}"),
+                (_, None, ".") => String::new(),
+                (_, None, path) => path.to_string(),
             };
             problem(field, message)
         })?;

@@ -1,0 +1,43 @@
+//! Server configuration, from flags or `CPT_*` environment variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// cpt-server: the control plane of continued-pretraining jobs.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about)]
+pub struct Config {
+    /// Directory of the SQLite database (and, later, runs and datasets).
+    #[arg(long, env = "CPT_DATA_DIR", default_value = "cpt-data")]
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "CPT_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+    /// Bearer token for `/v1` (required when bound beyond loopback).
+    #[arg(long, env = "CPT_API_TOKEN")]
+    pub api_token: Option<String>,
+    /// Directories that paths in job specs must lie inside (default: the data dir).
+    #[arg(long = "data-root", env = "CPT_DATA_ROOTS", value_delimiter = ',')]
+    pub data_roots: Vec<PathBuf>,
+    /// Retries of a job whose worker vanished, before it fails.
+    #[arg(long, env = "CPT_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: i64,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "CPT_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+}
+
+impl Config {
+    /// Fills defaults that depend on other fields and refuses unsafe combinations.
+    pub fn finish(mut self) -> anyhow::Result<Self> {
+        if self.data_roots.is_empty() {
+            self.data_roots = vec![self.data_dir.clone()];
+        }
+        if !self.bind.ip().is_loopback() && self.api_token.as_deref().is_none_or(str::is_empty) {
+            anyhow::bail!("binding {} beyond loopback needs --api-token (CPT_API_TOKEN)", self.bind);
+        }
+        Ok(self)
+    }
+}
