@@ -19,7 +19,7 @@ done
 
 run="$DATA/runs/smollm2-tang-poetry"
 "$worker" train --spec examples/smollm2-tang-poetry.json --run-dir "$run" --resume
-final=$(ls -d "$run"/checkpoints/step-* | sort -t- -k2 -n | tail -n 1)
+final=$(ls -d "$run"/checkpoints/step-* | sort -V | tail -n 1)
 export_dir="$DATA/exports/smollm2-tang-poetry"
 [ -d "$export_dir" ] || "$worker" export "$final" --out "$export_dir" --dtype bf16
 

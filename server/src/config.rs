@@ -18,6 +18,12 @@ pub struct Config {
     /// Bearer token for `/v1` (required when bound beyond loopback).
     #[arg(long, env = "CPT_API_TOKEN")]
     pub api_token: Option<String>,
+    /// Bearer token for the worker endpoints `/v1/workers` (required when bound beyond loopback).
+    #[arg(long, env = "CPT_WORKER_TOKEN")]
+    pub worker_token: Option<String>,
+    /// A leased job whose worker has not heartbeated for this long is requeued.
+    #[arg(long, env = "CPT_LEASE_TTL_SECONDS", default_value_t = 30)]
+    pub lease_ttl_seconds: u64,
     /// Directories that paths in job specs must lie inside (default: the data dir).
     #[arg(long = "data-root", env = "CPT_DATA_ROOTS", value_delimiter = ',')]
     pub data_roots: Vec<PathBuf>,
@@ -35,8 +41,12 @@ impl Config {
         if self.data_roots.is_empty() {
             self.data_roots = vec![self.data_dir.clone()];
         }
-        if !self.bind.ip().is_loopback() && self.api_token.as_deref().is_none_or(str::is_empty) {
-            anyhow::bail!("binding {} beyond loopback needs --api-token (CPT_API_TOKEN)", self.bind);
+        let missing = |token: &Option<String>| token.as_deref().is_none_or(str::is_empty);
+        if !self.bind.ip().is_loopback() && (missing(&self.api_token) || missing(&self.worker_token)) {
+            anyhow::bail!("binding {} beyond loopback needs --api-token and --worker-token", self.bind);
+        }
+        if self.lease_ttl_seconds == 0 {
+            anyhow::bail!("--lease-ttl-seconds must be positive");
         }
         Ok(self)
     }

@@ -6,12 +6,26 @@ pub mod app;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod events;
 pub mod jobs;
+pub mod workers;
 
 use std::future::Future;
 use std::sync::Arc;
 
 pub use config::Config;
+
+/// Checks for expired leases several times per lease period.
+async fn expire_leases_forever(state: app::AppState) {
+    let period = std::time::Duration::from_millis((state.config.lease_ttl_seconds * 1000 / 4).max(100));
+    let mut ticks = tokio::time::interval(period);
+    loop {
+        ticks.tick().await;
+        if let Err(error) = workers::expire_leases(&state).await {
+            tracing::error!(%error, "expiring leases");
+        }
+    }
+}
 
 /// Serves the API on `listener` until `shutdown` completes, then drains in-flight requests.
 pub async fn launch(
@@ -21,9 +35,16 @@ pub async fn launch(
 ) -> anyhow::Result<()> {
     let config = config.finish()?;
     let pool = db::open(&config.data_dir).await?;
-    let state = app::AppState { pool: pool.clone(), config: Arc::new(config) };
+    let state = app::AppState {
+        pool: pool.clone(),
+        config: Arc::new(config),
+        queue: Arc::new(tokio::sync::Notify::new()),
+        events: tokio::sync::broadcast::channel(1024).0,
+    };
+    let expiry = tokio::spawn(expire_leases_forever(state.clone()));
     tracing::info!(address = %listener.local_addr()?, "cpt-server listening");
     axum::serve(listener, app::router(state)).with_graceful_shutdown(shutdown).await?;
+    expiry.abort();
     pool.close().await;
     Ok(())
 }

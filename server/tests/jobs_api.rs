@@ -1,92 +1,12 @@
 //! The jobs API over real HTTP against a real server on port 0 with a temporary SQLite file.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::Path;
+
+use common::{data_root, error_of, spec, Server};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
-
-struct Server {
-    base: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    client: reqwest::Client,
-    token: Option<String>,
-}
-
-impl Server {
-    async fn start(data_dir: &Path, roots: &Path, token: Option<&str>) -> Server {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let config = cpt_server::Config {
-            data_dir: data_dir.to_path_buf(),
-            bind: "127.0.0.1:0".parse().unwrap(),
-            api_token: token.map(str::to_string),
-            data_roots: vec![roots.to_path_buf()],
-            max_attempts: 3,
-            max_body_bytes: 64 * 1024,
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(cpt_server::launch(config, listener, async move {
-            let _ = stopped.await;
-        }));
-        let server =
-            Server { base, stop: Some(stop), task, client: reqwest::Client::new(), token: token.map(str::to_string) };
-        // The listener is bound before launch, so this first request waits in its backlog until
-        // the database is migrated and the server serves: no polling needed.
-        let ready = server.client.get(format!("{}/readyz", server.base)).send().await.unwrap();
-        assert_eq!(ready.status(), StatusCode::OK);
-        server
-    }
-
-    async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        self.task.await.unwrap().unwrap();
-    }
-
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let request = self.client.request(method, format!("{}{path}", self.base));
-        match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
-        }
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut request = self.request(method, path);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status();
-        let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-    }
-}
-
-/// A data root with a tiny model config and two "datasets" (manifests are all the API checks).
-fn data_root(dir: &Path) -> PathBuf {
-    let root = dir.join("root");
-    std::fs::create_dir_all(root.join("model")).unwrap();
-    let config = json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 32, "intermediate_size": 48,
-                        "num_hidden_layers": 2, "num_attention_heads": 4, "tie_word_embeddings": true});
-    std::fs::write(root.join("model/config.json"), config.to_string()).unwrap();
-    for name in ["domain", "general"] {
-        std::fs::create_dir_all(root.join(name)).unwrap();
-        std::fs::write(root.join(name).join("manifest.json"), "{}").unwrap();
-    }
-    root
-}
-
-fn spec(root: &Path, name: &str) -> Value {
-    let p = |n: &str| root.join(n).display().to_string();
-    json!({"name": name, "base_model": p("model"), "train_data": [{"dataset": p("domain")}, {"dataset": p("general"), "weight": 0.25}],
-           "eval_data": {"domain": p("domain")}, "seq_len": 64, "max_steps": 20, "lr": 1e-4, "warmup_steps": 2})
-}
-
-fn error_of(body: &Value) -> (&str, Option<&str>) {
-    (body["error"]["code"].as_str().unwrap(), body["error"]["field"].as_str())
-}
 
 use reqwest::Method;
 
@@ -256,6 +176,8 @@ fn binding_beyond_loopback_without_a_token_is_refused() {
         data_roots: vec![],
         max_attempts: 3,
         max_body_bytes: 1024,
+        worker_token: None,
+        lease_ttl_seconds: 30,
     };
     assert!(config.finish().unwrap_err().to_string().contains("--api-token"));
 }
@@ -274,7 +196,7 @@ async fn every_operation_in_openapi_yaml_is_served_and_the_document_is_served_as
     let paths = document["paths"].as_mapping().unwrap();
     let mut operations = 0;
     for (path, item) in paths {
-        let path = path.as_str().unwrap().replace("{id}", "no-such-job");
+        let path = path.as_str().unwrap().replace("{id}", "no-such-id");
         for method in item.as_mapping().unwrap().keys() {
             let method: Method = method.as_str().unwrap().to_uppercase().parse().unwrap();
             let response = server.request(method.clone(), &path).send().await.unwrap();
@@ -285,7 +207,7 @@ async fn every_operation_in_openapi_yaml_is_served_and_the_document_is_served_as
             operations += 1;
         }
     }
-    assert_eq!(operations, 8);
+    assert_eq!(operations, 15);
     let (status, error) = server.call(Method::GET, "/v1/nothing-here", None).await;
     assert_eq!((status, error_of(&error).0), (StatusCode::NOT_FOUND, "not_found"));
     server.stop().await;

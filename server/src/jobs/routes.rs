@@ -93,6 +93,7 @@ pub async fn create(
         idempotency_key: key,
     };
     let (job, created) = store::create(&app.pool, new).await?;
+    app.queue.notify_waiters();
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(job)).into_response())
 }
@@ -162,8 +163,9 @@ pub async fn resume(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -
         )));
     }
     let also = [("error", None), ("attempt", Some("0".to_string()))];
-    store::transition(&app.pool, &id, job.state, JobState::Queued, &also)
+    let job = store::transition(&app.pool, &id, job.state, JobState::Queued, &also)
         .await
-        .map(Json)
-        .map_err(|e| refused(e, &id, "resume"))
+        .map_err(|e| refused(e, &id, "resume"))?;
+    app.queue.notify_waiters();
+    Ok(Json(job))
 }

@@ -1,0 +1,102 @@
+//! A real cpt-server on port 0 with a temporary SQLite file, and a data root with a tiny model.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+pub struct Server {
+    pub base: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub client: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Server {
+    pub async fn start(data_dir: &Path, roots: &Path, token: Option<&str>) -> Server {
+        Self::start_with(data_dir, roots, token, None, 30).await
+    }
+
+    pub async fn start_with(
+        data_dir: &Path,
+        roots: &Path,
+        token: Option<&str>,
+        worker_token: Option<&str>,
+        lease_ttl_seconds: u64,
+    ) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let config = cpt_server::Config {
+            data_dir: data_dir.to_path_buf(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            api_token: token.map(str::to_string),
+            data_roots: vec![roots.to_path_buf()],
+            max_attempts: 3,
+            max_body_bytes: 64 * 1024,
+            worker_token: worker_token.map(str::to_string),
+            lease_ttl_seconds,
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(cpt_server::launch(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        let server =
+            Server { base, stop: Some(stop), task, client: reqwest::Client::new(), token: token.map(str::to_string) };
+        // The listener is bound before launch, so this first request waits in its backlog until
+        // the database is migrated and the server serves: no polling needed.
+        let ready = server.client.get(format!("{}/readyz", server.base)).send().await.unwrap();
+        assert_eq!(ready.status(), StatusCode::OK);
+        server
+    }
+
+    pub async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.client.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut request = self.request(method, path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+}
+
+/// A data root with a tiny model config and two "datasets" (manifests are all the API checks).
+pub fn data_root(dir: &Path) -> PathBuf {
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("model")).unwrap();
+    let config = json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 32, "intermediate_size": 48,
+                        "num_hidden_layers": 2, "num_attention_heads": 4, "tie_word_embeddings": true});
+    std::fs::write(root.join("model/config.json"), config.to_string()).unwrap();
+    for name in ["domain", "general"] {
+        std::fs::create_dir_all(root.join(name)).unwrap();
+        std::fs::write(root.join(name).join("manifest.json"), "{}").unwrap();
+    }
+    root
+}
+
+pub fn spec(root: &Path, name: &str) -> Value {
+    let p = |n: &str| root.join(n).display().to_string();
+    json!({"name": name, "base_model": p("model"), "train_data": [{"dataset": p("domain")}, {"dataset": p("general"), "weight": 0.25}],
+           "eval_data": {"domain": p("domain")}, "seq_len": 64, "max_steps": 20, "lr": 1e-4, "warmup_steps": 2})
+}
+
+pub fn error_of(body: &Value) -> (&str, Option<&str>) {
+    (body["error"]["code"].as_str().unwrap(), body["error"]["field"].as_str())
+}
