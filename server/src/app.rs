@@ -26,6 +26,7 @@ pub struct AppState {
     pub queue: Arc<tokio::sync::Notify>,
     /// Every newly stored event, for SSE subscribers.
     pub events: tokio::sync::broadcast::Sender<StoredEvent>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The OpenAPI description served at `/openapi.yaml`, and checked against the router by tests.
@@ -104,9 +105,11 @@ pub fn router(state: AppState) -> Router {
         .merge(worker)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(crate::metrics::scrape))
         .route("/openapi.yaml", get(|| async { ([("content-type", "application/yaml")], OPENAPI) }))
         .fallback(not_found)
         .layer(RequestBodyLimitLayer::new(state.config.max_body_bytes))
         .layer(middleware::map_response(json_errors))
+        .layer(middleware::from_fn_with_state(state.clone(), crate::metrics::track_http))
         .with_state(state)
 }

@@ -24,6 +24,9 @@ pub struct Config {
     /// A leased job whose worker has not heartbeated for this long is requeued.
     #[arg(long, env = "CPT_LEASE_TTL_SECONDS", default_value_t = 30)]
     pub lease_ttl_seconds: u64,
+    /// A finished job's Prometheus series are kept this long, then dropped.
+    #[arg(long, env = "CPT_METRICS_RETENTION_SECONDS", default_value_t = 600)]
+    pub metrics_retention_seconds: u64,
     /// Directories that paths in job specs must lie inside (default: the data dir).
     #[arg(long = "data-root", env = "CPT_DATA_ROOTS", value_delimiter = ',')]
     pub data_roots: Vec<PathBuf>,

@@ -108,6 +108,7 @@ pub async fn ingest(
     let duplicates = parsed.len() - stored.len();
     let count = stored.len();
     for event in stored {
+        app.metrics.observe(&event, &job.name);
         // No subscriber is fine: the events are in the database for whoever asks later.
         let _ = app.events.send(event);
     }

@@ -8,6 +8,7 @@ pub mod db;
 pub mod error;
 pub mod events;
 pub mod jobs;
+pub mod metrics;
 pub mod workers;
 
 use std::future::Future;
@@ -40,6 +41,7 @@ pub async fn launch(
         config: Arc::new(config),
         queue: Arc::new(tokio::sync::Notify::new()),
         events: tokio::sync::broadcast::channel(1024).0,
+        metrics: Arc::new(metrics::Metrics::new()),
     };
     let expiry = tokio::spawn(expire_leases_forever(state.clone()));
     tracing::info!(address = %listener.local_addr()?, "cpt-server listening");

@@ -178,6 +178,7 @@ fn binding_beyond_loopback_without_a_token_is_refused() {
         max_body_bytes: 1024,
         worker_token: None,
         lease_ttl_seconds: 30,
+        metrics_retention_seconds: 600,
     };
     assert!(config.finish().unwrap_err().to_string().contains("--api-token"));
 }
@@ -207,7 +208,7 @@ async fn every_operation_in_openapi_yaml_is_served_and_the_document_is_served_as
             operations += 1;
         }
     }
-    assert_eq!(operations, 15);
+    assert_eq!(operations, 16);
     let (status, error) = server.call(Method::GET, "/v1/nothing-here", None).await;
     assert_eq!((status, error_of(&error).0), (StatusCode::NOT_FOUND, "not_found"));
     server.stop().await;

@@ -209,3 +209,46 @@ async fn worker_endpoints_need_the_worker_token() {
     assert_eq!(response.status(), StatusCode::CREATED);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_show_training_series_job_and_worker_counts_and_pass_promtool() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = data_root(tmp.path());
+    let server = Server::start(&tmp.path().join("data"), &root, None).await;
+    let worker = register(&server).await;
+    let id = submit(&server, &root, "metrics-job").await;
+    lease(&server, &worker, 0).await;
+    let batch = json!({"job_id": id, "attempt": 1, "events": [step_event(0, 1), step_event(1, 2),
+        {"seq": 2, "kind": "eval", "set": "general", "loss": 3.0, "perplexity": 20.0855}]});
+    server.call(Method::POST, &format!("/v1/workers/{worker}/events"), Some(batch)).await;
+    let text = server.request(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
+    for expected in [
+        format!("cpt_train_loss{{job_id=\"{id}\"}} 2.5"),
+        format!("cpt_tokens_total{{job_id=\"{id}\"}} 128"),
+        format!("cpt_eval_perplexity{{job_id=\"{id}\",set=\"general\"}} 20.0855"),
+        format!("cpt_job_info{{job_id=\"{id}\",name=\"metrics-job\"}} 1"),
+        "cpt_jobs{state=\"running\"} 1".to_string(),
+        "cpt_workers{state=\"active\"} 1".to_string(),
+        "cpt_http_requests_total{method=\"POST\",route=\"/v1/workers/{id}/events\",status=\"200\"} 1".to_string(),
+    ] {
+        assert!(text.contains(&expected), "missing `{expected}` in\n{text}");
+    }
+    // promtool (Debian's prometheus package; scripts/test.sh installs it) accepts the exposition.
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (apt-get install prometheus)");
+    use std::io::Write;
+    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    server.stop().await;
+}

@@ -38,6 +38,7 @@ impl Server {
             max_body_bytes: 64 * 1024,
             worker_token: worker_token.map(str::to_string),
             lease_ttl_seconds,
+            metrics_retention_seconds: 600,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(cpt_server::launch(config, listener, async move {
