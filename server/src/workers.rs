@@ -159,13 +159,15 @@ pub async fn finish(
         return Err(ApiError::conflict(format!("job {} is not leased by worker {worker}", body.job_id)));
     }
     let also = [("error", body.error.clone()), ("lease_expires_at", None)];
-    crate::metrics::forget_later(&app, job.id.clone());
-    store::transition(&app.pool, &job.id, job.state, body.outcome, &also).await.map(Json).map_err(|e| match e {
-        TransitionOutcome::Database(e) => ApiError::internal(e),
-        TransitionOutcome::Refused(_) => {
-            ApiError::conflict(format!("job {} cannot become {}", job.id, body.outcome.as_str()))
-        }
-    })
+    let finished =
+        store::transition(&app.pool, &job.id, job.state, body.outcome, &also).await.map_err(|e| match e {
+            TransitionOutcome::Database(e) => ApiError::internal(e),
+            TransitionOutcome::Refused(_) => {
+                ApiError::conflict(format!("job {} cannot become {}", job.id, body.outcome.as_str()))
+            }
+        })?;
+    crate::metrics::forget_later(&app, job.id);
+    Ok(Json(finished))
 }
 
 /// Requeues (attempt + 1 on the next lease) or fails the running jobs whose lease expired, and
