@@ -85,6 +85,21 @@ enum Command {
         #[arg(long)]
         save_logits: Option<PathBuf>,
     },
+    /// Lease jobs from a cpt-server and run them until stopped.
+    Run {
+        /// The server's base URL, e.g. http://127.0.0.1:8080.
+        #[arg(long, env = "CPT_SERVER")]
+        server: String,
+        /// The server's worker token.
+        #[arg(long, env = "CPT_WORKER_TOKEN")]
+        token: Option<String>,
+        /// A name shown in the server's worker list.
+        #[arg(long, default_value = "cpu-worker")]
+        name: String,
+        /// Where run directories (checkpoints, events) are kept: <data-dir>/runs/<job-id>.
+        #[arg(long, env = "CPT_DATA_DIR", default_value = "cpt-data")]
+        data_dir: PathBuf,
+    },
     /// Run a job spec standalone; events go to <run-dir>/events.jsonl.
     Train {
         /// A job spec (JSON, the schema of `POST /v1/jobs`).
@@ -182,6 +197,13 @@ impl Cli {
                     cpt_train::params::write_safetensors(&path, &tensors)?;
                 }
                 println!("{}", serde_json::to_string(&result)?);
+            }
+            Command::Run { server, token, name, data_dir } => {
+                let config = crate::serve::WorkerConfig { server, token, name, data_dir };
+                tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(crate::serve::run(config))?;
             }
             Command::Train { spec, run_dir, resume, stop_after_steps } => {
                 crate::run_local::train_command(&spec, &run_dir, resume, stop_after_steps)?;

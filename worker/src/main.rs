@@ -2,6 +2,7 @@
 
 mod cli;
 mod run_local;
+mod serve;
 
 use clap::Parser;
 

@@ -1,0 +1,179 @@
+//! `cpt-worker run`: lease jobs from a cpt-server and run them, streaming events back.
+//!
+//! Training runs on a dedicated thread (it is plain blocking code); the async side heartbeats (and
+//! turns a cancel request into the training's stop flag) and posts events in ordered batches,
+//! retrying with backoff until the server has them, so a network blip loses nothing.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use cpt_protocol::{Event, JobSpec};
+use cpt_train::{train, RunOptions, StopFlag};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+/// How to reach the server and where to keep run directories.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    pub server: String,
+    pub token: Option<String>,
+    pub name: String,
+    pub data_dir: PathBuf,
+}
+
+struct Client {
+    http: reqwest::Client,
+    config: WorkerConfig,
+}
+
+impl Client {
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        let request = self.http.post(format!("{}{path}", self.config.server.trim_end_matches('/')));
+        match &self.config.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// POSTs `body` until the server answers, backing off up to 30 s between tries.
+    async fn post_retrying(&self, path: &str, body: &Value) -> reqwest::Response {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.post(path).json(body).send().await {
+                Ok(response) if !response.status().is_server_error() => return response,
+                Ok(response) => tracing::warn!(status = %response.status(), path, "server error; retrying"),
+                Err(error) => tracing::warn!(%error, path, "server unreachable; retrying"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+}
+
+/// Registers, then leases and runs jobs until the process is stopped.
+pub async fn run(config: WorkerConfig) -> Result<()> {
+    let client = Client { http: reqwest::Client::new(), config };
+    let registration = client.post_retrying("/v1/workers", &json!({"name": client.config.name, "device": "cpu"})).await;
+    if !registration.status().is_success() {
+        bail!("registering with {}: {}", client.config.server, registration.text().await.unwrap_or_default());
+    }
+    let registration: Value = registration.json().await?;
+    let worker = registration["worker_id"].as_str().context("no worker_id in the registration")?.to_string();
+    let heartbeat = Duration::from_secs(registration["heartbeat_interval_seconds"].as_u64().unwrap_or(10).max(1));
+    tracing::info!(worker, server = client.config.server, "registered");
+    loop {
+        let response = client.post_retrying(&format!("/v1/workers/{worker}/lease?wait_seconds=30"), &json!({})).await;
+        if response.status() == reqwest::StatusCode::NO_CONTENT {
+            continue;
+        }
+        if !response.status().is_success() {
+            bail!("leasing: {}", response.text().await.unwrap_or_default());
+        }
+        let job: Value = response.json().await?;
+        run_job(&client, &worker, job, heartbeat).await;
+    }
+}
+
+/// Runs one leased job to its end and reports it.
+async fn run_job(client: &Client, worker: &str, job: Value, heartbeat: Duration) {
+    let id = job["id"].as_str().unwrap_or_default().to_string();
+    let attempt = job["attempt"].as_i64().unwrap_or(1);
+    tracing::info!(job = id, attempt, "running");
+    let spec: Result<JobSpec, _> = serde_json::from_value(job["spec"].clone());
+    let (events, mut received) = mpsc::unbounded_channel::<Event>();
+    let stop = StopFlag::default();
+    let training = match spec {
+        Ok(spec) => {
+            let run_dir = client.config.data_dir.join("runs").join(&id);
+            let stop = stop.clone();
+            // A checkpoint in the run directory means an earlier attempt: resume from it exactly.
+            let options = RunOptions { resume: true, stop_after_steps: None, device: Device::Cpu };
+            std::thread::spawn(move || {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    train(&spec, &run_dir, &options, &stop, |event| {
+                        let _ = events.send(event);
+                    })
+                }));
+                match outcome {
+                    Ok(result) => result.map_err(|e| format!("{e:#}")),
+                    Err(panic) => Err(format!("training panicked: {}", panic_message(&panic))),
+                }
+            })
+        }
+        Err(error) => std::thread::spawn(move || Err(format!("the job's spec does not parse: {error}"))),
+    };
+
+    let mut seq = 0u64;
+    let mut cancelled = false;
+    let mut lease_lost = false;
+    let mut beat = tokio::time::interval(heartbeat);
+    loop {
+        tokio::select! {
+            event = received.recv() => {
+                let Some(event) = event else { break };
+                // Batch what is already waiting, keeping order.
+                let mut batch = vec![event];
+                while let Ok(more) = received.try_recv() {
+                    batch.push(more);
+                }
+                let events: Vec<Value> = batch
+                    .iter()
+                    .map(|e| {
+                        let mut value = serde_json::to_value(e).unwrap_or(Value::Null);
+                        value["seq"] = seq.into();
+                        value["time"] = now_ms().into();
+                        seq += 1;
+                        value
+                    })
+                    .collect();
+                let body = json!({"job_id": id, "attempt": attempt, "events": events});
+                let response = client.post_retrying(&format!("/v1/workers/{worker}/events"), &body).await;
+                if response.status() == reqwest::StatusCode::CONFLICT {
+                    lease_lost = true;
+                    stop.stop();
+                }
+            }
+            _ = beat.tick() => {
+                let response = client.post_retrying(&format!("/v1/workers/{worker}/heartbeat"), &json!({"job_id": id})).await;
+                if response.status() == reqwest::StatusCode::CONFLICT {
+                    lease_lost = true;
+                    stop.stop();
+                } else if let Ok(answer) = response.json::<Value>().await {
+                    if answer["cancel"] == true && !cancelled {
+                        tracing::info!(job = id, "cancel requested: checkpointing");
+                        cancelled = true;
+                        stop.stop();
+                    }
+                }
+            }
+        }
+    }
+    // The channel closed: training returned and every event has been posted.
+    let result = training.join().unwrap_or_else(|_| Err("the training thread died".into()));
+    if lease_lost {
+        tracing::warn!(job = id, "the lease was lost; the job continues elsewhere");
+        return;
+    }
+    let (outcome, error) = match result {
+        Ok(_) if cancelled => ("cancelled", None),
+        Ok(_) => ("succeeded", None),
+        Err(message) => ("failed", Some(message)),
+    };
+    let body = json!({"job_id": id, "outcome": outcome, "error": error});
+    let response = client.post_retrying(&format!("/v1/workers/{worker}/finish"), &body).await;
+    tracing::info!(job = id, outcome, status = %response.status(), "finished");
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}

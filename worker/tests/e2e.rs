@@ -1,0 +1,201 @@
+//! End to end: a real cpt-server (in process, real HTTP on port 0, SQLite file) and the real
+//! `cpt-worker run` binary training a tiny model: success, then cancel → resume with weights
+//! bit-identical to an uninterrupted run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+fn worker_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cpt-worker"))
+}
+
+fn succeed(args: &[&str]) {
+    let output = worker_bin().args(args).output().unwrap();
+    assert!(output.status.success(), "cpt-worker {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+fn assets() -> PathBuf {
+    std::env::var_os("CPT_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cpt/assets"))
+}
+
+/// A tiny model with SmolLM2's tokenizer and a dataset of the English fixture, under `root`.
+fn prepare_inputs(root: &Path) {
+    let smol = root.join("smollm2");
+    let gguf = assets().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    succeed(&["import", gguf.to_str().unwrap(), "--out", smol.to_str().unwrap()]);
+    let config = json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64,
+        "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2});
+    std::fs::write(root.join("config.json"), config.to_string()).unwrap();
+    let tokenizer = smol.join("tokenizer.json");
+    let p = |name: &str| root.join(name).display().to_string();
+    succeed(&["init", "--config", &p("config.json"), "--tokenizer", tokenizer.to_str().unwrap(), "--out", &p("tiny")]);
+    std::fs::write(root.join("prepare.json"), r#"{"validation_fraction": 0.0}"#).unwrap();
+    let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/english.txt");
+    succeed(&[
+        "prepare",
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--input",
+        text.to_str().unwrap(),
+        "--out",
+        &p("data"),
+        "--seq-len",
+        "16",
+        "--config",
+        &p("prepare.json"),
+    ]);
+}
+
+fn spec(root: &Path, steps: u64) -> Value {
+    let p = |name: &str| root.join(name).display().to_string();
+    json!({"name": "e2e", "base_model": p("tiny"), "train_data": [{"dataset": p("data")}], "seq_len": 16,
+           "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 2, "max_steps": steps, "checkpoint_every": 50,
+           "eval_every": 0})
+}
+
+struct Harness {
+    base: String,
+    http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    worker: Child,
+}
+
+impl Harness {
+    async fn start(root: &Path) -> Harness {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let config = cpt_server::Config {
+            data_dir: root.join("server"),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            api_token: None,
+            worker_token: None,
+            lease_ttl_seconds: 3,
+            data_roots: vec![root.to_path_buf()],
+            max_attempts: 3,
+            max_body_bytes: 1 << 20,
+            metrics_retention_seconds: 600,
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(cpt_server::launch(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        let worker = worker_bin()
+            .args(["run", "--server", &base, "--data-dir", root.join("worker").to_str().unwrap(), "--name", "e2e"])
+            .env("CPT_LOG", "warn")
+            .spawn()
+            .unwrap();
+        Harness { base, http: reqwest::Client::new(), stop: Some(stop), server, worker }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        self.http.post(format!("{}{path}", self.base)).json(&body).send().await.unwrap().json().await.unwrap()
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        self.http.get(format!("{}{path}", self.base)).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// Reads the job's SSE stream until `until` says stop or the stream ends (the job ended); a
+    /// job that takes over five minutes fails the test rather than hanging it.
+    async fn follow(&self, id: &str, mut until: impl FnMut(&str) -> bool) {
+        let read = async {
+            let mut response = self.http.get(format!("{}/v1/jobs/{id}/events/stream", self.base)).send().await.unwrap();
+            let mut text = String::new();
+            while let Some(chunk) = response.chunk().await.unwrap() {
+                text.push_str(&String::from_utf8_lossy(&chunk));
+                if until(&text) {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(300), read)
+            .await
+            .expect("the job ended within five minutes");
+    }
+
+    async fn stop(mut self) {
+        // The worker first: its long-poll lease would otherwise hold the graceful shutdown open.
+        let _ = self.worker.kill();
+        let _ = self.worker.wait();
+        self.stop.take().unwrap().send(()).unwrap();
+        let server = std::mem::replace(&mut self.server, tokio::spawn(async { Ok(()) }));
+        server.await.unwrap().unwrap();
+    }
+}
+
+impl Drop for Harness {
+    /// The worker is a child process: never leave it running, even when an assertion failed.
+    fn drop(&mut self) {
+        let _ = self.worker.kill();
+        let _ = self.worker.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_runs_on_a_worker_and_a_cancelled_one_resumes_to_identical_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    tokio::task::block_in_place(|| prepare_inputs(root));
+    let harness = Harness::start(root).await;
+
+    // A short job succeeds; every step event is stored once and metrics see it.
+    let job = harness.post("/v1/jobs", spec(root, 6)).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    harness.follow(&id, |_| false).await;
+    let job = harness.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["progress"]["step"], 6);
+    let steps = harness.get(&format!("/v1/jobs/{id}/events?kind=step")).await;
+    let numbers: Vec<u64> =
+        steps["events"].as_array().unwrap().iter().map(|e| e["data"]["step"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, (1..=6).collect::<Vec<_>>());
+    let metrics = harness.http.get(format!("{}/metrics", harness.base)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(&format!("cpt_train_loss{{job_id=\"{id}\"}}")), "{metrics}");
+    assert!(root.join(format!("worker/runs/{id}/checkpoints/step-6/model.safetensors")).exists());
+
+    // A long job is cancelled mid-run: it checkpoints and stops; resumed, it finishes.
+    let steps_total = 300;
+    let job = harness.post("/v1/jobs", spec(root, steps_total)).await;
+    let long = job["id"].as_str().unwrap().to_string();
+    harness.follow(&long, |text| text.contains("event: step")).await;
+    let cancelling = harness.post(&format!("/v1/jobs/{long}/cancel"), json!({})).await;
+    assert_eq!(cancelling["state"], "cancelling", "{cancelling}");
+    harness.follow(&long, |_| false).await;
+    let job = harness.get(&format!("/v1/jobs/{long}")).await;
+    assert_eq!(job["state"], "cancelled", "{job}");
+    let stopped_at = job["progress"]["step"].as_u64().unwrap();
+    assert!(stopped_at < steps_total, "the cancel landed after the end ({stopped_at})");
+    let run = root.join(format!("worker/runs/{long}"));
+    assert!(run.join(format!("checkpoints/step-{stopped_at}")).exists(), "a checkpoint at the cancelled step");
+    let resumed = harness.post(&format!("/v1/jobs/{long}/resume"), json!({})).await;
+    assert_eq!(resumed["state"], "queued");
+    harness.follow(&long, |_| false).await;
+    assert_eq!(harness.get(&format!("/v1/jobs/{long}")).await["state"], "succeeded");
+    harness.stop().await;
+
+    // The same spec run without interruption gives the same bytes.
+    std::fs::write(root.join("spec.json"), spec(root, steps_total).to_string()).unwrap();
+    let reference = root.join("reference");
+    tokio::task::block_in_place(|| {
+        succeed(&[
+            "train",
+            "--spec",
+            root.join("spec.json").to_str().unwrap(),
+            "--run-dir",
+            reference.to_str().unwrap(),
+        ])
+    });
+    let final_step = format!("checkpoints/step-{steps_total}/model.safetensors");
+    assert_eq!(
+        std::fs::read(run.join(&final_step)).unwrap(),
+        std::fs::read(reference.join(&final_step)).unwrap(),
+        "cancel + resume must end with the uninterrupted run's weights"
+    );
+}
