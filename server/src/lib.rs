@@ -36,6 +36,13 @@ pub async fn launch(
 ) -> anyhow::Result<()> {
     let config = config.finish()?;
     let pool = db::open(&config.data_dir).await?;
+    // Workers kept running while the server was down: give every lease a full period to check in
+    // before expiry can requeue a job that is still training.
+    let grace = jobs::store::now_ms() + config.lease_ttl_seconds as i64 * 1000;
+    sqlx::query("UPDATE jobs SET lease_expires_at = MAX(lease_expires_at, ?) WHERE state IN ('running', 'cancelling')")
+        .bind(grace)
+        .execute(&pool)
+        .await?;
     let state = app::AppState {
         pool: pool.clone(),
         config: Arc::new(config),

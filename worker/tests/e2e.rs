@@ -59,8 +59,39 @@ fn spec(root: &Path, steps: u64) -> Value {
            "eval_every": 0})
 }
 
+fn serve(
+    root: &Path,
+    listener: tokio::net::TcpListener,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let config = cpt_server::Config {
+        data_dir: root.join("server"),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        api_token: None,
+        worker_token: None,
+        lease_ttl_seconds: 3,
+        data_roots: vec![root.to_path_buf()],
+        max_attempts: 3,
+        max_body_bytes: 1 << 20,
+        metrics_retention_seconds: 600,
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(cpt_server::launch(config, listener, async move {
+        let _ = stopped.await;
+    }));
+    (stop, server)
+}
+
+fn spawn_worker(root: &Path, base: &str) -> Child {
+    worker_bin()
+        .args(["run", "--server", base, "--data-dir", root.join("worker").to_str().unwrap(), "--name", "e2e"])
+        .env("CPT_LOG", "warn")
+        .spawn()
+        .unwrap()
+}
+
 struct Harness {
     base: String,
+    address: std::net::SocketAddr,
     http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -70,28 +101,28 @@ struct Harness {
 impl Harness {
     async fn start(root: &Path) -> Harness {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let config = cpt_server::Config {
-            data_dir: root.join("server"),
-            bind: "127.0.0.1:0".parse().unwrap(),
-            api_token: None,
-            worker_token: None,
-            lease_ttl_seconds: 3,
-            data_roots: vec![root.to_path_buf()],
-            max_attempts: 3,
-            max_body_bytes: 1 << 20,
-            metrics_retention_seconds: 600,
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(cpt_server::launch(config, listener, async move {
-            let _ = stopped.await;
-        }));
-        let worker = worker_bin()
-            .args(["run", "--server", &base, "--data-dir", root.join("worker").to_str().unwrap(), "--name", "e2e"])
-            .env("CPT_LOG", "warn")
-            .spawn()
-            .unwrap();
-        Harness { base, http: reqwest::Client::new(), stop: Some(stop), server, worker }
+        let address = listener.local_addr().unwrap();
+        let base = format!("http://{address}");
+        let (stop, server) = serve(root, listener);
+        let worker = spawn_worker(root, &base);
+        Harness { base, address, http: reqwest::Client::new(), stop: Some(stop), server, worker }
+    }
+
+    /// Stops the server (the worker keeps training) and starts it again on the same address.
+    async fn restart_server(&mut self, root: &Path) {
+        self.stop.take().unwrap().send(()).unwrap();
+        let old = std::mem::replace(&mut self.server, tokio::spawn(async { Ok(()) }));
+        old.await.unwrap().unwrap();
+        let listener = tokio::net::TcpListener::bind(self.address).await.unwrap();
+        let (stop, server) = serve(root, listener);
+        (self.stop, self.server) = (Some(stop), server);
+    }
+
+    /// Kills the worker as `kill -9` would and starts a fresh one.
+    fn crash_worker(&mut self, root: &Path) {
+        self.worker.kill().unwrap();
+        self.worker.wait().unwrap();
+        self.worker = spawn_worker(root, &self.base);
     }
 
     async fn post(&self, path: &str, body: Value) -> Value {
@@ -197,5 +228,69 @@ async fn a_job_runs_on_a_worker_and_a_cancelled_one_resumes_to_identical_weights
         std::fs::read(run.join(&final_step)).unwrap(),
         std::fs::read(reference.join(&final_step)).unwrap(),
         "cancel + resume must end with the uninterrupted run's weights"
+    );
+}
+
+fn steps_by_attempt(events: &Value) -> Vec<(i64, u64)> {
+    events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["attempt"].as_i64().unwrap(), e["data"]["step"].as_u64().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_and_a_restarted_server_lose_nothing_and_change_no_weight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    tokio::task::block_in_place(|| prepare_inputs(root));
+    let mut harness = Harness::start(root).await;
+    let steps_total = 200;
+    let mut spec = spec(root, steps_total);
+    spec["checkpoint_every"] = json!(20);
+    let job = harness.post("/v1/jobs", spec.clone()).await;
+    let id = job["id"].as_str().unwrap().to_string();
+
+    // kill -9 after the first checkpoint: the lease expires and a new worker resumes from it.
+    harness.follow(&id, |text| text.contains("event: checkpoint")).await;
+    harness.crash_worker(root);
+    // The server goes away for a moment while the new attempt trains; its events wait and arrive.
+    let into_second_attempt = |text: &str| {
+        text.matches("event: started").count() >= 2
+            && text.rsplit("event: started").next().is_some_and(|tail| tail.matches("event: step").count() >= 5)
+    };
+    harness.follow(&id, into_second_attempt).await;
+    harness.restart_server(root).await;
+    harness.follow(&id, |_| false).await;
+
+    let job = harness.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!((job["state"].as_str(), job["attempt"].as_i64()), (Some("succeeded"), Some(2)), "{job}");
+    let steps = harness.get(&format!("/v1/jobs/{id}/events?kind=step&limit=1000")).await;
+    let steps = steps_by_attempt(&steps);
+    let second: Vec<u64> = steps.iter().filter(|(a, _)| *a == 2).map(|(_, s)| *s).collect();
+    let first: Vec<u64> = steps.iter().filter(|(a, _)| *a == 1).map(|(_, s)| *s).collect();
+    assert_eq!(first, (1..=first.len() as u64).collect::<Vec<_>>(), "attempt 1: each step once, in order");
+    let resumed_from = second[0] - 1;
+    assert!(resumed_from % 20 == 0 && resumed_from >= 20, "attempt 2 starts after a checkpoint, not at {resumed_from}");
+    assert_eq!(second, (resumed_from + 1..=steps_total).collect::<Vec<_>>(), "attempt 2: every step once, none lost");
+    harness.stop().await;
+
+    std::fs::write(root.join("spec.json"), spec.to_string()).unwrap();
+    let reference = root.join("reference");
+    tokio::task::block_in_place(|| {
+        succeed(&[
+            "train",
+            "--spec",
+            root.join("spec.json").to_str().unwrap(),
+            "--run-dir",
+            reference.to_str().unwrap(),
+        ])
+    });
+    let final_step = format!("checkpoints/step-{steps_total}/model.safetensors");
+    assert_eq!(
+        std::fs::read(root.join(format!("worker/runs/{id}")).join(&final_step)).unwrap(),
+        std::fs::read(reference.join(&final_step)).unwrap(),
+        "a crash and a server restart must not change the result"
     );
 }
