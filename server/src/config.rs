@@ -24,6 +24,12 @@ pub struct Config {
     /// A leased job whose worker has not heartbeated for this long is requeued.
     #[arg(long, env = "CPT_LEASE_TTL_SECONDS", default_value_t = 30)]
     pub lease_ttl_seconds: u64,
+    /// `cpt-worker run` processes to start and keep running (0: remote workers only).
+    #[arg(long, env = "CPT_LOCAL_WORKERS", default_value_t = 1)]
+    pub local_workers: usize,
+    /// The cpt-worker binary for local workers (default: the one beside cpt-server).
+    #[arg(long, env = "CPT_WORKER_BINARY")]
+    pub worker_binary: Option<PathBuf>,
     /// A finished job's Prometheus series are kept this long, then dropped.
     #[arg(long, env = "CPT_METRICS_RETENTION_SECONDS", default_value_t = 600)]
     pub metrics_retention_seconds: u64,

@@ -8,6 +8,7 @@ pub mod db;
 pub mod error;
 pub mod events;
 pub mod jobs;
+pub mod local_workers;
 pub mod metrics;
 pub mod workers;
 
@@ -51,8 +52,24 @@ pub async fn launch(
         metrics: Arc::new(metrics::Metrics::new()),
     };
     let expiry = tokio::spawn(expire_leases_forever(state.clone()));
-    tracing::info!(address = %listener.local_addr()?, "cpt-server listening");
+    let address = listener.local_addr()?;
+    let (stop_workers, workers_stopped) = tokio::sync::watch::channel(false);
+    let local = local_workers::LocalWorkers {
+        count: state.config.local_workers,
+        binary: state.config.worker_binary.clone().unwrap_or_else(local_workers::default_binary),
+        server_url: format!("http://{address}"),
+        data_dir: state.config.data_dir.clone(),
+        worker_token: state.config.worker_token.clone(),
+    };
+    let supervisor = tokio::spawn(local_workers::supervise(local, workers_stopped));
+    tracing::info!(%address, "cpt-server listening");
+    // Local workers stop first: their long-poll leases would otherwise hold the shutdown open.
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_workers.send(true);
+    };
     axum::serve(listener, app::router(state)).with_graceful_shutdown(shutdown).await?;
+    let _ = supervisor.await;
     expiry.abort();
     pool.close().await;
     Ok(())

@@ -179,6 +179,8 @@ fn binding_beyond_loopback_without_a_token_is_refused() {
         worker_token: None,
         lease_ttl_seconds: 30,
         metrics_retention_seconds: 600,
+        local_workers: 0,
+        worker_binary: None,
     };
     assert!(config.finish().unwrap_err().to_string().contains("--api-token"));
 }

@@ -66,7 +66,7 @@ def server(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     process = subprocess.Popen([str(SERVER), "--data-dir", str(tmp_path / "db"), "--bind", f"127.0.0.1:{port}",
-                                "--data-root", str(root)], stderr=subprocess.DEVNULL)
+                                "--data-root", str(root), "--local-workers", "0"], stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(500):
         try:

@@ -63,6 +63,14 @@ fn serve(
     root: &Path,
     listener: tokio::net::TcpListener,
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    serve_with(root, listener, 0)
+}
+
+fn serve_with(
+    root: &Path,
+    listener: tokio::net::TcpListener,
+    local_workers: usize,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let config = cpt_server::Config {
         data_dir: root.join("server"),
         bind: "127.0.0.1:0".parse().unwrap(),
@@ -73,6 +81,8 @@ fn serve(
         max_attempts: 3,
         max_body_bytes: 1 << 20,
         metrics_retention_seconds: 600,
+        local_workers,
+        worker_binary: Some(env!("CARGO_BIN_EXE_cpt-worker").into()),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(cpt_server::launch(config, listener, async move {
@@ -293,4 +303,29 @@ async fn a_killed_worker_and_a_restarted_server_lose_nothing_and_change_no_weigh
         std::fs::read(reference.join(&final_step)).unwrap(),
         "a crash and a server restart must not change the result"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedded_default_runs_jobs_on_the_local_worker_it_supervises() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    tokio::task::block_in_place(|| prepare_inputs(root));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, server) = serve_with(root, listener, 1);
+    let http = reqwest::Client::new();
+    let job: Value =
+        http.post(format!("{base}/v1/jobs")).json(&spec(root, 4)).send().await.unwrap().json().await.unwrap();
+    let id = job["id"].as_str().unwrap();
+    let stream = http.get(format!("{base}/v1/jobs/{id}/events/stream")).send().await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(300), stream.bytes())
+        .await
+        .expect("the job ended in time")
+        .unwrap();
+    let job: Value = http.get(format!("{base}/v1/jobs/{id}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(job["worker_id"].is_string());
+    assert!(root.join(format!("server/runs/{id}/checkpoints/step-4/model.safetensors")).exists());
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
 }

@@ -39,6 +39,8 @@ impl Server {
             worker_token: worker_token.map(str::to_string),
             lease_ttl_seconds,
             metrics_retention_seconds: 600,
+            local_workers: 0,
+            worker_binary: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(cpt_server::launch(config, listener, async move {
