@@ -147,8 +147,8 @@ pub async fn finish(
     Json(body): Json<Finish>,
 ) -> Result<Json<store::Job>, ApiError> {
     touch(&app, &worker).await?;
-    if !body.outcome.is_terminal() {
-        return Err(ApiError::invalid_field("outcome", "must be succeeded, failed or cancelled"));
+    if !(body.outcome.is_terminal() || body.outcome == JobState::Queued) {
+        return Err(ApiError::invalid_field("outcome", "must be succeeded, failed, cancelled or queued"));
     }
     let job = store::get(&app.pool, &body.job_id)
         .await?
@@ -158,7 +158,12 @@ pub async fn finish(
     {
         return Err(ApiError::conflict(format!("job {} is not leased by worker {worker}", body.job_id)));
     }
-    let also = [("error", body.error.clone()), ("lease_expires_at", None)];
+    // `queued` releases a running job (its worker is shutting down after a checkpoint): another
+    // worker resumes it at once instead of after the lease expires.
+    let mut also = vec![("error", body.error.clone()), ("lease_expires_at", None)];
+    if body.outcome == JobState::Queued {
+        also.push(("worker_id", None));
+    }
     let finished =
         store::transition(&app.pool, &job.id, job.state, body.outcome, &also).await.map_err(|e| match e {
             TransitionOutcome::Database(e) => ApiError::internal(e),
@@ -166,7 +171,11 @@ pub async fn finish(
                 ApiError::conflict(format!("job {} cannot become {}", job.id, body.outcome.as_str()))
             }
         })?;
-    crate::metrics::forget_later(&app, job.id);
+    if finished.state == JobState::Queued {
+        app.queue.notify_waiters();
+    } else {
+        crate::metrics::forget_later(&app, job.id);
+    }
     Ok(Json(finished))
 }
 

@@ -3,8 +3,14 @@
 //! Training runs on a dedicated thread (it is plain blocking code); the async side heartbeats (and
 //! turns a cancel request into the training's stop flag) and posts events in ordered batches,
 //! retrying with backoff until the server has them, so a network blip loses nothing.
+//!
+//! SIGTERM (or Ctrl-C) drains: the running job checkpoints at its next step boundary, its events are
+//! delivered, the job is released to the queue for another worker, and the process exits. A second
+//! signal exits at once.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -26,6 +32,33 @@ pub struct WorkerConfig {
 struct Client {
     http: reqwest::Client,
     config: WorkerConfig,
+    /// Set by the first shutdown signal.
+    draining: Arc<AtomicBool>,
+    /// The stop flag of the job being trained, for the signal handler.
+    current: Arc<Mutex<Option<StopFlag>>>,
+}
+
+/// First signal: drain (stop the running job at a checkpoint); second: exit now.
+async fn handle_signals(draining: Arc<AtomicBool>, current: Arc<Mutex<Option<StopFlag>>>) {
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+    let mut signals = 0;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        signals += 1;
+        if signals > 1 {
+            tracing::warn!("second signal: exiting without waiting");
+            std::process::exit(130);
+        }
+        tracing::info!("shutting down: checkpointing the running job, then exiting");
+        draining.store(true, Ordering::SeqCst);
+        if let Some(stop) = current.lock().expect("stop flag lock").as_ref() {
+            stop.stop();
+        }
+    }
 }
 
 impl Client {
@@ -54,7 +87,13 @@ impl Client {
 
 /// Registers, then leases and runs jobs until the process is stopped.
 pub async fn run(config: WorkerConfig) -> Result<()> {
-    let client = Client { http: reqwest::Client::new(), config };
+    let client = Client {
+        http: reqwest::Client::new(),
+        config,
+        draining: Arc::new(AtomicBool::new(false)),
+        current: Arc::new(Mutex::new(None)),
+    };
+    tokio::spawn(handle_signals(client.draining.clone(), client.current.clone()));
     let registration = client.post_retrying("/v1/workers", &json!({"name": client.config.name, "device": "cpu"})).await;
     if !registration.status().is_success() {
         bail!("registering with {}: {}", client.config.server, registration.text().await.unwrap_or_default());
@@ -63,8 +102,14 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
     let worker = registration["worker_id"].as_str().context("no worker_id in the registration")?.to_string();
     let heartbeat = Duration::from_secs(registration["heartbeat_interval_seconds"].as_u64().unwrap_or(10).max(1));
     tracing::info!(worker, server = client.config.server, "registered");
-    loop {
-        let response = client.post_retrying(&format!("/v1/workers/{worker}/lease?wait_seconds=30"), &json!({})).await;
+    while !client.draining.load(Ordering::SeqCst) {
+        let (path, body) = (format!("/v1/workers/{worker}/lease?wait_seconds=30"), json!({}));
+        let lease = client.post_retrying(&path, &body);
+        let response = tokio::select! {
+            response = lease => response,
+            // Draining while idle: nothing to checkpoint.
+            () = wait_for(&client.draining) => return Ok(()),
+        };
         if response.status() == reqwest::StatusCode::NO_CONTENT {
             continue;
         }
@@ -73,6 +118,13 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
         }
         let job: Value = response.json().await?;
         run_job(&client, &worker, job, heartbeat).await;
+    }
+    Ok(())
+}
+
+async fn wait_for(flag: &AtomicBool) {
+    while !flag.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -84,6 +136,10 @@ async fn run_job(client: &Client, worker: &str, job: Value, heartbeat: Duration)
     let spec: Result<JobSpec, _> = serde_json::from_value(job["spec"].clone());
     let (events, mut received) = mpsc::unbounded_channel::<Event>();
     let stop = StopFlag::default();
+    *client.current.lock().expect("stop flag lock") = Some(stop.clone());
+    if client.draining.load(Ordering::SeqCst) {
+        stop.stop();
+    }
     let training = match spec {
         Ok(spec) => {
             let run_dir = client.config.data_dir.join("runs").join(&id);
@@ -152,12 +208,15 @@ async fn run_job(client: &Client, worker: &str, job: Value, heartbeat: Duration)
     }
     // The channel closed: training returned and every event has been posted.
     let result = training.join().unwrap_or_else(|_| Err("the training thread died".into()));
+    *client.current.lock().expect("stop flag lock") = None;
     if lease_lost {
         tracing::warn!(job = id, "the lease was lost; the job continues elsewhere");
         return;
     }
     let (outcome, error) = match result {
         Ok(_) if cancelled => ("cancelled", None),
+        // Stopped for shutdown at a checkpoint: release it so another worker resumes at once.
+        Ok(outcome) if outcome.stopped => ("queued", None),
         Ok(_) => ("succeeded", None),
         Err(message) => ("failed", Some(message)),
     };

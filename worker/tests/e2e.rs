@@ -128,6 +128,13 @@ impl Harness {
         (self.stop, self.server) = (Some(stop), server);
     }
 
+    /// Sends SIGTERM to the worker, waits for it to exit, and returns whether it exited cleanly.
+    fn terminate_worker(&mut self) -> bool {
+        let pid = self.worker.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        tokio::task::block_in_place(|| self.worker.wait().unwrap().success())
+    }
+
     /// Kills the worker as `kill -9` would and starts a fresh one.
     fn crash_worker(&mut self, root: &Path) {
         self.worker.kill().unwrap();
@@ -328,4 +335,26 @@ async fn the_embedded_default_runs_jobs_on_the_local_worker_it_supervises() {
     assert!(root.join(format!("server/runs/{id}/checkpoints/step-4/model.safetensors")).exists());
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_checkpoints_releases_the_job_and_another_worker_finishes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    tokio::task::block_in_place(|| prepare_inputs(root));
+    let mut harness = Harness::start(root).await;
+    let job = harness.post("/v1/jobs", spec(root, 300)).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    harness.follow(&id, |text| text.contains("event: step")).await;
+    assert!(harness.terminate_worker(), "the worker exits 0 after draining");
+    let job = harness.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["state"], "queued", "released for another worker: {job}");
+    let step = job["progress"]["step"].as_u64().unwrap();
+    assert!(step > 0 && step < 300);
+    assert!(root.join(format!("worker/runs/{id}/checkpoints/step-{step}/model.safetensors")).exists());
+    harness.worker = spawn_worker(root, &harness.base);
+    harness.follow(&id, |_| false).await;
+    let job = harness.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!((job["state"].as_str(), job["attempt"].as_i64()), (Some("succeeded"), Some(2)), "{job}");
+    harness.stop().await;
 }
