@@ -92,6 +92,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/resume", post(jobs::resume))
         .route("/v1/jobs/{id}/events", get(events::list))
         .route("/v1/jobs/{id}/events/stream", get(events::stream))
+        .route("/v1/jobs/{id}/metrics", get(crate::series::metrics))
+        .route("/v1/jobs/{id}/checkpoints", get(crate::series::checkpoints))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_token));
     let worker = Router::new()
         .route("/v1/workers", post(workers::register))

@@ -10,6 +10,7 @@ pub mod events;
 pub mod jobs;
 pub mod local_workers;
 pub mod metrics;
+pub mod series;
 pub mod workers;
 
 use std::future::Future;

@@ -252,3 +252,38 @@ async fn metrics_show_training_series_job_and_worker_counts_and_pass_promtool() 
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn metric_series_and_checkpoints_are_derived_from_events_with_reruns_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = data_root(tmp.path());
+    let server = Server::start(&tmp.path().join("data"), &root, None).await;
+    let worker = register(&server).await;
+    let id = submit(&server, &root, "j").await;
+    lease(&server, &worker, 0).await;
+    let events = json!({"job_id": id, "attempt": 1, "events": [
+        step_event(0, 1), step_event(1, 2),
+        {"seq": 2, "kind": "eval", "step": 2, "set": "domain", "loss": 2.0, "perplexity": 7.389},
+        {"seq": 3, "kind": "checkpoint", "step": 2, "path": "runs/x/checkpoints/step-2", "tokens_total": 128},
+        {"seq": 4, "kind": "step", "step": 3, "loss": 9.0, "tokens_total": 192}]});
+    server.call(Method::POST, &format!("/v1/workers/{worker}/events"), Some(events)).await;
+    // The worker is released after its checkpoint at step 2; attempt 2 re-runs step 3.
+    let release = json!({"job_id": id, "outcome": "queued"});
+    let (_, job) = server.call(Method::POST, &format!("/v1/workers/{worker}/finish"), Some(release)).await;
+    assert_eq!(job["state"], "queued");
+    assert_eq!(lease(&server, &worker, 0).await.1["attempt"], 2);
+    let rerun = json!({"job_id": id, "attempt": 2, "events": [{"seq": 0, "kind": "step", "step": 3, "loss": 1.0}]});
+    server.call(Method::POST, &format!("/v1/workers/{worker}/events"), Some(rerun)).await;
+    let (_, series) = server.call(Method::GET, &format!("/v1/jobs/{id}/metrics"), None).await;
+    assert_eq!(series["steps"]["step"], json!([1, 2, 3]));
+    assert_eq!(series["steps"]["loss"], json!([2.5, 2.5, 1.0]), "attempt 2's step 3 replaces attempt 1's");
+    assert_eq!(series["evals"]["domain"]["perplexity"], json!([7.389]));
+    let (_, checkpoints) = server.call(Method::GET, &format!("/v1/jobs/{id}/checkpoints"), None).await;
+    assert_eq!(
+        checkpoints["checkpoints"],
+        json!([{"step": 2, "path": "runs/x/checkpoints/step-2", "tokens_total": 128}])
+    );
+    let (status, _) = server.call(Method::GET, "/v1/jobs/none/metrics", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    server.stop().await;
+}

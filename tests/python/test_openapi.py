@@ -110,6 +110,8 @@ def test_responses_match_their_documented_schemas(server):
     batch = {"job_id": job["id"], "attempt": 1, "events": [{"seq": 0, "kind": "step", "step": 1, "loss": 2.0}]}
     check("/v1/workers/{id}/events", "post", *call(base, "POST", f"/v1/workers/{wid}/events", batch))
     check("/v1/jobs/{id}/events", "get", *call(base, "GET", f"/v1/jobs/{job['id']}/events"))
+    check("/v1/jobs/{id}/metrics", "get", *call(base, "GET", f"/v1/jobs/{job['id']}/metrics"))
+    check("/v1/jobs/{id}/checkpoints", "get", *call(base, "GET", f"/v1/jobs/{job['id']}/checkpoints"))
     check("/v1/jobs/{id}/cancel", "post", *call(base, "POST", f"/v1/jobs/{job['id']}/cancel"))
     status, done = call(base, "POST", f"/v1/workers/{wid}/finish", {"job_id": job["id"], "outcome": "cancelled"})
     assert done["state"] == "cancelled"
