@@ -94,6 +94,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/events/stream", get(events::stream))
         .route("/v1/jobs/{id}/metrics", get(crate::series::metrics))
         .route("/v1/jobs/{id}/checkpoints", get(crate::series::checkpoints))
+        .route("/v1/datasets", post(crate::datasets::create).get(crate::datasets::list))
+        .route("/v1/datasets/{id}", get(crate::datasets::get))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_token));
     let worker = Router::new()
         .route("/v1/workers", post(workers::register))

@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod config;
+pub mod datasets;
 pub mod db;
 pub mod error;
 pub mod events;

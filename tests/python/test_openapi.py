@@ -118,3 +118,12 @@ def test_responses_match_their_documented_schemas(server):
     check("/v1/workers/{id}/finish", "post", status, done)
     check("/v1/jobs/{id}/resume", "post", *call(base, "POST", f"/v1/jobs/{job['id']}/resume"))
     check("/v1/jobs/{id}/resume", "post", *call(base, "POST", f"/v1/jobs/{job['id']}/resume"))
+    (root / "text.txt").write_text("Some text to prepare.\n")
+    (root / "tokenizer.json").write_text("{}")
+    request = {"name": "d", "tokenizer": str(root / "tokenizer.json"), "inputs": [str(root / "text.txt")], "config": {"seq_len": 8}}
+    status, dataset = call(base, "POST", "/v1/datasets", request)
+    assert status == 201
+    check("/v1/datasets", "post", status, dataset)
+    check("/v1/datasets", "post", *call(base, "POST", "/v1/datasets", {**request, "config": {"seq_len": "long"}}))
+    check("/v1/datasets", "get", *call(base, "GET", "/v1/datasets"))
+    check("/v1/datasets/{id}", "get", *call(base, "GET", "/v1/datasets/" + dataset["id"]))

@@ -117,7 +117,11 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
             bail!("leasing: {}", response.text().await.unwrap_or_default());
         }
         let job: Value = response.json().await?;
-        run_job(&client, &worker, job, heartbeat).await;
+        if job["kind"] == "prepare" {
+            run_prepare(&client, &worker, job).await;
+        } else {
+            run_job(&client, &worker, job, heartbeat).await;
+        }
     }
     Ok(())
 }
@@ -223,6 +227,41 @@ async fn run_job(client: &Client, worker: &str, job: Value, heartbeat: Duration)
     let body = json!({"job_id": id, "outcome": outcome, "error": error});
     let response = client.post_retrying(&format!("/v1/workers/{worker}/finish"), &body).await;
     tracing::info!(job = id, outcome, status = %response.status(), "finished");
+}
+
+/// Runs a dataset preparation job: `<data-dir>/datasets/<job-id>`, reported as a `prepared` event
+/// carrying the manifest (with its cleaning report).
+async fn run_prepare(client: &Client, worker: &str, job: Value) {
+    let id = job["id"].as_str().unwrap_or_default().to_string();
+    let attempt = job["attempt"].as_i64().unwrap_or(1);
+    let out = client.config.data_dir.join("datasets").join(&id);
+    let work = {
+        let out = out.clone();
+        let spec = job["spec"].clone();
+        tokio::task::spawn_blocking(move || -> Result<Value> {
+            let spec: cpt_protocol::spec::PrepareSpec = serde_json::from_value(spec).context("the job's spec")?;
+            let config = if spec.config.is_null() { json!({}) } else { spec.config };
+            let config: cpt_data::prepare::PrepareConfig = serde_json::from_value(config).context("`config`")?;
+            // An earlier attempt may have finished the dataset without reporting it.
+            if !out.join("manifest.json").exists() {
+                let inputs: Vec<PathBuf> = spec.inputs.iter().map(PathBuf::from).collect();
+                cpt_data::prepare::prepare(std::path::Path::new(&spec.tokenizer), &inputs, &out, &config, |_| {})?;
+            }
+            Ok(serde_json::to_value(cpt_data::reader::read_manifest(&out)?)?)
+        })
+    };
+    let (outcome, error) = match work.await.map_err(anyhow::Error::from).and_then(|r| r) {
+        Ok(manifest) => {
+            let event = json!({"seq": 0, "kind": "prepared", "time": now_ms(), "path": out.display().to_string(), "manifest": manifest});
+            let body = json!({"job_id": id, "attempt": attempt, "events": [event]});
+            client.post_retrying(&format!("/v1/workers/{worker}/events"), &body).await;
+            ("succeeded", None)
+        }
+        Err(error) => ("failed", Some(format!("{error:#}"))),
+    };
+    let body = json!({"job_id": id, "outcome": outcome, "error": error});
+    client.post_retrying(&format!("/v1/workers/{worker}/finish"), &body).await;
+    tracing::info!(job = id, outcome, "preparation finished");
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

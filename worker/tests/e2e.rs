@@ -346,3 +346,52 @@ async fn sigterm_checkpoints_releases_the_job_and_another_worker_finishes_it() {
     assert_eq!((job["state"].as_str(), job["attempt"].as_i64()), (Some("succeeded"), Some(2)), "{job}");
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dataset_prepared_through_the_api_trains_a_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    tokio::task::block_in_place(|| prepare_inputs(root));
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/english.txt"),
+        root.join("english.txt"),
+    )
+    .unwrap();
+    let harness = Harness::start(root).await;
+    let p = |name: &str| root.join(name).display().to_string();
+    let request = json!({"name": "english", "tokenizer": p("smollm2/tokenizer.json"), "inputs": [p("english.txt")],
+                         "config": {"seq_len": 16, "validation_fraction": 0.0}});
+    let dataset = harness.post("/v1/datasets", request.clone()).await;
+    let id = dataset["id"].as_str().unwrap().to_string();
+    assert_eq!(dataset["state"], "queued", "{dataset}");
+    harness.follow(&id, |_| false).await;
+    let dataset = harness.get(&format!("/v1/datasets/{id}")).await;
+    assert_eq!(dataset["state"], "succeeded", "{dataset}");
+    assert_eq!(dataset["manifest"]["stats"]["documents_read"], 1);
+    let path = dataset["path"].as_str().unwrap().to_string();
+    assert!(Path::new(&path).join("manifest.json").exists());
+    let listed = harness.get("/v1/datasets").await;
+    assert_eq!(listed["datasets"][0]["id"], id.as_str());
+
+    let mut train = spec(root, 4);
+    train["train_data"] = json!([{"dataset": path}]);
+    let job = harness.post("/v1/jobs", train).await;
+    let job_id = job["id"].as_str().unwrap().to_string();
+    harness.follow(&job_id, |_| false).await;
+    assert_eq!(harness.get(&format!("/v1/jobs/{job_id}")).await["state"], "succeeded");
+
+    let mut outside = request;
+    outside["inputs"] = json!(["/etc/passwd"]);
+    let refused: Value = harness
+        .http
+        .post(format!("{}/v1/datasets", harness.base))
+        .json(&outside)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(refused["error"]["field"], "inputs[0]", "{refused}");
+    harness.stop().await;
+}
