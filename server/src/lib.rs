@@ -65,13 +65,14 @@ pub async fn launch(
     };
     let supervisor = tokio::spawn(local_workers::supervise(local, workers_stopped));
     tracing::info!(%address, "cpt-server listening");
-    // Local workers stop first: their long-poll leases would otherwise hold the shutdown open.
+    // Local workers drain first, while the API still serves them: their jobs checkpoint, deliver
+    // their events and return to the queue. Remote workers keep training and retry until it is back.
     let shutdown = async move {
         shutdown.await;
         let _ = stop_workers.send(true);
+        let _ = supervisor.await;
     };
     axum::serve(listener, app::router(state)).with_graceful_shutdown(shutdown).await?;
-    let _ = supervisor.await;
     expiry.abort();
     pool.close().await;
     Ok(())

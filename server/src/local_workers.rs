@@ -1,5 +1,6 @@
 //! Local workers: the embedded default runs its own `cpt-worker run` processes and restarts any
-//! that exits, with exponential backoff (reset after a minute of healthy running).
+//! that exits, with exponential backoff (reset after a minute of healthy running). On shutdown they
+//! get SIGTERM: a training job checkpoints, delivers its events and goes back to the queue.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,7 +26,10 @@ pub fn default_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("cpt-worker"))
 }
 
-/// Keeps `count` workers running until `shutdown` turns true, then kills them.
+/// How long a local worker may take to checkpoint and exit after SIGTERM before it is killed.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Keeps `count` workers running until `shutdown` turns true, then drains them.
 pub async fn supervise(workers: LocalWorkers, shutdown: watch::Receiver<bool>) {
     let tasks: Vec<_> =
         (0..workers.count).map(|i| tokio::spawn(keep_running(workers.clone(), i, shutdown.clone()))).collect();
@@ -67,7 +71,13 @@ async fn keep_running(workers: LocalWorkers, index: usize, mut shutdown: watch::
                 backoff = (backoff * 2).min(Duration::from_secs(60));
             }
             _ = shutdown.changed() => {
-                let _ = child.kill().await;
+                if let Some(pid) = child.id() {
+                    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+                }
+                if tokio::time::timeout(DRAIN_TIMEOUT, child.wait()).await.is_err() {
+                    tracing::warn!(worker = index, "local worker did not drain in time; killing it");
+                    let _ = child.kill().await;
+                }
             }
         }
     }

@@ -321,6 +321,32 @@ async fn the_embedded_default_runs_jobs_on_the_local_worker_it_supervises() {
     assert_eq!(job["state"], "succeeded", "{job}");
     assert!(job["worker_id"].is_string());
     assert!(root.join(format!("server/runs/{id}/checkpoints/step-4/model.safetensors")).exists());
+
+    // Shutting down mid-job drains the local worker first: checkpoint, every event delivered, job queued.
+    let job: Value =
+        http.post(format!("{base}/v1/jobs")).json(&spec(root, 300)).send().await.unwrap().json().await.unwrap();
+    let long = job["id"].as_str().unwrap().to_string();
+    let mut stream = http.get(format!("{base}/v1/jobs/{long}/events/stream")).send().await.unwrap();
+    while let Some(chunk) = stream.chunk().await.unwrap() {
+        if String::from_utf8_lossy(&chunk).contains("event: step") {
+            break;
+        }
+    }
+    drop(stream);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, server) = serve(root, listener);
+    let job: Value = http.get(format!("{base}/v1/jobs/{long}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(job["state"], "queued", "released by the draining worker: {job}");
+    let step = job["progress"]["step"].as_u64().unwrap();
+    assert!(root.join(format!("server/runs/{long}/checkpoints/step-{step}/model.safetensors")).exists(), "{job}");
+    let url = format!("{base}/v1/jobs/{long}/events?kind=step&limit=1000");
+    let events: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+    let steps: Vec<u64> =
+        events["events"].as_array().unwrap().iter().map(|e| e["data"]["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=step).collect::<Vec<_>>(), "no event lost in the shutdown");
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
