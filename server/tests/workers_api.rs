@@ -23,6 +23,16 @@ async fn lease(server: &Server, worker: &str, wait: u64) -> (StatusCode, Value) 
     server.call(Method::POST, &format!("/v1/workers/{worker}/lease?wait_seconds={wait}"), None).await
 }
 
+/// A server with one registered worker holding the lease of one submitted job named "j".
+async fn with_leased_job(dir: &std::path::Path) -> (Server, std::path::PathBuf, String, String) {
+    let root = data_root(dir);
+    let server = Server::start(&dir.join("data"), &root, None).await;
+    let worker = register(&server).await;
+    let id = submit(&server, &root, "j").await;
+    lease(&server, &worker, 0).await;
+    (server, root, worker, id)
+}
+
 fn step_event(seq: u64, step: u64) -> Value {
     json!({"seq": seq, "kind": "step", "time": 1000 + seq, "step": step, "loss": 2.5, "tokens_total": step * 64})
 }
@@ -59,11 +69,7 @@ async fn a_lease_hands_out_the_oldest_job_once_and_long_polls_for_new_ones() {
 #[tokio::test]
 async fn heartbeats_carry_cancel_requests_and_finish_ends_the_job() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = data_root(tmp.path());
-    let server = Server::start(&tmp.path().join("data"), &root, None).await;
-    let worker = register(&server).await;
-    let id = submit(&server, &root, "j").await;
-    lease(&server, &worker, 0).await;
+    let (server, _root, worker, id) = with_leased_job(tmp.path()).await;
     let heartbeat = format!("/v1/workers/{worker}/heartbeat");
     let beat = || server.call(Method::POST, &heartbeat, Some(json!({"job_id": id})));
     assert_eq!(beat().await.1["cancel"], false);
@@ -85,11 +91,7 @@ async fn heartbeats_carry_cancel_requests_and_finish_ends_the_job() {
 #[tokio::test]
 async fn event_batches_are_stored_once_in_order_and_update_progress() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = data_root(tmp.path());
-    let server = Server::start(&tmp.path().join("data"), &root, None).await;
-    let worker = register(&server).await;
-    let id = submit(&server, &root, "j").await;
-    lease(&server, &worker, 0).await;
+    let (server, _root, worker, id) = with_leased_job(tmp.path()).await;
     let batch = json!({"job_id": id, "attempt": 1, "events": [
         {"seq": 0, "kind": "started", "time": 999}, step_event(1, 1), step_event(2, 2),
         {"seq": 3, "kind": "eval", "time": 1003, "set": "domain", "loss": 2.0}, step_event(4, 3)]});
@@ -150,11 +152,7 @@ async fn an_expired_lease_requeues_the_job_until_its_attempts_run_out() {
 #[tokio::test]
 async fn the_event_stream_resumes_after_last_event_id_and_ends_with_the_job() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = data_root(tmp.path());
-    let server = Server::start(&tmp.path().join("data"), &root, None).await;
-    let worker = register(&server).await;
-    let id = submit(&server, &root, "j").await;
-    lease(&server, &worker, 0).await;
+    let (server, _root, worker, id) = with_leased_job(tmp.path()).await;
     let url = format!("/v1/workers/{worker}/events");
     let batch = json!({"job_id": id, "attempt": 1, "events": [step_event(0, 1), step_event(1, 2)]});
     server.call(Method::POST, &url, Some(batch)).await;
@@ -213,11 +211,7 @@ async fn worker_endpoints_need_the_worker_token() {
 #[tokio::test]
 async fn metrics_show_training_series_job_and_worker_counts_and_pass_promtool() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = data_root(tmp.path());
-    let server = Server::start(&tmp.path().join("data"), &root, None).await;
-    let worker = register(&server).await;
-    let id = submit(&server, &root, "metrics-job").await;
-    lease(&server, &worker, 0).await;
+    let (server, _root, worker, id) = with_leased_job(tmp.path()).await;
     let batch = json!({"job_id": id, "attempt": 1, "events": [step_event(0, 1), step_event(1, 2),
         {"seq": 2, "kind": "eval", "set": "general", "loss": 3.0, "perplexity": 20.0855}]});
     server.call(Method::POST, &format!("/v1/workers/{worker}/events"), Some(batch)).await;
@@ -226,7 +220,7 @@ async fn metrics_show_training_series_job_and_worker_counts_and_pass_promtool() 
         format!("cpt_train_loss{{job_id=\"{id}\"}} 2.5"),
         format!("cpt_tokens_total{{job_id=\"{id}\"}} 128"),
         format!("cpt_eval_perplexity{{job_id=\"{id}\",set=\"general\"}} 20.0855"),
-        format!("cpt_job_info{{job_id=\"{id}\",name=\"metrics-job\"}} 1"),
+        format!("cpt_job_info{{job_id=\"{id}\",name=\"j\"}} 1"),
         "cpt_jobs{state=\"running\"} 1".to_string(),
         "cpt_workers{state=\"active\"} 1".to_string(),
         "cpt_http_requests_total{method=\"POST\",route=\"/v1/workers/{id}/events\",status=\"200\"} 1".to_string(),
@@ -256,11 +250,7 @@ async fn metrics_show_training_series_job_and_worker_counts_and_pass_promtool() 
 #[tokio::test]
 async fn metric_series_and_checkpoints_are_derived_from_events_with_reruns_replaced() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = data_root(tmp.path());
-    let server = Server::start(&tmp.path().join("data"), &root, None).await;
-    let worker = register(&server).await;
-    let id = submit(&server, &root, "j").await;
-    lease(&server, &worker, 0).await;
+    let (server, _root, worker, id) = with_leased_job(tmp.path()).await;
     let events = json!({"job_id": id, "attempt": 1, "events": [
         step_event(0, 1), step_event(1, 2),
         {"seq": 2, "kind": "eval", "step": 2, "set": "domain", "loss": 2.0, "perplexity": 7.389},
