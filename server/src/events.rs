@@ -14,6 +14,7 @@ use tokio::sync::broadcast;
 
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::jobs::routes::existing;
 use crate::jobs::store;
 
 /// A stored event, as listed and streamed.
@@ -56,9 +57,7 @@ pub async fn ingest(
     UrlPath(worker): UrlPath<String>,
     Json(batch): Json<Batch>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = store::get(&app.pool, &batch.job_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no job {}", batch.job_id)))?;
+    let job = existing(&app, &batch.job_id).await?;
     if job.worker_id.as_deref() != Some(worker.as_str()) || job.attempt != batch.attempt {
         return Err(ApiError::conflict(format!(
             "job {} attempt {} is not leased by worker {worker}",
@@ -135,17 +134,13 @@ async fn page(app: &AppState, job: &str, after: i64, kind: Option<&str>, limit: 
     Ok(rows.iter().map(from_row).collect())
 }
 
-async fn existing_job(app: &AppState, id: &str) -> Result<store::Job, ApiError> {
-    store::get(&app.pool, id).await?.ok_or_else(|| ApiError::not_found(format!("no job {id}")))
-}
-
 /// `GET /v1/jobs/{id}/events`: oldest first after the cursor `after`, optionally of one kind.
 pub async fn list(
     State(app): State<AppState>,
     UrlPath(id): UrlPath<String>,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    existing_job(&app, &id).await?;
+    existing(&app, &id).await?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::invalid_field("limit", "must be between 1 and 1000"));
@@ -167,7 +162,7 @@ pub async fn stream(
     Query(query): Query<ListQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl futures_core::Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    existing_job(&app, &id).await?;
+    existing(&app, &id).await?;
     let header = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i64>().ok());
     let mut last = header.or(query.after).unwrap_or(0);
     // Subscribe before replaying, so nothing stored in between is missed; ids dedupe the overlap.

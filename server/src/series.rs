@@ -10,11 +10,11 @@ use sqlx::Row;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::jobs::store;
+use crate::jobs::routes::existing;
 
 /// The data of a job's events of `kind`, oldest attempt first, in order.
 async fn event_data(app: &AppState, id: &str, kind: &str) -> Result<Vec<Value>, ApiError> {
-    store::get(&app.pool, id).await?.ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
+    existing(app, id).await?;
     let rows = sqlx::query("SELECT data FROM events WHERE job_id = ? AND kind = ? ORDER BY attempt, seq")
         .bind(id)
         .bind(kind)

@@ -150,9 +150,7 @@ pub async fn finish(
     if !(body.outcome.is_terminal() || body.outcome == JobState::Queued) {
         return Err(ApiError::invalid_field("outcome", "must be succeeded, failed, cancelled or queued"));
     }
-    let job = store::get(&app.pool, &body.job_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no job {}", body.job_id)))?;
+    let job = crate::jobs::routes::existing(&app, &body.job_id).await?;
     if job.worker_id.as_deref() != Some(worker.as_str())
         || !matches!(job.state, JobState::Running | JobState::Cancelling)
     {

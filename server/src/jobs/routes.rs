@@ -127,7 +127,12 @@ pub async fn list(State(app): State<AppState>, Query(query): Query<ListQuery>) -
 
 /// `GET /v1/jobs/{id}`.
 pub async fn get(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<store::Job>, ApiError> {
-    store::get(&app.pool, &id).await?.map(Json).ok_or_else(|| ApiError::not_found(format!("no job {id}")))
+    existing(&app, &id).await.map(Json)
+}
+
+/// The job `id`, or the API's 404.
+pub async fn existing(app: &AppState, id: &str) -> Result<store::Job, ApiError> {
+    store::get(&app.pool, id).await?.ok_or_else(|| ApiError::not_found(format!("no job {id}")))
 }
 
 fn refused(outcome: TransitionOutcome, id: &str, verb: &str) -> ApiError {
@@ -143,7 +148,7 @@ fn refused(outcome: TransitionOutcome, id: &str, verb: &str) -> ApiError {
 /// `POST /v1/jobs/{id}/cancel`: a queued job is cancelled at once; a running one becomes
 /// `cancelling` until its worker has checkpointed.
 pub async fn cancel(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<store::Job>, ApiError> {
-    let job = get(State(app.clone()), UrlPath(id.clone())).await?.0;
+    let job = existing(&app, &id).await?;
     let to = match job.state {
         JobState::Queued => JobState::Cancelled,
         JobState::Running => JobState::Cancelling,
@@ -155,7 +160,7 @@ pub async fn cancel(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -
 /// `POST /v1/jobs/{id}/resume`: a failed or cancelled job is queued again; its worker continues
 /// from the newest valid checkpoint.
 pub async fn resume(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<store::Job>, ApiError> {
-    let job = get(State(app.clone()), UrlPath(id.clone())).await?.0;
+    let job = existing(&app, &id).await?;
     if !matches!(job.state, JobState::Failed | JobState::Cancelled) {
         return Err(ApiError::conflict(format!(
             "only failed or cancelled jobs resume; this one is {}",
