@@ -29,12 +29,7 @@ pub struct ModelDir {
 impl ModelDir {
     /// Reads and validates `config.json`.
     pub fn open(path: &Path) -> Result<Self> {
-        let config_path = path.join("config.json");
-        let text =
-            std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
-        let config_json: Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
-        let config = ModelConfig::from_json(&config_json).with_context(|| format!("in {}", config_path.display()))?;
+        let (config_json, config) = read_config(&path.join("config.json"))?;
         Ok(Self { path: path.to_path_buf(), config_json, config })
     }
 
@@ -52,6 +47,14 @@ impl ModelDir {
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         load_tokenizer(&self.tokenizer_path())
     }
+}
+
+/// Reads and validates a `config.json`, naming the file on failure; returns it as written and parsed.
+fn read_config(path: &Path) -> Result<(Value, ModelConfig)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let json: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let config = ModelConfig::from_json(&json).with_context(|| format!("in {}", path.display()))?;
+    Ok((json, config))
 }
 
 /// Loads a `tokenizer.json`, naming the file on failure.
@@ -175,10 +178,7 @@ pub fn export(source: &Path, out: &Path, dtype: DType) -> Result<()> {
 /// Writes a randomly initialised model of the shape in `config_path` to `out`, with the tokenizer
 /// at `tokenizer_path`, reproducible from `seed`.
 pub fn init_model_dir(config_path: &Path, tokenizer_path: &Path, out: &Path, seed: u64) -> Result<ModelConfig> {
-    let text = std::fs::read_to_string(config_path).with_context(|| format!("reading {}", config_path.display()))?;
-    let config_json: Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
-    let config = ModelConfig::from_json(&config_json).with_context(|| format!("in {}", config_path.display()))?;
+    let (config_json, config) = read_config(config_path)?;
     let tokenizer = load_tokenizer(tokenizer_path)?;
     let tokenizer_vocab = tokenizer.get_vocab_size(true);
     if tokenizer_vocab > config.vocab_size {
