@@ -99,6 +99,10 @@ enum Command {
         /// Where run directories (checkpoints, events) are kept: <data-dir>/runs/<job-id>.
         #[arg(long, env = "CPT_DATA_DIR", default_value = "cpt-data")]
         data_dir: PathBuf,
+        /// Events kept on disk while the server is unreachable, at most (bytes); training waits
+        /// beyond that rather than drop any.
+        #[arg(long, default_value_t = crate::spool::DEFAULT_MAX_BYTES)]
+        event_spool_bytes: u64,
     },
     /// Run a job spec standalone; events go to <run-dir>/events.jsonl.
     Train {
@@ -198,8 +202,9 @@ impl Cli {
                 }
                 println!("{}", serde_json::to_string(&result)?);
             }
-            Command::Run { server, token, name, data_dir } => {
-                let config = crate::serve::WorkerConfig { server, token, name, data_dir };
+            Command::Run { server, token, name, data_dir, event_spool_bytes } => {
+                let config =
+                    crate::serve::WorkerConfig { server, token, name, data_dir, spool_max_bytes: event_spool_bytes };
                 tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
                     .build()?

@@ -3,6 +3,7 @@
 mod cli;
 mod run_local;
 mod serve;
+mod spool;
 
 use clap::Parser;
 

@@ -1,8 +1,9 @@
 //! `cpt-worker run`: lease jobs from a cpt-server and run them, streaming events back.
 //!
 //! Training runs on a dedicated thread (it is plain blocking code); the async side heartbeats (and
-//! turns a cancel request into the training's stop flag) and posts events in ordered batches,
-//! retrying with backoff until the server has them, so a network blip loses nothing.
+//! turns a cancel request into the training's stop flag) and posts events in ordered batches from
+//! a bounded on-disk spool (`<run-dir>/spool/`), retrying with backoff until the server has them,
+//! so a server outage loses nothing.
 //!
 //! SIGTERM (or Ctrl-C) drains: the running job checkpoints at its next step boundary, its events are
 //! delivered, the job is released to the queue for another worker, and the process exits. A second
@@ -15,10 +16,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use cpt_protocol::{Event, JobSpec};
+use cpt_protocol::JobSpec;
 use cpt_train::{train, RunOptions, StopFlag};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+
+use crate::spool::Spool;
 
 /// How to reach the server and where to keep run directories.
 #[derive(Clone)]
@@ -27,6 +29,8 @@ pub struct WorkerConfig {
     pub token: Option<String>,
     pub name: String,
     pub data_dir: PathBuf,
+    /// The bound on events kept on disk while the server is unreachable.
+    pub spool_max_bytes: u64,
 }
 
 struct Client {
@@ -138,68 +142,85 @@ async fn run_job(client: &Client, worker: &str, job: Value, heartbeat: Duration)
     let attempt = job["attempt"].as_i64().unwrap_or(1);
     tracing::info!(job = id, attempt, "running");
     let spec: Result<JobSpec, _> = serde_json::from_value(job["spec"].clone());
-    let (events, mut received) = mpsc::unbounded_channel::<Event>();
+    let run_dir = client.config.data_dir.join("runs").join(&id);
+    let spool =
+        match Spool::create(&run_dir.join(format!("spool/attempt-{attempt}.jsonl")), client.config.spool_max_bytes) {
+            Ok(spool) => spool,
+            Err(error) => return finish(client, worker, &id, "failed", Some(format!("{error:#}"))).await,
+        };
     let stop = StopFlag::default();
     *client.current.lock().expect("stop flag lock") = Some(stop.clone());
     if client.draining.load(Ordering::SeqCst) {
         stop.stop();
     }
-    let training = match spec {
-        Ok(spec) => {
-            let run_dir = client.config.data_dir.join("runs").join(&id);
-            let stop = stop.clone();
+    // The training callback cannot return an error: a spool that cannot be written stops the job.
+    let spool_error = Arc::new(Mutex::new(None::<String>));
+    let training = {
+        let (spool, stop, spool_error) = (spool.clone(), stop.clone(), spool_error.clone());
+        std::thread::spawn(move || {
+            let spec = spec.map_err(|error| format!("the job's spec does not parse: {error}"))?;
             // A checkpoint in the run directory means an earlier attempt: resume from it exactly.
             let options = RunOptions { resume: true, stop_after_steps: None, device: Device::Cpu };
-            std::thread::spawn(move || {
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    train(&spec, &run_dir, &options, &stop, |event| {
-                        let _ = events.send(event);
-                    })
-                }));
-                match outcome {
-                    Ok(result) => result.map_err(|e| format!("{e:#}")),
-                    Err(panic) => Err(format!("training panicked: {}", panic_message(&panic))),
-                }
-            })
-        }
-        Err(error) => std::thread::spawn(move || Err(format!("the job's spec does not parse: {error}"))),
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                train(&spec, &run_dir, &options, &stop, |event| {
+                    let value = serde_json::to_value(&event).unwrap_or(Value::Null);
+                    if let Err(error) = spool.append(value, now_ms()) {
+                        spool_error.lock().expect("spool error lock").get_or_insert(format!("{error:#}"));
+                        stop.stop();
+                    }
+                })
+            }));
+            spool.close();
+            match outcome {
+                Ok(result) => result.map_err(|e| format!("{e:#}")),
+                Err(panic) => Err(format!("training panicked: {}", panic_message(&panic))),
+            }
+        })
     };
 
-    let mut seq = 0u64;
     let mut cancelled = false;
     let mut lease_lost = false;
     let mut beat = tokio::time::interval(heartbeat);
     loop {
         tokio::select! {
-            event = received.recv() => {
-                let Some(event) = event else { break };
-                // Batch what is already waiting, keeping order.
-                let mut batch = vec![event];
-                while let Ok(more) = received.try_recv() {
-                    batch.push(more);
-                }
-                let events: Vec<Value> = batch
-                    .iter()
-                    .map(|e| {
-                        let mut value = serde_json::to_value(e).unwrap_or(Value::Null);
-                        value["seq"] = seq.into();
-                        value["time"] = now_ms().into();
-                        seq += 1;
-                        value
-                    })
-                    .collect();
-                let body = json!({"job_id": id, "attempt": attempt, "events": events});
+            batch = spool.next_batch() => {
+                let batch = match batch {
+                    Ok(Some(batch)) => batch,
+                    Ok(None) => break,
+                    Err(error) => {
+                        spool_error.lock().expect("spool error lock").get_or_insert(format!("{error:#}"));
+                        spool.abandon();
+                        stop.stop();
+                        break;
+                    }
+                };
+                let body = json!({"job_id": id, "attempt": attempt, "events": batch.events});
                 let response = client.post_retrying(&format!("/v1/workers/{worker}/events"), &body).await;
                 if response.status() == reqwest::StatusCode::CONFLICT {
                     lease_lost = true;
+                    spool.abandon();
                     stop.stop();
+                    break;
+                }
+                if !response.status().is_success() {
+                    // A batch the server will never take must not stall the ones after it.
+                    let status = response.status();
+                    tracing::error!(job = id, %status, "events refused: {}", response.text().await.unwrap_or_default());
+                }
+                if let Err(error) = spool.acknowledge(&batch) {
+                    spool_error.lock().expect("spool error lock").get_or_insert(format!("{error:#}"));
+                    spool.abandon();
+                    stop.stop();
+                    break;
                 }
             }
             _ = beat.tick() => {
                 let response = client.post_retrying(&format!("/v1/workers/{worker}/heartbeat"), &json!({"job_id": id})).await;
                 if response.status() == reqwest::StatusCode::CONFLICT {
                     lease_lost = true;
+                    spool.abandon();
                     stop.stop();
+                    break;
                 } else if let Ok(answer) = response.json::<Value>().await {
                     if answer["cancel"] == true && !cancelled {
                         tracing::info!(job = id, "cancel requested: checkpointing");
@@ -210,12 +231,17 @@ async fn run_job(client: &Client, worker: &str, job: Value, heartbeat: Duration)
             }
         }
     }
-    // The channel closed: training returned and every event has been posted.
-    let result = training.join().unwrap_or_else(|_| Err("the training thread died".into()));
+    // Training returned and every event it wrote has been delivered (or the job is lost).
+    let mut result = training.join().unwrap_or_else(|_| Err("the training thread died".into()));
     *client.current.lock().expect("stop flag lock") = None;
     if lease_lost {
         tracing::warn!(job = id, "the lease was lost; the job continues elsewhere");
         return;
+    }
+    if let Some(error) = spool_error.lock().expect("spool error lock").take() {
+        result = Err(format!("the event spool failed: {error}"));
+    } else {
+        spool.remove();
     }
     let (outcome, error) = match result {
         Ok(_) if cancelled => ("cancelled", None),
@@ -224,6 +250,11 @@ async fn run_job(client: &Client, worker: &str, job: Value, heartbeat: Duration)
         Ok(_) => ("succeeded", None),
         Err(message) => ("failed", Some(message)),
     };
+    finish(client, worker, &id, outcome, error).await;
+}
+
+/// Reports a job's outcome.
+async fn finish(client: &Client, worker: &str, id: &str, outcome: &str, error: Option<String>) {
     let body = json!({"job_id": id, "outcome": outcome, "error": error});
     let response = client.post_retrying(&format!("/v1/workers/{worker}/finish"), &body).await;
     tracing::info!(job = id, outcome, status = %response.status(), "finished");
@@ -259,9 +290,7 @@ async fn run_prepare(client: &Client, worker: &str, job: Value) {
         }
         Err(error) => ("failed", Some(format!("{error:#}"))),
     };
-    let body = json!({"job_id": id, "outcome": outcome, "error": error});
-    client.post_retrying(&format!("/v1/workers/{worker}/finish"), &body).await;
-    tracing::info!(job = id, outcome, "preparation finished");
+    finish(client, worker, &id, outcome, error).await;
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

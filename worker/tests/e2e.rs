@@ -50,6 +50,24 @@ fn prepare_inputs(root: &Path) {
         "--config",
         &p("prepare.json"),
     ]);
+    // The same text, all of it held out: an eval set.
+    std::fs::write(root.join("heldout.json"), r#"{"validation_fraction": 1.0}"#).unwrap();
+    let (heldout, config) = (p("heldout"), p("heldout.json"));
+    let text = text.to_str().unwrap();
+    let tokenizer = tokenizer.to_str().unwrap();
+    succeed(&[
+        "prepare",
+        "--tokenizer",
+        tokenizer,
+        "--input",
+        text,
+        "--out",
+        &heldout,
+        "--seq-len",
+        "16",
+        "--config",
+        &config,
+    ]);
 }
 
 fn spec(root: &Path, steps: u64) -> Value {
@@ -118,11 +136,15 @@ impl Harness {
         Harness { base, address, http: reqwest::Client::new(), stop: Some(stop), server, worker }
     }
 
-    /// Stops the server (the worker keeps training) and starts it again on the same address.
-    async fn restart_server(&mut self, root: &Path) {
+    /// Stops the server; the worker keeps training.
+    async fn stop_server(&mut self) {
         self.stop.take().unwrap().send(()).unwrap();
         let old = std::mem::replace(&mut self.server, tokio::spawn(async { Ok(()) }));
         old.await.unwrap().unwrap();
+    }
+
+    /// Starts the server again on the same address and data directory.
+    async fn start_server(&mut self, root: &Path) {
         let listener = tokio::net::TcpListener::bind(self.address).await.unwrap();
         let (stop, server) = serve(root, listener);
         (self.stop, self.server) = (Some(stop), server);
@@ -150,22 +172,23 @@ impl Harness {
         self.http.get(format!("{}{path}", self.base)).send().await.unwrap().json().await.unwrap()
     }
 
-    /// Reads the job's SSE stream until `until` says stop or the stream ends (the job ended); a
-    /// job that takes over five minutes fails the test rather than hanging it.
-    async fn follow(&self, id: &str, mut until: impl FnMut(&str) -> bool) {
+    /// Reads the job's SSE stream until `until` says stop or the stream ends (the job ended), and
+    /// returns what it read; a job that takes over five minutes fails the test rather than hanging it.
+    async fn follow(&self, id: &str, mut until: impl FnMut(&str) -> bool) -> String {
         let read = async {
             let mut response = self.http.get(format!("{}/v1/jobs/{id}/events/stream", self.base)).send().await.unwrap();
             let mut text = String::new();
             while let Some(chunk) = response.chunk().await.unwrap() {
                 text.push_str(&String::from_utf8_lossy(&chunk));
                 if until(&text) {
-                    return;
+                    break;
                 }
             }
+            text
         };
         tokio::time::timeout(std::time::Duration::from_secs(300), read)
             .await
-            .expect("the job ended within five minutes");
+            .expect("the job ended within five minutes")
     }
 
     async fn stop(mut self) {
@@ -193,10 +216,14 @@ async fn a_job_runs_on_a_worker_and_a_cancelled_one_resumes_to_identical_weights
     tokio::task::block_in_place(|| prepare_inputs(root));
     let harness = Harness::start(root).await;
 
-    // A short job succeeds; every step event is stored once and metrics see it.
-    let job = harness.post("/v1/jobs", spec(root, 6)).await;
+    // A short job succeeds; every step event is stored once, the events page and the SSE stream
+    // agree, and the metrics show its loss, tokens, throughput and both eval perplexities.
+    let mut short = spec(root, 6);
+    let heldout = root.join("heldout").display().to_string();
+    short["eval_data"] = json!({"domain": heldout, "general": heldout});
+    let job = harness.post("/v1/jobs", short).await;
     let id = job["id"].as_str().unwrap().to_string();
-    harness.follow(&id, |_| false).await;
+    let stream = harness.follow(&id, |_| false).await;
     let job = harness.get(&format!("/v1/jobs/{id}")).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["progress"]["step"], 6);
@@ -204,9 +231,26 @@ async fn a_job_runs_on_a_worker_and_a_cancelled_one_resumes_to_identical_weights
     let numbers: Vec<u64> =
         steps["events"].as_array().unwrap().iter().map(|e| e["data"]["step"].as_u64().unwrap()).collect();
     assert_eq!(numbers, (1..=6).collect::<Vec<_>>());
+    let streamed: Vec<u64> = stream
+        .split("\n\n")
+        .filter(|message| message.contains("event: step"))
+        .map(|message| {
+            let data = message.lines().find_map(|line| line.strip_prefix("data: ")).unwrap();
+            serde_json::from_str::<Value>(data).unwrap()["step"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(streamed, numbers, "the SSE stream shows the stored steps");
     let metrics = harness.http.get(format!("{}/metrics", harness.base)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains(&format!("cpt_train_loss{{job_id=\"{id}\"}}")), "{metrics}");
-    assert!(root.join(format!("worker/runs/{id}/checkpoints/step-6/model.safetensors")).exists());
+    for series in ["cpt_train_loss", "cpt_tokens_total", "cpt_tokens_per_second", "cpt_learning_rate"] {
+        assert!(metrics.contains(&format!("{series}{{job_id=\"{id}\"}}")), "{series} in {metrics}");
+    }
+    for set in ["domain", "general"] {
+        let series = format!("cpt_eval_perplexity{{job_id=\"{id}\",set=\"{set}\"}}");
+        assert!(metrics.contains(&series), "{series} in {metrics}");
+    }
+    let run = root.join(format!("worker/runs/{id}"));
+    assert!(run.join("checkpoints/step-6/model.safetensors").exists());
+    assert!(!run.join("spool/attempt-1.jsonl").exists(), "a delivered spool is removed");
 
     // A long job is cancelled mid-run: it checkpoints and stops; resumed, it finishes.
     let steps_total = 300;
@@ -276,13 +320,22 @@ async fn a_killed_worker_and_a_restarted_server_lose_nothing_and_change_no_weigh
     // kill -9 after the first checkpoint: the lease expires and a new worker resumes from it.
     harness.follow(&id, |text| text.contains("event: checkpoint")).await;
     harness.crash_worker(root);
-    // The server goes away for a moment while the new attempt trains; its events wait and arrive.
+    // The server goes away while the new attempt trains: its events wait in the on-disk spool and
+    // arrive once the server is back.
     let into_second_attempt = |text: &str| {
         text.matches("event: started").count() >= 2
             && text.rsplit("event: started").next().is_some_and(|tail| tail.matches("event: step").count() >= 5)
     };
     harness.follow(&id, into_second_attempt).await;
-    harness.restart_server(root).await;
+    harness.stop_server().await;
+    let spool = root.join(format!("worker/runs/{id}/spool/attempt-2.jsonl"));
+    let spooled_steps = || std::fs::read_to_string(&spool).unwrap_or_default().matches(r#""kind":"step""#).count();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while spooled_steps() < 10 {
+        assert!(std::time::Instant::now() < deadline, "the worker spools step events while the server is down");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    harness.start_server(root).await;
     harness.follow(&id, |_| false).await;
 
     let job = harness.get(&format!("/v1/jobs/{id}")).await;
