@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Runs every test: the Rust workspace (unit, integration and CLI tests on the real SmolLM2) and the
-# Python reference checks against transformers. Fetches assets, promtool and the Python environment first.
+# Python reference checks against transformers. Fetches assets, Prometheus, docker-compose and the
+# Python environment first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-assets.sh >/dev/null
-# promtool (Debian's prometheus package) checks the server's /metrics exposition.
-if ! command -v promtool >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+# Debian's prometheus (promtool checks /metrics; a real Prometheus scrapes a job) and docker-compose
+# (validates docker-compose.yml without a Docker daemon).
+missing=()
+command -v prometheus >/dev/null || missing+=(prometheus)
+command -v docker-compose >/dev/null || missing+=(docker-compose)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 python=$(scripts/python-env.sh | tail -n 1)
 cargo fmt --all -- --check

@@ -27,6 +27,9 @@ pub struct AppState {
     /// Every newly stored event, for SSE subscribers.
     pub events: tokio::sync::broadcast::Sender<StoredEvent>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Turns true when the server is about to stop: SSE streams end and long-polls return, so
+    /// the graceful shutdown is not held open by clients that would otherwise wait for a job.
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The OpenAPI description served at `/openapi.yaml`, and checked against the router by tests.

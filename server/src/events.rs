@@ -181,6 +181,9 @@ pub async fn stream(
             if caught_up { break; }
         }
         loop {
+            if *app.closing.borrow() {
+                break;
+            }
             match store::get(&app.pool, &id).await {
                 Ok(Some(job)) if job.state.is_terminal() => {
                     // Drain what arrived before the final state, then end.

@@ -46,12 +46,14 @@ pub async fn launch(
         .bind(grace)
         .execute(&pool)
         .await?;
+    let (close, closing) = tokio::sync::watch::channel(false);
     let state = app::AppState {
         pool: pool.clone(),
         config: Arc::new(config),
         queue: Arc::new(tokio::sync::Notify::new()),
         events: tokio::sync::broadcast::channel(1024).0,
         metrics: Arc::new(metrics::Metrics::new()),
+        closing,
     };
     let expiry = tokio::spawn(expire_leases_forever(state.clone()));
     let address = listener.local_addr()?;
@@ -67,10 +69,13 @@ pub async fn launch(
     tracing::info!(%address, "cpt-server listening");
     // Local workers drain first, while the API still serves them: their jobs checkpoint, deliver
     // their events and return to the queue. Remote workers keep training and retry until it is back.
+    let queue = state.queue.clone();
     let shutdown = async move {
         shutdown.await;
         let _ = stop_workers.send(true);
         let _ = supervisor.await;
+        let _ = close.send(true);
+        queue.notify_waiters();
     };
     axum::serve(listener, app::router(state)).with_graceful_shutdown(shutdown).await?;
     expiry.abort();

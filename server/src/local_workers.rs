@@ -46,6 +46,9 @@ async fn keep_running(workers: LocalWorkers, index: usize, mut shutdown: watch::
             .args(["run", "--server", &workers.server_url, "--name", &format!("local-{index}")])
             .arg("--data-dir")
             .arg(&workers.data_dir)
+            // Its own process group: a Ctrl-C in the server's terminal reaches only the server,
+            // which then drains the worker with one SIGTERM (a second signal would skip the checkpoint).
+            .process_group(0)
             .kill_on_drop(true);
         if let Some(token) = &workers.worker_token {
             command.env("CPT_WORKER_TOKEN", token);

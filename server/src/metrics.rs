@@ -31,6 +31,12 @@ pub struct Metrics {
     mfu: GaugeVec,
     step_duration: HistogramVec,
     last_step: GaugeVec,
+    step: GaugeVec,
+    target_tokens: GaugeVec,
+    data_seconds: CounterVec,
+    compute_seconds: CounterVec,
+    checkpoints: CounterVec,
+    last_checkpoint_step: GaugeVec,
     eval_loss: GaugeVec,
     eval_perplexity: GaugeVec,
     job_info: GaugeVec,
@@ -57,15 +63,18 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeV
     metric
 }
 
+fn counter(registry: &Registry, name: &str, help: &str) -> CounterVec {
+    let metric = CounterVec::new(Opts::new(name, help), &["job_id"]).expect("a valid metric");
+    registry.register(Box::new(metric.clone())).expect("a unique metric");
+    metric
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let job = &["job_id"];
         let tokens =
             IntCounterVec::new(Opts::new("cpt_tokens_total", "Training tokens consumed."), job).expect("valid");
-        let model_flops =
-            CounterVec::new(Opts::new("cpt_model_flops_total", "Model FLOPs of training (6N + attention)."), job)
-                .expect("valid");
         let step_buckets = prometheus::exponential_buckets(0.01, 2.0, 16).expect("valid buckets");
         let step_duration = HistogramVec::new(
             HistogramOpts::new("cpt_step_duration_seconds", "Wall time of an optimizer step.").buckets(step_buckets),
@@ -84,7 +93,6 @@ impl Metrics {
         .expect("valid");
         for metric in [
             Box::new(tokens.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(model_flops.clone()),
             Box::new(step_duration.clone()),
             Box::new(http_requests.clone()),
             Box::new(http_duration.clone()),
@@ -98,6 +106,12 @@ impl Metrics {
             tokens_per_second: gauge(&r, "cpt_tokens_per_second", "Throughput of the last step.", job),
             mfu: gauge(&r, "cpt_mfu_ratio", "Model FLOPs utilisation of the last step (0–1).", job),
             last_step: gauge(&r, "cpt_last_step_timestamp_seconds", "Unix time of the last step.", job),
+            step: gauge(&r, "cpt_step", "The last optimizer step reported.", job),
+            target_tokens: gauge(&r, "cpt_target_tokens", "Training tokens the job's plan will consume in all.", job),
+            data_seconds: counter(&r, "cpt_data_wait_seconds_total", "Step time spent waiting for data."),
+            compute_seconds: counter(&r, "cpt_compute_seconds_total", "Step time spent computing."),
+            checkpoints: counter(&r, "cpt_checkpoints_total", "Checkpoints written."),
+            last_checkpoint_step: gauge(&r, "cpt_last_checkpoint_step", "Step of the newest checkpoint.", job),
             eval_loss: gauge(&r, "cpt_eval_loss", "Held-out loss per eval set (nats/token).", &["job_id", "set"]),
             eval_perplexity: gauge(&r, "cpt_eval_perplexity", "Held-out perplexity per eval set.", &["job_id", "set"]),
             job_info: gauge(&r, "cpt_job_info", "Always 1; labels describe the job.", &["job_id", "name"]),
@@ -109,7 +123,7 @@ impl Metrics {
                 &["state"],
             ),
             tokens,
-            model_flops,
+            model_flops: counter(&r, "cpt_model_flops_total", "Model FLOPs of training (6N + attention)."),
             step_duration,
             http_requests,
             http_duration,
@@ -141,7 +155,14 @@ impl Metrics {
                 if let Some(seconds) = number("step_seconds") {
                     self.step_duration.with_label_values(&[id]).observe(seconds);
                 }
+                set(&self.step, "step");
                 self.last_step.with_label_values(&[id]).set(event.time as f64 / 1000.0);
+                for (counter, key) in [(&self.data_seconds, "data_seconds"), (&self.compute_seconds, "compute_seconds")]
+                {
+                    if let Some(seconds) = number(key).filter(|v| v.is_finite() && *v >= 0.0) {
+                        counter.with_label_values(&[id]).inc_by(seconds);
+                    }
+                }
                 let tokens = number("tokens_total").unwrap_or(0.0) as u64;
                 let flops = number("flops_total").unwrap_or(0.0);
                 self.tokens.with_label_values(&[id]).inc_by(tokens.saturating_sub(series.tokens));
@@ -155,6 +176,18 @@ impl Metrics {
                     self.eval_loss.with_label_values(&[id, set]).set(loss);
                     self.eval_perplexity.with_label_values(&[id, set]).set(ppl);
                     series.eval_sets.insert(set.to_string());
+                }
+            }
+            "started" => {
+                let total = event.data.pointer("/plan/total_tokens").and_then(Value::as_f64);
+                if let Some(total) = total {
+                    self.target_tokens.with_label_values(&[id]).set(total);
+                }
+            }
+            "checkpoint" => {
+                self.checkpoints.with_label_values(&[id]).inc();
+                if let Some(step) = number("step") {
+                    self.last_checkpoint_step.with_label_values(&[id]).set(step);
                 }
             }
             _ => {}
@@ -171,8 +204,14 @@ impl Metrics {
             &self.tokens_per_second,
             &self.mfu,
             &self.last_step,
+            &self.step,
+            &self.target_tokens,
+            &self.last_checkpoint_step,
         ] {
             let _ = gauge.remove_label_values(&[job_id]);
+        }
+        for counter in [&self.model_flops, &self.data_seconds, &self.compute_seconds, &self.checkpoints] {
+            let _ = counter.remove_label_values(&[job_id]);
         }
         for set in &series.eval_sets {
             let _ = self.eval_loss.remove_label_values(&[job_id, set]);
@@ -180,7 +219,6 @@ impl Metrics {
         }
         let _ = self.job_info.remove_label_values(&[job_id, &series.name]);
         let _ = self.tokens.remove_label_values(&[job_id]);
-        let _ = self.model_flops.remove_label_values(&[job_id]);
         let _ = self.step_duration.remove_label_values(&[job_id]);
     }
 
@@ -264,9 +302,15 @@ mod tests {
             "a",
         );
         metrics.observe(
-            &event("step", json!({"loss": 1.5, "tokens_total": 300, "flops_total": 3e9, "step_seconds": 0.5})),
+            &event(
+                "step",
+                json!({"step": 2, "loss": 1.5, "tokens_total": 300, "flops_total": 3e9, "step_seconds": 0.5,
+                       "data_seconds": 0.25, "compute_seconds": 0.25}),
+            ),
             "a",
         );
+        metrics.observe(&event("started", json!({"plan": {"total_tokens": 1000}})), "a");
+        metrics.observe(&event("checkpoint", json!({"step": 2, "path": "x"})), "a");
         metrics.observe(&event("eval", json!({"set": "domain", "loss": 1.0, "perplexity": 2.718})), "a");
         let text = metrics.text();
         assert!(text.contains("cpt_tokens_total{job_id=\"j1\"} 300"), "{text}");
@@ -275,6 +319,11 @@ mod tests {
         assert!(text.contains("cpt_step_duration_seconds_count{job_id=\"j1\"} 2"), "{text}");
         assert!(text.contains("cpt_eval_perplexity{job_id=\"j1\",set=\"domain\"} 2.718"), "{text}");
         assert!(text.contains("cpt_last_step_timestamp_seconds{job_id=\"j1\"} 5"), "{text}");
+        assert!(text.contains("cpt_step{job_id=\"j1\"} 2"), "{text}");
+        assert!(text.contains("cpt_target_tokens{job_id=\"j1\"} 1000"), "{text}");
+        assert!(text.contains("cpt_data_wait_seconds_total{job_id=\"j1\"} 0.25"), "{text}");
+        assert!(text.contains("cpt_checkpoints_total{job_id=\"j1\"} 1"), "{text}");
+        assert!(text.contains("cpt_last_checkpoint_step{job_id=\"j1\"} 2"), "{text}");
         metrics.forget("j1");
         assert!(!metrics.text().contains("j1"), "{}", metrics.text());
     }

@@ -97,7 +97,7 @@ pub async fn lease(
         if let Some(job) = claim(&app, &worker).await? {
             return Ok(Json(job).into_response());
         }
-        if tokio::time::timeout_at(deadline, queued).await.is_err() {
+        if *app.closing.borrow() || tokio::time::timeout_at(deadline, queued).await.is_err() {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
     }

@@ -190,6 +190,16 @@ async fn the_event_stream_resumes_after_last_event_id_and_ends_with_the_job() {
 }
 
 #[tokio::test]
+async fn shutdown_ends_open_event_streams_instead_of_waiting_for_their_jobs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (server, _root, _worker, id) = with_leased_job(tmp.path()).await;
+    // Headers received: the stream's handler is running, and the job stays running.
+    let stream = server.request(Method::GET, &format!("/v1/jobs/{id}/events/stream")).send().await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), server.stop()).await.expect("the server stops at once");
+    assert!(stream.bytes().await.is_ok(), "the stream ended cleanly");
+}
+
+#[tokio::test]
 async fn worker_endpoints_need_the_worker_token() {
     let tmp = tempfile::tempdir().unwrap();
     let root = data_root(tmp.path());

@@ -104,6 +104,18 @@ enum Command {
         #[arg(long, default_value_t = crate::spool::DEFAULT_MAX_BYTES)]
         event_spool_bytes: u64,
     },
+    /// Follow a job on a server: live progress, then learning versus forgetting per eval set.
+    /// Exits non-zero unless the job succeeds.
+    Watch {
+        /// The job's id.
+        job: String,
+        /// The server's base URL.
+        #[arg(long, env = "CPT_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// The server's API token.
+        #[arg(long, env = "CPT_API_TOKEN")]
+        token: Option<String>,
+    },
     /// Run a job spec standalone; events go to <run-dir>/events.jsonl.
     Train {
         /// A job spec (JSON, the schema of `POST /v1/jobs`).
@@ -209,6 +221,12 @@ impl Cli {
                     .enable_all()
                     .build()?
                     .block_on(crate::serve::run(config))?;
+            }
+            Command::Watch { job, server, token } => {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(crate::watch::watch(server, token, &job))?;
             }
             Command::Train { spec, run_dir, resume, stop_after_steps } => {
                 crate::run_local::train_command(&spec, &run_dir, resume, stop_after_steps)?;

@@ -1,9 +1,11 @@
 //! `cpt-worker`: the standalone CLI over cpt's training core (and, later, the worker process).
 
 mod cli;
+mod progress;
 mod run_local;
 mod serve;
 mod spool;
+mod watch;
 
 use clap::Parser;
 

@@ -12,6 +12,8 @@ use cpt_protocol::{Event, JobSpec};
 use cpt_train::{train, RunOptions, StopFlag};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::progress::Progress;
+
 /// Appends events to `<run_dir>/events.jsonl`, one JSON object per line with `seq` (continuing
 /// across resumes) and `time` (Unix milliseconds) beside the event's own fields.
 pub struct EventLog {
@@ -46,40 +48,12 @@ impl EventLog {
     }
 }
 
-fn describe(event: &Event) -> Option<String> {
-    Some(match event {
-        Event::Started { plan, from_step, .. } => format!(
-            "{} steps × {} tokens, lr {:.2e} ({}), warmup {} steps, {:.2} GFLOP/token, from step {from_step}",
-            plan.total_steps,
-            plan.tokens_per_step,
-            plan.lr.peak,
-            plan.lr.reasoning,
-            plan.warmup_steps,
-            plan.flops_per_token / 1e9
-        ),
-        Event::Eval { step, set, loss, perplexity, .. } => {
-            format!("step {step} eval {set}: loss {loss:.4}, perplexity {perplexity:.2}")
-        }
-        Event::Checkpoint { path, .. } => format!("checkpoint {path}"),
-        Event::Sample { step, prompt, continuation } => format!("step {step} sample: {prompt}|{continuation}"),
-        Event::Warning { message, .. } => format!("warning: {message}"),
-        Event::Finished { step, outcome, .. } => format!("{outcome} at step {step}"),
-        Event::Step(_) => return None,
-    })
-}
-
 /// Runs a job spec file in `run_dir`.
 pub fn train_command(spec_path: &Path, run_dir: &Path, resume: bool, stop_after_steps: Option<u64>) -> Result<()> {
     let text = std::fs::read_to_string(spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
     let spec = JobSpec::from_json_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", spec_path.display()))?;
     let mut log = EventLog::open(run_dir)?;
-    let bar = ProgressBar::new(spec.total_steps());
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
-            .expect("a valid template"),
-    );
-    // Without a terminal the bar draws nothing, so progress goes to stderr as plain lines.
-    let say = |line: String| if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) };
+    let progress = Progress::new(spec.total_steps());
     let stop = StopFlag::default();
     let options = RunOptions { resume, stop_after_steps, device: Device::Cpu };
     let mut failure = None;
@@ -88,30 +62,9 @@ pub fn train_command(spec_path: &Path, run_dir: &Path, resume: bool, stop_after_
             failure.get_or_insert(error);
             stop.stop();
         }
-        match &event {
-            Event::Step(m) => {
-                let line = format!(
-                    "loss {:.4} lr {:.2e} |g| {:.2} {:.0} tok/s MFU {:.1}%",
-                    m.loss,
-                    m.lr,
-                    m.grad_norm,
-                    m.tokens_per_second,
-                    100.0 * m.mfu
-                );
-                bar.set_position(m.step);
-                if bar.is_hidden() {
-                    eprintln!("step {}/{}: {line}", m.step, bar.length().unwrap_or(0));
-                }
-                bar.set_message(line);
-            }
-            Event::Started { from_step, .. } => {
-                bar.set_position(*from_step);
-                say(describe(&event).expect("described"));
-            }
-            other => say(describe(other).expect("described")),
-        }
+        progress.show(&event);
     });
-    bar.finish_and_clear();
+    progress.finish();
     if let Some(error) = failure {
         return Err(error.context("writing events.jsonl"));
     }
