@@ -7,8 +7,10 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Tensor};
+use rayon::prelude::*;
 
+use crate::model::fused;
 use crate::params::{is_norm_or_bias, Params};
 
 /// AdamW's hyper-parameters (the learning rate comes per step from the schedule).
@@ -38,8 +40,9 @@ impl AdamW {
         let moments = params
             .iter()
             .map(|(name, var)| {
-                let zeros = var.as_tensor().zeros_like()?;
-                Ok((name.to_string(), (zeros.clone(), zeros)))
+                // Two tensors, not two handles on one: the moments are updated in place.
+                let zeros = || var.as_tensor().zeros_like();
+                Ok((name.to_string(), (zeros()?, zeros()?)))
             })
             .collect::<Result<_>>()?;
         Ok(Self { config, updates: 0, moments })
@@ -50,20 +53,28 @@ impl AdamW {
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
         self.updates += 1;
         let t = self.updates as i32;
-        let step_size = lr / (1.0 - beta1.powi(t));
-        let correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
         for (name, var) in params.iter() {
             let grad = grads.get(name).with_context(|| format!("no gradient for `{name}`"))?;
             let (m, v) = self.moments.get_mut(name).expect("moments exist for every parameter");
-            *m = ((&*m * beta1)? + (grad * (1.0 - beta1))?)?;
-            *v = ((&*v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
-            let mut p = var.as_tensor().clone();
-            if weight_decay > 0.0 && !is_norm_or_bias(name) {
-                p = (p * (1.0 - lr * weight_decay))?;
+            let decay = if is_norm_or_bias(name) { 0.0 } else { weight_decay };
+            let update = Update {
+                eps,
+                decay_factor: 1.0 - lr * decay,
+                step_size: lr / (1.0 - beta1.powi(t)),
+                correction2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
+            };
+            if fused::supported(var.as_tensor()) && grad.is_contiguous() {
+                // One pass per tensor, in place: no temporaries the size of the model.
+                m.inplace_op2(grad, &Moment { beta: beta1, squared: false })?;
+                v.inplace_op2(grad, &Moment { beta: beta2, squared: true })?;
+                var.as_tensor().inplace_op3(m, v, &update)?;
+            } else {
+                *m = ((&*m * beta1)? + (grad * (1.0 - beta1))?)?;
+                *v = ((&*v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
+                let denom = ((v.sqrt()? / update.correction2_sqrt)? + eps)?;
+                let p = (var.as_tensor() * update.decay_factor)?;
+                var.set(&(p - (m.div(&denom)? * update.step_size)?)?)?;
             }
-            let denom = ((v.sqrt()? / correction2_sqrt)? + eps)?;
-            let updated = (p - (m.div(&denom)? * step_size)?)?;
-            var.set(&updated)?;
         }
         Ok(())
     }
@@ -99,6 +110,93 @@ impl AdamW {
             bail!("optimizer state has an unexpected tensor `{extra}`");
         }
         Ok(Self { config, updates, moments })
+    }
+}
+
+/// `m ← β·m + (1 − β)·g`, or with `g²` for the second moment, in place.
+struct Moment {
+    beta: f64,
+    squared: bool,
+}
+
+impl candle_core::InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        fn run<T: Real>(m: &mut [T], g: &[T], beta: f64, squared: bool) {
+            let (beta, rest) = (T::from(beta).expect("a float"), T::from(1.0 - beta).expect("a float"));
+            m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| {
+                for (m, &g) in m.iter_mut().zip(g) {
+                    *m = *m * beta + (if squared { g * g } else { g }) * rest;
+                }
+            });
+        }
+        let g = contiguous_range(l2)?;
+        let m = contiguous_range(l1)?;
+        match (s1, s2) {
+            (CpuStorage::F32(m_data), CpuStorage::F32(g_data)) => {
+                run(&mut m_data[m], &g_data[g], self.beta, self.squared)
+            }
+            (CpuStorage::F64(m_data), CpuStorage::F64(g_data)) => {
+                run(&mut m_data[m], &g_data[g], self.beta, self.squared)
+            }
+            _ => candle_core::bail!("adamw-moment: f32 or f64 of one dtype"),
+        }
+        Ok(())
+    }
+}
+
+/// `p ← p·(1 − lr·wd) − step_size · m / (√v / √(1 − β₂ᵗ) + ε)`, in place (torch's AdamW order).
+struct Update {
+    eps: f64,
+    decay_factor: f64,
+    step_size: f64,
+    correction2_sqrt: f64,
+}
+
+impl candle_core::InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        fn run<T: Real>(p: &mut [T], m: &[T], v: &[T], u: &Update) {
+            let f = |x: f64| T::from(x).expect("a float");
+            let (decay, step, c2, eps) = (f(u.decay_factor), f(u.step_size), f(u.correction2_sqrt), f(u.eps));
+            p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(|((p, m), v)| {
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    *p = *p * decay - step * (m / (v.sqrt() / c2 + eps));
+                }
+            });
+        }
+        let (p, m, v) = (contiguous_range(l1)?, contiguous_range(l2)?, contiguous_range(l3)?);
+        match (s1, s2, s3) {
+            (CpuStorage::F32(pd), CpuStorage::F32(md), CpuStorage::F32(vd)) => run(&mut pd[p], &md[m], &vd[v], self),
+            (CpuStorage::F64(pd), CpuStorage::F64(md), CpuStorage::F64(vd)) => run(&mut pd[p], &md[m], &vd[v], self),
+            _ => candle_core::bail!("adamw-update: f32 or f64 of one dtype"),
+        }
+        Ok(())
+    }
+}
+
+const CHUNK: usize = 64 * 1024;
+
+trait Real: num_traits::Float + Send + Sync {}
+impl Real for f32 {}
+impl Real for f64 {}
+
+fn contiguous_range(layout: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(start..end),
+        None => candle_core::bail!("adamw: tensors must be contiguous"),
     }
 }
 

@@ -3,48 +3,11 @@
 
 mod common;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
+use common::{check_gradients, random};
 use cpt_train::model::ops;
 use cpt_train::Llama;
-use rand::{Rng, SeedableRng};
 use serde_json::json;
-
-fn random(shape: &[usize], seed: u64) -> Tensor {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let values: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-}
-
-/// Compares the analytic gradient of `sum(f(inputs) · projection)` with central differences for
-/// every element of every input.
-fn check_gradients(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
-    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let output = f(&tensors).unwrap();
-    let projection = random(output.dims(), 99);
-    let scalar =
-        |xs: &[Tensor]| -> f64 { (f(xs).unwrap() * &projection).unwrap().sum_all().unwrap().to_scalar().unwrap() };
-    let grads = (output * &projection).unwrap().sum_all().unwrap().backward().unwrap();
-    let eps = 1e-6;
-    for (i, var) in vars.iter().enumerate() {
-        let analytic: Vec<f64> =
-            grads.get(var).expect("input has a gradient").flatten_all().unwrap().to_vec1().unwrap();
-        let base: Vec<f64> = inputs[i].flatten_all().unwrap().to_vec1().unwrap();
-        for (j, &a) in analytic.iter().enumerate() {
-            let nudged = |delta: f64| {
-                let mut values = base.clone();
-                values[j] += delta;
-                let mut xs = inputs.to_vec();
-                xs[i] = Tensor::from_vec(values, inputs[i].dims(), &Device::Cpu).unwrap();
-                scalar(&xs)
-            };
-            let numeric = (nudged(eps) - nudged(-eps)) / (2.0 * eps);
-            let tolerance = 1e-6 * (1.0 + numeric.abs());
-            assert!((a - numeric).abs() < tolerance, "input {i} element {j}: analytic {a} vs numeric {numeric}");
-        }
-    }
-}
 
 #[test]
 fn rms_norm_gradient_matches_finite_differences() {

@@ -146,6 +146,25 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Time full training steps (forward, backward, AdamW) of a random model on random tokens;
+    /// prints a JSON report (tokens/s, GFLOP/s, peak memory). See bench/train_speed.sh.
+    Bench {
+        /// A model config.json (e.g. bench/configs/reference.json).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Timed steps (the median is reported), after --warmup untimed ones.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// The composed reference ops instead of the fused kernels.
+        #[arg(long)]
+        unfused: bool,
+    },
     /// Continue a prompt (greedy unless --temperature is given).
     Generate {
         #[arg(long)]
@@ -233,6 +252,14 @@ impl Cli {
             }
             Command::Prepare { tokenizer, input, out, seq_len, config } => {
                 crate::run_local::prepare_command(&tokenizer, &input, &out, seq_len, config.as_deref())?;
+            }
+            Command::Bench { config, seq_len, batch, steps, warmup, unfused } => {
+                let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
+                let model_config = cpt_train::ModelConfig::from_json_str(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+                let options = cpt_train::bench::BenchOptions { seq_len, batch, steps, warmup, fused: !unfused };
+                let report = cpt_train::bench::bench(&model_config, &options)?;
+                println!("{}", serde_json::to_string(&report)?);
             }
             Command::Generate { model, prompt, max_new_tokens, temperature, top_k, seed } => {
                 let (model_dir, model) = load_model(&model, &device)?;

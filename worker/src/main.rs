@@ -14,7 +14,14 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e`, mimalloc.h).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> std::process::ExitCode {
+    // Training frees and reallocates the same large buffers every step; returning them to the OS
+    // made the kernel zero fresh pages each time (~6% of a CPU step in perf). Keep them instead.
+    // SAFETY: setting an option is thread-safe and takes effect for later purges.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CPT_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

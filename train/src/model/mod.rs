@@ -1,5 +1,7 @@
 //! The LLaMA-family decoder (Llama, Mistral, Qwen2) as a trainable candle graph.
 
+mod fastexp;
+pub mod fused;
 pub mod ops;
 
 use candle_core::{Result, Tensor};
@@ -36,6 +38,8 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Tensor,
     inv_freq: Vec<f64>,
+    /// Use the fused kernels where the device and dtype have them (the default).
+    fused: bool,
 }
 
 fn get(params: &Params, name: &str) -> Result<Tensor> {
@@ -78,6 +82,7 @@ impl Llama {
             norm: get(params, "model.norm.weight")?,
             lm_head,
             inv_freq: config.rope_inv_freq(),
+            fused: true,
         })
     }
 
@@ -113,7 +118,18 @@ impl Llama {
             norm: d(&self.norm),
             lm_head: d(&self.lm_head),
             inv_freq: self.inv_freq.clone(),
+            fused: self.fused,
         }
+    }
+
+    /// Chooses the fused kernels (`true`, the default) or the composed reference ops.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
+    }
+
+    /// The kernels this model runs with on `x`'s device and dtype.
+    fn kernels(&self, x: &Tensor) -> Kernels {
+        Kernels { fused: self.fused && fused::supported(x) }
     }
 
     /// The config this model was built from.
@@ -123,40 +139,104 @@ impl Llama {
 
     /// Logits `(batch, seq, vocab)` for every position of `ids: (batch, seq)` (u32 token ids).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        ops::linear(&self.hidden(ids)?, &self.lm_head, None)
+    }
+
+    /// Logits `(batch · seq, vocab)`: the loss's layout, without reshaping the largest tensor of
+    /// the step (every reshape is one more full-size gradient in the backward pass).
+    fn flat_logits(&self, ids: &Tensor) -> Result<Tensor> {
+        self.hidden(ids)?.flatten_to(1)?.matmul(&self.lm_head.t()?)
+    }
+
+    /// The final hidden states `(batch, seq, hidden)`, normalised.
+    fn hidden(&self, ids: &Tensor) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
         let c = &self.config;
         let dtype = self.embed.dtype();
         let device = ids.device();
+        let ops = self.kernels(&self.embed);
         let (cos, sin) = ops::rope_tables(&self.inv_freq, seq, dtype, device)?;
-        let mask = ops::causal_mask(seq, c.sliding_window, dtype, device)?;
+        let mask = if ops.fused { None } else { Some(ops::causal_mask(seq, c.sliding_window, dtype, device)?) };
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((batch, seq, c.hidden_size))?;
         for layer in &self.layers {
             let a = &layer.attention;
-            let h = ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
+            let h = ops.rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
             let heads = |w: &Tensor, b: Option<&Tensor>, n: usize| {
                 ops::linear(&h, w, b)?.reshape((batch, seq, n, c.head_dim))?.transpose(1, 2)?.contiguous()
             };
             let q = heads(&a.q, a.q_bias.as_ref(), c.num_attention_heads)?;
             let k = heads(&a.k, a.k_bias.as_ref(), c.num_key_value_heads)?;
             let v = heads(&a.v, a.v_bias.as_ref(), c.num_key_value_heads)?;
-            let q = ops::rope(&q, &cos, &sin)?;
-            let k = ops::rope(&k, &cos, &sin)?;
-            let y = ops::attention(&q, &k, &v, &mask)?;
+            let q = ops.rope(&q, &cos, &sin)?;
+            let k = ops.rope(&k, &cos, &sin)?;
+            let y = match &mask {
+                Some(mask) => ops::attention(&q, &k, &v, mask)?,
+                None => fused_attention(&q, &k, &v, c.sliding_window)?,
+            };
             let y = y.transpose(1, 2)?.reshape((batch, seq, c.num_attention_heads * c.head_dim))?;
             x = (x + ops::linear(&y, &a.o, a.o_bias.as_ref())?)?;
-            let h = ops::rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
-            let gated = ops::swiglu(&ops::linear(&h, &layer.gate, None)?, &ops::linear(&h, &layer.up, None)?)?;
+            let h = ops.rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
+            let gated = ops.swiglu(&ops::linear(&h, &layer.gate, None)?, &ops::linear(&h, &layer.up, None)?)?;
             x = (x + ops::linear(&gated, &layer.down, None)?)?;
         }
-        let x = ops::rms_norm(&x, &self.norm, c.rms_norm_eps)?;
-        ops::linear(&x, &self.lm_head, None)
+        ops.rms_norm(&x, &self.norm, c.rms_norm_eps)
     }
 
     /// Mean next-token cross-entropy of `ids: (batch, seq)`: position `t` predicts token `t + 1`.
     pub fn loss(&self, ids: &Tensor) -> Result<Tensor> {
         let (inputs, targets) = shift(ids)?;
-        let logits = self.forward(&inputs)?;
-        ops::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)
+        let logits = self.flat_logits(&inputs)?;
+        self.kernels(&logits).token_nll(&logits, &targets.flatten_all()?)?.mean_all()
+    }
+}
+
+/// Causal self-attention with grouped-query heads through the fused masked softmax (see
+/// [`ops::attention`] for the layout).
+fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<Tensor> {
+    let (b, heads, s, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let q = q.reshape((b, kv_heads, heads / kv_heads * s, d))?;
+    let probs = fused::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (d as f64).sqrt(), window)?;
+    probs.matmul(v)?.reshape((b, heads, s, d))
+}
+
+/// The fused kernels or the composed ops, chosen once per forward pass.
+#[derive(Clone, Copy)]
+struct Kernels {
+    fused: bool,
+}
+
+impl Kernels {
+    fn rms_norm(self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+        if self.fused {
+            fused::rms_norm(x, weight, eps)
+        } else {
+            ops::rms_norm(x, weight, eps)
+        }
+    }
+
+    fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            fused::rope(x, cos, sin)
+        } else {
+            ops::rope(x, cos, sin)
+        }
+    }
+
+    fn swiglu(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            fused::swiglu(gate, up)
+        } else {
+            ops::swiglu(gate, up)
+        }
+    }
+
+    fn token_nll(self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            fused::token_nll(logits, targets)
+        } else {
+            ops::token_nll(logits, targets)
+        }
     }
 }
 
@@ -165,8 +245,8 @@ impl Llama {
     /// (0 for padding).
     pub fn masked_loss(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (inputs, targets) = shift(ids)?;
-        let logits = self.forward(&inputs)?;
-        let nll = ops::token_nll(&logits.flatten_to(1)?, &targets.flatten_all()?)?;
+        let logits = self.flat_logits(&inputs)?;
+        let nll = self.kernels(&logits).token_nll(&logits, &targets.flatten_all()?)?;
         let mask = mask.flatten_all()?.to_dtype(nll.dtype())?;
         (nll * &mask)?.sum_all()?.broadcast_div(&mask.sum_all()?)
     }

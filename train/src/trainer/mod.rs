@@ -215,7 +215,7 @@ pub fn train(
         }
         Ok(())
     };
-    let due = |every: u64, step: u64| every > 0 && step % every == 0;
+    let due = |every: u64, step: u64| every > 0 && step.is_multiple_of(every);
 
     if from_step == 0 {
         evaluate(&model, &data, spec, 0, device, &mut on_event)?;

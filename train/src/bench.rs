@@ -1,0 +1,98 @@
+//! Training-speed benchmark: full optimizer steps (forward, backward, AdamW) of a randomly
+//! initialised model on random tokens, timed after warmup. `cpt-worker bench` prints the report;
+//! `bench/train_speed.sh` runs the same model in PyTorch in the same session for the ratio.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::optim::{AdamW, AdamWConfig};
+use crate::{Llama, ModelConfig, Params};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub seq_len: usize,
+    pub batch: usize,
+    /// Timed steps, after `warmup` untimed ones.
+    pub steps: usize,
+    pub warmup: usize,
+    /// Use the fused operations (the default) or the composed reference ops.
+    pub fused: bool,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub fused: bool,
+    pub parameters: u64,
+    pub tokens_per_step: usize,
+    /// Median over the timed steps.
+    pub step_seconds: f64,
+    pub tokens_per_second: f64,
+    /// Model FLOPs (6N + attention, as MFU counts them) per second.
+    pub gflops_per_second: f64,
+    /// Peak resident memory of the process so far (VmHWM).
+    pub peak_rss_mib: f64,
+    pub losses: Vec<f64>,
+}
+
+/// Trains `config` from a fixed random initialisation on fixed random tokens and times it.
+pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport> {
+    let device = Device::Cpu;
+    let params = Params::init_random(config, 0, DType::F32, &device)?;
+    let mut model = Llama::new(config, &params)?;
+    model.set_fused(options.fused);
+    let adamw = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let mut optimizer = AdamW::new(&params, adamw)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    // seq_len + 1 tokens per row: seq_len predicted positions, as in training.
+    let ids: Vec<u32> =
+        (0..options.batch * (options.seq_len + 1)).map(|_| rng.random_range(0..config.vocab_size as u32)).collect();
+    let ids = Tensor::from_vec(ids, (options.batch, options.seq_len + 1), &device)?;
+    let mut seconds = Vec::new();
+    let mut losses = Vec::new();
+    for step in 0..options.warmup + options.steps {
+        let started = Instant::now();
+        let loss = model.loss(&ids)?;
+        let store = loss.backward()?;
+        let grads: BTreeMap<String, Tensor> = params
+            .iter()
+            .map(|(name, var)| Ok((name.to_string(), store.get(var).context("a parameter without gradient")?.clone())))
+            .collect::<Result<_>>()?;
+        optimizer.step(&params, &grads, 1e-3)?;
+        losses.push(loss.to_scalar::<f32>()? as f64);
+        if step >= options.warmup {
+            seconds.push(started.elapsed().as_secs_f64());
+        }
+    }
+    seconds.sort_by(f64::total_cmp);
+    let step_seconds = seconds[seconds.len() / 2];
+    let tokens = options.batch * options.seq_len;
+    let flops = cpt_protocol::plan::flops_per_token(config, options.seq_len) * tokens as f64;
+    Ok(BenchReport {
+        fused: options.fused,
+        parameters: config.total_parameters() as u64,
+        tokens_per_step: tokens,
+        step_seconds,
+        tokens_per_second: tokens as f64 / step_seconds,
+        gflops_per_second: flops / step_seconds / 1e9,
+        peak_rss_mib: peak_rss_mib(),
+        losses,
+    })
+}
+
+/// The process's peak resident set size in MiB (0 where /proc is unavailable).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
