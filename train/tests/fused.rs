@@ -145,3 +145,27 @@ fn twenty_training_steps_with_fused_kernels_track_the_composed_ops() {
         assert!(fused.losses[19] < fused.losses[0] - 0.5, "it learns: {:?}", fused.losses);
     }
 }
+
+#[test]
+fn fused_head_split_with_rotation_and_merge_match_reshape_transpose_and_rope() {
+    let config = common::tiny_config("LlamaForCausalLM", json!({}));
+    let (b, s, n, d) = (2, 7, 3, 8);
+    let (cos, sin) = ops::rope_tables(&config.rope_inv_freq(), s, DType::F64, &Device::Cpu).unwrap();
+    let split = |x: &Tensor| x.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous();
+    for rotate in [true, false] {
+        let inputs = [random(&[b, s, n * d], 1)];
+        let reference = |x: &[Tensor]| {
+            let heads = split(&x[0])?;
+            if rotate {
+                ops::rope(&heads, &cos, &sin)
+            } else {
+                Ok(heads)
+            }
+        };
+        assert_same_as_reference(&inputs, |x| fused::split_heads(&x[0], n, &cos, &sin, rotate), reference, 1e-12);
+        check_gradients(&inputs, |x| fused::split_heads(&x[0], n, &cos, &sin, rotate));
+    }
+    let inputs = [random(&[b, n, s, d], 2)];
+    let reference = |x: &[Tensor]| x[0].transpose(1, 2)?.reshape((b, s, n * d));
+    assert_same_as_reference(&inputs, |x| fused::merge_heads(&x[0], &cos, &sin), reference, 0.0);
+}

@@ -2,6 +2,7 @@
 
 mod fastexp;
 pub mod fused;
+pub mod linear;
 pub mod ops;
 
 use candle_core::{Result, Tensor};
@@ -139,13 +140,20 @@ impl Llama {
 
     /// Logits `(batch, seq, vocab)` for every position of `ids: (batch, seq)` (u32 token ids).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        ops::linear(&self.hidden(ids)?, &self.lm_head, None)
+        let hidden = self.hidden(ids)?;
+        self.kernels(&hidden).linear(&hidden, &self.lm_head, None)
     }
 
-    /// Logits `(batch · seq, vocab)`: the loss's layout, without reshaping the largest tensor of
-    /// the step (every reshape is one more full-size gradient in the backward pass).
-    fn flat_logits(&self, ids: &Tensor) -> Result<Tensor> {
-        self.hidden(ids)?.flatten_to(1)?.matmul(&self.lm_head.t()?)
+    /// Next-token negative log-likelihood `(batch · (seq − 1),)` of `ids: (batch, seq)`.
+    fn token_nll(&self, ids: &Tensor) -> Result<Tensor> {
+        let (inputs, targets) = shift(ids)?;
+        let hidden = self.hidden(&inputs)?.flatten_to(1)?;
+        let targets = targets.flatten_all()?;
+        let ops = self.kernels(&hidden);
+        if ops.fused {
+            return fused::linear_nll(&hidden, &self.lm_head, &targets);
+        }
+        ops::token_nll(&ops.linear(&hidden, &self.lm_head, None)?, &targets)
     }
 
     /// The final hidden states `(batch, seq, hidden)`, normalised.
@@ -161,32 +169,39 @@ impl Llama {
         for layer in &self.layers {
             let a = &layer.attention;
             let h = ops.rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let heads = |w: &Tensor, b: Option<&Tensor>, n: usize| {
-                ops::linear(&h, w, b)?.reshape((batch, seq, n, c.head_dim))?.transpose(1, 2)?.contiguous()
-            };
-            let q = heads(&a.q, a.q_bias.as_ref(), c.num_attention_heads)?;
-            let k = heads(&a.k, a.k_bias.as_ref(), c.num_key_value_heads)?;
-            let v = heads(&a.v, a.v_bias.as_ref(), c.num_key_value_heads)?;
-            let q = ops.rope(&q, &cos, &sin)?;
-            let k = ops.rope(&k, &cos, &sin)?;
+            let project = |w: &Tensor, b: Option<&Tensor>| ops.linear(&h, w, b);
+            let (q, k, v) = (
+                project(&a.q, a.q_bias.as_ref())?,
+                project(&a.k, a.k_bias.as_ref())?,
+                project(&a.v, a.v_bias.as_ref())?,
+            );
             let y = match &mask {
-                Some(mask) => ops::attention(&q, &k, &v, mask)?,
-                None => fused_attention(&q, &k, &v, c.sliding_window)?,
+                Some(mask) => {
+                    let heads =
+                        |x: &Tensor, n: usize| x.reshape((batch, seq, n, c.head_dim))?.transpose(1, 2)?.contiguous();
+                    let q = ops::rope(&heads(&q, c.num_attention_heads)?, &cos, &sin)?;
+                    let k = ops::rope(&heads(&k, c.num_key_value_heads)?, &cos, &sin)?;
+                    let y = ops::attention(&q, &k, &heads(&v, c.num_key_value_heads)?, mask)?;
+                    y.transpose(1, 2)?.reshape((batch, seq, c.num_attention_heads * c.head_dim))?
+                }
+                None => {
+                    let q = fused::split_heads(&q, c.num_attention_heads, &cos, &sin, true)?;
+                    let k = fused::split_heads(&k, c.num_key_value_heads, &cos, &sin, true)?;
+                    let v = fused::split_heads(&v, c.num_key_value_heads, &cos, &sin, false)?;
+                    fused::merge_heads(&fused_attention(&q, &k, &v, c.sliding_window)?, &cos, &sin)?
+                }
             };
-            let y = y.transpose(1, 2)?.reshape((batch, seq, c.num_attention_heads * c.head_dim))?;
-            x = (x + ops::linear(&y, &a.o, a.o_bias.as_ref())?)?;
+            x = (x + ops.linear(&y, &a.o, a.o_bias.as_ref())?)?;
             let h = ops.rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
-            let gated = ops.swiglu(&ops::linear(&h, &layer.gate, None)?, &ops::linear(&h, &layer.up, None)?)?;
-            x = (x + ops::linear(&gated, &layer.down, None)?)?;
+            let gated = ops.swiglu(&ops.linear(&h, &layer.gate, None)?, &ops.linear(&h, &layer.up, None)?)?;
+            x = (x + ops.linear(&gated, &layer.down, None)?)?;
         }
         ops.rms_norm(&x, &self.norm, c.rms_norm_eps)
     }
 
     /// Mean next-token cross-entropy of `ids: (batch, seq)`: position `t` predicts token `t + 1`.
     pub fn loss(&self, ids: &Tensor) -> Result<Tensor> {
-        let (inputs, targets) = shift(ids)?;
-        let logits = self.flat_logits(&inputs)?;
-        self.kernels(&logits).token_nll(&logits, &targets.flatten_all()?)?.mean_all()
+        self.token_nll(ids)?.mean_all()
     }
 }
 
@@ -207,19 +222,22 @@ struct Kernels {
 }
 
 impl Kernels {
+    fn linear(self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        if !self.fused {
+            return ops::linear(x, weight, bias);
+        }
+        let y = linear::linear(x, weight)?;
+        match bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+
     fn rms_norm(self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         if self.fused {
             fused::rms_norm(x, weight, eps)
         } else {
             ops::rms_norm(x, weight, eps)
-        }
-    }
-
-    fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        if self.fused {
-            fused::rope(x, cos, sin)
-        } else {
-            ops::rope(x, cos, sin)
         }
     }
 
@@ -230,23 +248,13 @@ impl Kernels {
             ops::swiglu(gate, up)
         }
     }
-
-    fn token_nll(self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        if self.fused {
-            fused::token_nll(logits, targets)
-        } else {
-            ops::token_nll(logits, targets)
-        }
-    }
 }
 
 impl Llama {
     /// Mean next-token loss over the target positions that `mask: (batch, seq - 1)` marks with 1
     /// (0 for padding).
     pub fn masked_loss(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (inputs, targets) = shift(ids)?;
-        let logits = self.flat_logits(&inputs)?;
-        let nll = self.kernels(&logits).token_nll(&logits, &targets.flatten_all()?)?;
+        let nll = self.token_nll(ids)?;
         let mask = mask.flatten_all()?.to_dtype(nll.dtype())?;
         (nll * &mask)?.sum_all()?.broadcast_div(&mask.sum_all()?)
     }

@@ -6,6 +6,12 @@
 //! Each op is checked against finite differences and against the composed ops in
 //! `tests/fused.rs`.
 
+mod heads;
+mod linear_nll;
+
+pub use heads::{merge_heads, split_heads};
+pub use linear_nll::linear_nll;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;

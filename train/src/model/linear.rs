@@ -1,0 +1,139 @@
+//! `x · Wᵀ` as one op with its own backward, calling gemm directly. Composed from candle's
+//! `matmul(w.t())`, the weight gradient comes back transposed and is summed into a zero tensor
+//! element by element through strides, the output buffer is zeroed before gemm overwrites it, and
+//! the reshapes around it each add a full-size gradient to the backward pass. Here `dW = gᵀ·x` is
+//! written in the weight's own layout by gemm, and `x` keeps its leading dimensions.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+/// `x: (.., in)`, `weight: (out, in)` → `(.., out)`.
+pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&weight.contiguous()?, Linear)
+}
+
+/// `y = x · wᵀ` on storages, for ops that fuse the product with what follows.
+pub(crate) fn forward_storage(x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout)) -> Result<(CpuStorage, Shape)> {
+    run(Product::Forward, x, w)
+}
+
+/// `(g · w, gᵀ · x)`: the input and weight gradients of `x · wᵀ` for the output gradient `g`.
+pub(crate) fn gradients(g: &Tensor, x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
+    Ok((g.apply_op2_no_bwd(w, &Gradient(Product::InputGrad))?, g.apply_op2_no_bwd(x, &Gradient(Product::WeightGrad))?))
+}
+
+/// Which product a [`Product`] computes, for `x: (rows, in)`, `w: (out, in)`, `g: (rows, out)`.
+#[derive(Clone, Copy)]
+enum Product {
+    /// `y = x · wᵀ` from (x, w).
+    Forward,
+    /// `dx = g · w` from (g, w).
+    InputGrad,
+    /// `dw = gᵀ · x` from (g, x).
+    WeightGrad,
+}
+
+struct Linear;
+struct Gradient(Product);
+
+fn contiguous<'a, T: candle_core::WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&storage.as_slice::<T>()?[start..end]),
+        None => bail!("linear: inputs must be contiguous"),
+    }
+}
+
+/// Runs `product` on row-major `a` and `b`; returns the result and its shape.
+fn run(product: Product, a: (&CpuStorage, &Layout), b: (&CpuStorage, &Layout)) -> Result<(CpuStorage, Shape)> {
+    let (a_dims, b_dims) = (a.1.dims(), b.1.dims());
+    let a_cols = *a_dims.last().unwrap_or(&1);
+    let a_rows = a.1.shape().elem_count() / a_cols.max(1);
+    let b_cols = *b_dims.last().unwrap_or(&1);
+    let b_rows = b.1.shape().elem_count() / b_cols.max(1);
+    // (m, n, k) and the strides (column, row) of dst, lhs and rhs, all in elements.
+    let (m, n, k, lhs, rhs, shape) = match product {
+        Product::Forward => {
+            if a_cols != b_cols {
+                bail!("linear: input of {a_cols} features for a weight of {b_cols}");
+            }
+            let mut dims = a_dims[..a_dims.len() - 1].to_vec();
+            dims.push(b_rows);
+            (a_rows, b_rows, a_cols, (1, a_cols), (b_cols, 1), Shape::from(dims))
+        }
+        Product::InputGrad => {
+            if a_cols != b_rows {
+                bail!("linear: gradient of {a_cols} features for a weight of {b_rows} outputs");
+            }
+            let mut dims = a_dims[..a_dims.len() - 1].to_vec();
+            dims.push(b_cols);
+            (a_rows, b_cols, a_cols, (1, a_cols), (1, b_cols), Shape::from(dims))
+        }
+        Product::WeightGrad if a_rows != b_rows => bail!("linear: {a_rows} gradient rows for {b_rows} inputs"),
+        Product::WeightGrad => (a_cols, b_cols, a_rows, (a_cols, 1), (1, b_cols), Shape::from((a_cols, b_cols))),
+    };
+    fn typed<T: candle_core::WithDType + num_traits::Zero + num_traits::One>(
+        (m, n, k): (usize, usize, usize),
+        (lhs, lhs_strides): (&[T], (usize, usize)),
+        (rhs, rhs_strides): (&[T], (usize, usize)),
+    ) -> Vec<T> {
+        let mut dst: Vec<T> = Vec::with_capacity(m * n);
+        let threads = rayon::current_num_threads();
+        let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        // SAFETY: dst has room for m·n elements and gemm writes every one of them (read_dst is
+        // false); lhs and rhs cover the strided m·k and k·n elements (checked by the caller's shapes).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                lhs.as_ptr(),
+                lhs_strides.0 as isize,
+                lhs_strides.1 as isize,
+                rhs.as_ptr(),
+                rhs_strides.0 as isize,
+                rhs_strides.1 as isize,
+                T::zero(),
+                T::one(),
+                false,
+                false,
+                false,
+                parallelism,
+            );
+            dst.set_len(m * n);
+        }
+        dst
+    }
+    let sizes = (m, n, k);
+    let storage = match a.0.dtype() {
+        DType::F32 => CpuStorage::F32(typed(sizes, (contiguous(a.0, a.1)?, lhs), (contiguous(b.0, b.1)?, rhs))),
+        DType::F64 => CpuStorage::F64(typed(sizes, (contiguous(a.0, a.1)?, lhs), (contiguous(b.0, b.1)?, rhs))),
+        dtype => bail!("linear: {dtype:?} has no CPU kernel"),
+    };
+    Ok((storage, shape))
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        run(Product::Forward, (s1, l1), (s2, l2))
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = gradients(&grad.contiguous()?, x, w)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp2 for Gradient {
+    fn name(&self) -> &'static str {
+        "linear-grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        run(self.0, (s1, l1), (s2, l2))
+    }
+}
