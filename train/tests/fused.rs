@@ -169,3 +169,19 @@ fn fused_head_split_with_rotation_and_merge_match_reshape_transpose_and_rope() {
     let reference = |x: &[Tensor]| x[0].transpose(1, 2)?.reshape((b, s, n * d));
     assert_same_as_reference(&inputs, |x| fused::merge_heads(&x[0], &cos, &sin), reference, 0.0);
 }
+
+#[test]
+fn fused_output_projection_and_cross_entropy_match_the_composed_ops() {
+    for (n, hidden, vocab) in [(5, 4, 10), (40, 16, 3000)] {
+        let targets: Vec<u32> = (0..n).map(|i| (i * 7919 % vocab) as u32).collect();
+        let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+        let inputs = [random(&[n, hidden], 1), (random(&[vocab, hidden], 2) * 3.0).unwrap()];
+        let f = |x: &[Tensor]| fused::linear_nll(&x[0], &x[1], &targets);
+        if vocab == 10 {
+            check_gradients(&inputs, f);
+        }
+        let reference = |x: &[Tensor]| ops::token_nll(&ops::linear(&x[0], &x[1], None)?, &targets);
+        assert_same_as_reference(&inputs, f, reference, 1e-12);
+        assert_same_as_reference(&f32s(&inputs), f, reference, 2e-5);
+    }
+}

@@ -9,7 +9,8 @@ use std::sync::Mutex;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{by_rows, data, log_sum_exp, target_indices, Real};
+use super::softmax::{log_sum_exp, target_indices};
+use super::{by_rows, data, Real};
 use crate::model::linear;
 
 /// Negative log-likelihood `(n,)` of `targets: (n,)` under `hidden: (n, h) · weightᵀ: (h, vocab)`.

@@ -1,0 +1,120 @@
+//! RMSNorm and its input and weight gradients.
+
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{by_rows, cpu, last_dim, Kernel, Real};
+
+/// RMSNorm over the last dimension, times `weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNorm { eps })
+}
+
+#[derive(Clone, Copy)]
+struct RmsNorm {
+    eps: f64,
+}
+
+/// `1 / sqrt(mean(x²) + eps)` of one row.
+fn inv_rms<T: Real>(x: &[T], eps: f64) -> T {
+    let mean_square = x.iter().fold(T::zero(), |acc, &v| acc + v * v) / T::from(x.len()).expect("a length");
+    (mean_square + T::from(eps).expect("a float eps")).sqrt().recip()
+}
+
+impl Kernel for RmsNorm {
+    const NAME: &'static str = "rms-norm";
+    fn run<T: Real>(&self, inputs: &[&[T]], dims: &[&[usize]]) -> Result<Vec<T>> {
+        let (x, w) = (inputs[0], inputs[1]);
+        let h = last_dim(dims[0]);
+        if w.len() != h {
+            bail!("rms-norm: weight of {} for rows of {h}", w.len());
+        }
+        let mut out = vec![T::zero(); x.len()];
+        by_rows(&mut out, h, |r, out| {
+            let x = &x[r * h..(r + 1) * h];
+            let inv = inv_rms(x, self.eps);
+            for ((o, &v), &w) in out.iter_mut().zip(x).zip(w) {
+                *o = v * inv * w;
+            }
+        });
+        Ok(out)
+    }
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu(self, &[(s1, l1), (s2, l2)], l1.shape().clone())
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &grad, &RmsNormGrad { eps: self.eps, weight: false })?;
+        let dw = x.apply_op3_no_bwd(w, &grad, &RmsNormGrad { eps: self.eps, weight: true })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// RMSNorm's input gradient `r · (w·g − x̂ · mean(w·g·x̂))` (x̂ = r·x, r = 1/rms), or its weight
+/// gradient `Σ_rows g · x̂`.
+struct RmsNormGrad {
+    eps: f64,
+    weight: bool,
+}
+
+impl Kernel for RmsNormGrad {
+    const NAME: &'static str = "rms-norm-grad";
+    fn run<T: Real>(&self, inputs: &[&[T]], dims: &[&[usize]]) -> Result<Vec<T>> {
+        let (x, w, g) = (inputs[0], inputs[1], inputs[2]);
+        let h = last_dim(dims[0]);
+        let rows = x.len() / h.max(1);
+        if self.weight {
+            // Partial sums per task, then one reduction: no shared accumulator.
+            let partial = (0..rows)
+                .into_par_iter()
+                .fold(
+                    || vec![T::zero(); h],
+                    |mut acc, r| {
+                        let (x, g) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
+                        let inv = inv_rms(x, self.eps);
+                        for ((a, &v), &g) in acc.iter_mut().zip(x).zip(g) {
+                            *a += g * v * inv;
+                        }
+                        acc
+                    },
+                )
+                .reduce(|| vec![T::zero(); h], |a, b| a.iter().zip(&b).map(|(&a, &b)| a + b).collect());
+            return Ok(partial);
+        }
+        let mut out = vec![T::zero(); x.len()];
+        let n = T::from(h).expect("a length");
+        by_rows(&mut out, h, |r, out| {
+            let (x, g) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
+            let inv = inv_rms(x, self.eps);
+            let dot = x.iter().zip(g).zip(w).fold(T::zero(), |acc, ((&v, &g), &w)| acc + w * g * v * inv) / n;
+            for (((o, &v), &g), &w) in out.iter_mut().zip(x).zip(g).zip(w) {
+                *o = inv * (w * g - v * inv * dot);
+            }
+        });
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let shape = if self.weight { l2.shape().clone() } else { l1.shape().clone() };
+        cpu(self, &[(s1, l1), (s2, l2), (s3, l3)], shape)
+    }
+}

@@ -1,0 +1,190 @@
+//! The two softmaxes: attention's causal (optionally sliding-window) softmax, and the
+//! cross-entropy's log-softmax over the vocabulary.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use super::{by_rows, cpu, data, last_dim, Kernel, Real};
+
+/// Causal (optionally sliding-window) softmax of attention scores `(.., s, s)` scaled by `scale`:
+/// query `i` (the row's index modulo `s`) attends to keys `j ≤ i` with `i − j < window`.
+pub fn causal_softmax(scores: &Tensor, scale: f64, window: Option<usize>) -> Result<Tensor> {
+    scores.contiguous()?.apply_op1(CausalSoftmax { scale, window: window.unwrap_or(usize::MAX), backward: false })
+}
+
+/// Negative log-likelihood of each target under `logits: (n, vocab)`, shape `(n,)`: log-sum-exp
+/// minus the target's logit, in one pass; the backward writes `softmax − one_hot` directly.
+pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    // The op also returns each row's log-sum-exp, which its backward reuses instead of recomputing.
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, TokenNll)?.narrow(1, 0, 1)?.squeeze(1)
+}
+
+#[derive(Clone, Copy)]
+struct CausalSoftmax {
+    scale: f64,
+    window: usize,
+    /// The backward kernel: inputs (probabilities, output gradient) → score gradient.
+    backward: bool,
+}
+
+impl CausalSoftmax {
+    /// The keys query `i` sees.
+    fn visible(&self, i: usize) -> std::ops::Range<usize> {
+        (i + 1).saturating_sub(self.window)..i + 1
+    }
+}
+
+impl Kernel for CausalSoftmax {
+    const NAME: &'static str = "causal-softmax";
+    fn run<T: Real>(&self, inputs: &[&[T]], dims: &[&[usize]]) -> Result<Vec<T>> {
+        let s = last_dim(dims[0]);
+        let scale = T::from(self.scale).expect("a float scale");
+        let mut out = vec![T::zero(); inputs[0].len()];
+        by_rows(&mut out, s, |r, out| {
+            let visible = self.visible(r % s);
+            let x = &inputs[0][r * s..(r + 1) * s];
+            if self.backward {
+                // d score_j = scale · p_j · (g_j − Σ_k p_k g_k); p is 0 outside `visible`.
+                let g = &inputs[1][r * s..(r + 1) * s];
+                let dot = visible.clone().fold(T::zero(), |acc, j| acc + x[j] * g[j]);
+                for j in visible {
+                    out[j] = scale * x[j] * (g[j] - dot);
+                }
+            } else {
+                let (x, out) = (&x[visible.clone()], &mut out[visible]);
+                let max = x.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v)) * scale;
+                let inv = T::exp_shifted(x, scale, max, T::one(), out).recip();
+                out.iter_mut().for_each(|o| *o *= inv);
+            }
+        });
+        Ok(out)
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu(self, &[(storage, layout)], layout.shape().clone())
+    }
+    fn bwd(&self, _scores: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let backward = CausalSoftmax { backward: true, ..*self };
+        Ok(Some(probs.apply_op2_no_bwd(&grad.contiguous()?, &backward)?))
+    }
+}
+
+impl CustomOp2 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu(self, &[(s1, l1), (s2, l2)], l1.shape().clone())
+    }
+}
+
+struct TokenNll;
+
+/// A row's log-sum-exp, using `scratch` (the row's length) for the exponentials.
+pub(super) fn log_sum_exp<T: Real>(x: &[T], scratch: &mut [T]) -> T {
+    let max = x.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v));
+    max + T::exp_shifted(x, T::one(), max, T::one(), scratch).ln()
+}
+
+/// The targets as indices, refusing any outside the vocabulary.
+pub(super) fn target_indices(targets: &[u32], vocab: usize) -> Result<Vec<usize>> {
+    targets
+        .iter()
+        .map(
+            |&t| {
+                if (t as usize) < vocab {
+                    Ok(t as usize)
+                } else {
+                    bail!("target {t} outside a vocabulary of {vocab}")
+                }
+            },
+        )
+        .collect()
+}
+
+impl CustomOp2 for TokenNll {
+    fn name(&self) -> &'static str {
+        "token-nll"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn nll<T: Real>(logits: &[T], vocab: usize, targets: &[usize]) -> Vec<T> {
+            // Rows of [nll, log-sum-exp].
+            let mut out = vec![T::zero(); 2 * targets.len()];
+            out.par_chunks_mut(2).enumerate().for_each_init(
+                || vec![T::zero(); vocab],
+                |scratch, (r, out)| {
+                    let x = &logits[r * vocab..(r + 1) * vocab];
+                    let lse = log_sum_exp(x, scratch);
+                    out[0] = lse - x[targets[r]];
+                    out[1] = lse;
+                },
+            );
+            out
+        }
+        let (n, vocab) = l1.shape().dims2()?;
+        let targets = target_indices(data::<u32>(s2, l2, "token-nll targets")?, vocab)?;
+        if targets.len() != n {
+            bail!("token-nll: {n} rows of logits but {} targets", targets.len());
+        }
+        let storage = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(nll(data::<f32>(s1, l1, "token-nll")?, vocab, &targets)),
+            DType::F64 => CpuStorage::F64(nll(data::<f64>(s1, l1, "token-nll")?, vocab, &targets)),
+            dtype => bail!("token-nll: {dtype:?} has no CPU kernel"),
+        };
+        Ok((storage, Shape::from((n, 2))))
+    }
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Rows of [d nll, log-sum-exp]; the log-sum-exp column is internal and gets no gradient.
+        let grad_and_lse = Tensor::cat(&[&grad.narrow(1, 0, 1)?, &res.narrow(1, 1, 1)?], 1)?.contiguous()?;
+        Ok((Some(logits.apply_op3_no_bwd(targets, &grad_and_lse, &TokenNllGrad)?), None))
+    }
+}
+
+/// `d logits = g · (softmax(logits) − one_hot(target))`, row by row, from rows of `[g, lse]`.
+struct TokenNllGrad;
+
+impl CustomOp3 for TokenNllGrad {
+    fn name(&self) -> &'static str {
+        "token-nll-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn grad<T: Real>(logits: &[T], vocab: usize, targets: &[usize], g_lse: &[T]) -> Vec<T> {
+            let mut out = vec![T::zero(); logits.len()];
+            by_rows(&mut out, vocab, |r, out| {
+                let (g, lse) = (g_lse[2 * r], g_lse[2 * r + 1]);
+                T::exp_shifted(&logits[r * vocab..(r + 1) * vocab], T::one(), lse, g, out);
+                out[targets[r]] -= g;
+            });
+            out
+        }
+        let (_, vocab) = l1.shape().dims2()?;
+        let targets = target_indices(data::<u32>(s2, l2, "token-nll-grad targets")?, vocab)?;
+        let storage = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(grad(data(s1, l1, "")?, vocab, &targets, data(s3, l3, "")?)),
+            DType::F64 => CpuStorage::F64(grad(data(s1, l1, "")?, vocab, &targets, data(s3, l3, "")?)),
+            dtype => bail!("token-nll-grad: {dtype:?} has no CPU kernel"),
+        };
+        Ok((storage, l1.shape().clone()))
+    }
+}
