@@ -23,6 +23,9 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Use the fused operations (the default) or the composed reference ops.
     pub fused: bool,
+    pub device: Device,
+    /// The compute dtype (f32, or bf16 over f32 master weights).
+    pub compute: DType,
 }
 
 /// What one run measured.
@@ -43,17 +46,18 @@ pub struct BenchReport {
 
 /// Trains `config` from a fixed random initialisation on fixed random tokens and times it.
 pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport> {
-    let device = Device::Cpu;
-    let params = Params::init_random(config, 0, DType::F32, &device)?;
+    let device = &options.device;
+    let params = Params::init_random(config, 0, DType::F32, device)?;
     let mut model = Llama::new(config, &params)?;
     model.set_fused(options.fused);
+    model.set_compute_dtype(options.compute);
     let adamw = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let mut optimizer = AdamW::new(&params, adamw)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     // seq_len + 1 tokens per row: seq_len predicted positions, as in training.
     let ids: Vec<u32> =
         (0..options.batch * (options.seq_len + 1)).map(|_| rng.random_range(0..config.vocab_size as u32)).collect();
-    let ids = Tensor::from_vec(ids, (options.batch, options.seq_len + 1), &device)?;
+    let ids = Tensor::from_vec(ids, (options.batch, options.seq_len + 1), device)?;
     let mut seconds = Vec::new();
     let mut losses = Vec::new();
     for step in 0..options.warmup + options.steps {
@@ -65,7 +69,7 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
             .map(|(name, var)| Ok((name.to_string(), store.get(var).context("a parameter without gradient")?.clone())))
             .collect::<Result<_>>()?;
         optimizer.step(&params, &grads, 1e-3)?;
-        losses.push(loss.to_scalar::<f32>()? as f64);
+        losses.push(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?);
         if step >= options.warmup {
             seconds.push(started.elapsed().as_secs_f64());
         }

@@ -7,6 +7,7 @@
 pub use cpt_protocol::model_config as config;
 pub mod bench;
 pub mod checkpoint;
+pub mod device;
 pub mod gguf;
 pub mod hf;
 pub mod model;

@@ -52,3 +52,25 @@ pub fn cpu_peak() -> (f64, String) {
     })
     .clone()
 }
+
+/// The peak of GPU `ordinal` for bf16 or f32 training: `CPT_PEAK_FLOPS`, else its name (from
+/// `nvidia-smi`) looked up in [`GPU_PEAKS`].
+pub fn cuda_peak(ordinal: usize, bf16: bool) -> (f64, String) {
+    if let Some(value) = std::env::var("CPT_PEAK_FLOPS").ok().and_then(|v| v.parse::<f64>().ok()) {
+        return (value, "CPT_PEAK_FLOPS".to_string());
+    }
+    let name = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader", "-i", &ordinal.to_string()])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let precision = if bf16 { "bf16" } else { "f32" };
+    match name {
+        Some(name) => match gpu_peak(&name, bf16) {
+            Some(peak) => (peak, format!("{name}, dense {precision} data-sheet peak")),
+            None => (f64::NAN, format!("{name}: unknown peak (set CPT_PEAK_FLOPS)")),
+        },
+        None => (f64::NAN, "nvidia-smi unavailable (set CPT_PEAK_FLOPS)".to_string()),
+    }
+}

@@ -135,7 +135,15 @@ fn twenty_training_steps_with_fused_kernels_track_the_composed_ops() {
     // GQA and a sliding window shorter than the sequence, so every masking path is used.
     for extra in [json!({"num_key_value_heads": 1}), json!({"sliding_window": 6})] {
         let config = common::tiny_config("MistralForCausalLM", extra.clone());
-        let options = BenchOptions { seq_len: 24, batch: 4, steps: 18, warmup: 2, fused: true };
+        let options = BenchOptions {
+            seq_len: 24,
+            batch: 4,
+            steps: 18,
+            warmup: 2,
+            fused: true,
+            device: Device::Cpu,
+            compute: DType::F32,
+        };
         let fused = bench(&config, &options).unwrap();
         let composed = bench(&config, &BenchOptions { fused: false, ..options }).unwrap();
         assert_eq!(fused.losses.len(), 20);

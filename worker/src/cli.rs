@@ -14,6 +14,9 @@ use cpt_train::{gguf, hf, Llama, ModelDir};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Where to compute: `cpu`, or `cuda:N` (builds with `--features cuda`); one process per GPU.
+    #[arg(long, global = true, env = "CPT_DEVICE", default_value = "cpu")]
+    device: String,
 }
 
 /// Storage dtype of written weights.
@@ -164,6 +167,9 @@ enum Command {
         /// The composed reference ops instead of the fused kernels.
         #[arg(long)]
         unfused: bool,
+        /// bf16 compute over f32 master weights (CUDA).
+        #[arg(long)]
+        bf16: bool,
     },
     /// Continue a prompt (greedy unless --temperature is given).
     Generate {
@@ -194,7 +200,7 @@ fn load_model(dir: &std::path::Path, device: &Device) -> Result<(ModelDir, Llama
 impl Cli {
     /// Runs the chosen subcommand.
     pub fn run(self) -> Result<()> {
-        let device = Device::Cpu;
+        let device = cpt_train::device::parse(&self.device)?;
         match self.command {
             Command::Import { gguf: path, out, dtype } => {
                 let config = gguf::import(&path, &out, dtype.into())?;
@@ -234,8 +240,14 @@ impl Cli {
                 println!("{}", serde_json::to_string(&result)?);
             }
             Command::Run { server, token, name, data_dir, event_spool_bytes } => {
-                let config =
-                    crate::serve::WorkerConfig { server, token, name, data_dir, spool_max_bytes: event_spool_bytes };
+                let config = crate::serve::WorkerConfig {
+                    server,
+                    token,
+                    name,
+                    data_dir,
+                    spool_max_bytes: event_spool_bytes,
+                    device,
+                };
                 tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
                     .build()?
@@ -248,16 +260,18 @@ impl Cli {
                     .block_on(crate::watch::watch(server, token, &job))?;
             }
             Command::Train { spec, run_dir, resume, stop_after_steps } => {
-                crate::run_local::train_command(&spec, &run_dir, resume, stop_after_steps)?;
+                crate::run_local::train_command(&spec, &run_dir, resume, stop_after_steps, device)?;
             }
             Command::Prepare { tokenizer, input, out, seq_len, config } => {
                 crate::run_local::prepare_command(&tokenizer, &input, &out, seq_len, config.as_deref())?;
             }
-            Command::Bench { config, seq_len, batch, steps, warmup, unfused } => {
+            Command::Bench { config, seq_len, batch, steps, warmup, unfused, bf16 } => {
                 let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
                 let model_config = cpt_train::ModelConfig::from_json_str(&text)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
-                let options = cpt_train::bench::BenchOptions { seq_len, batch, steps, warmup, fused: !unfused };
+                let compute = if bf16 { DType::BF16 } else { DType::F32 };
+                let options =
+                    cpt_train::bench::BenchOptions { seq_len, batch, steps, warmup, fused: !unfused, device, compute };
                 let report = cpt_train::bench::bench(&model_config, &options)?;
                 println!("{}", serde_json::to_string(&report)?);
             }

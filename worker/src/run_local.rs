@@ -49,13 +49,19 @@ impl EventLog {
 }
 
 /// Runs a job spec file in `run_dir`.
-pub fn train_command(spec_path: &Path, run_dir: &Path, resume: bool, stop_after_steps: Option<u64>) -> Result<()> {
+pub fn train_command(
+    spec_path: &Path,
+    run_dir: &Path,
+    resume: bool,
+    stop_after_steps: Option<u64>,
+    device: Device,
+) -> Result<()> {
     let text = std::fs::read_to_string(spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
     let spec = JobSpec::from_json_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", spec_path.display()))?;
     let mut log = EventLog::open(run_dir)?;
     let progress = Progress::new(spec.total_steps());
     let stop = StopFlag::default();
-    let options = RunOptions { resume, stop_after_steps, device: Device::Cpu };
+    let options = RunOptions { resume, stop_after_steps, device };
     let mut failure = None;
     let outcome = train(&spec, run_dir, &options, &stop, |event| {
         if let Err(error) = log.append(&event) {

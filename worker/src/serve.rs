@@ -31,6 +31,8 @@ pub struct WorkerConfig {
     pub data_dir: PathBuf,
     /// The bound on events kept on disk while the server is unreachable.
     pub spool_max_bytes: u64,
+    /// The device this worker trains on.
+    pub device: Device,
 }
 
 struct Client {
@@ -98,7 +100,12 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
         current: Arc::new(Mutex::new(None)),
     };
     tokio::spawn(handle_signals(client.draining.clone(), client.current.clone()));
-    let registration = client.post_retrying("/v1/workers", &json!({"name": client.config.name, "device": "cpu"})).await;
+    let registration = client
+        .post_retrying(
+            "/v1/workers",
+            &json!({"name": client.config.name, "device": cpt_train::device::name(&client.config.device)}),
+        )
+        .await;
     if !registration.status().is_success() {
         bail!("registering with {}: {}", client.config.server, registration.text().await.unwrap_or_default());
     }
@@ -157,10 +164,11 @@ async fn run_job(client: &Client, worker: &str, job: Value, heartbeat: Duration)
     let spool_error = Arc::new(Mutex::new(None::<String>));
     let training = {
         let (spool, stop, spool_error) = (spool.clone(), stop.clone(), spool_error.clone());
+        let device = client.config.device.clone();
         std::thread::spawn(move || {
             let spec = spec.map_err(|error| format!("the job's spec does not parse: {error}"))?;
             // A checkpoint in the run directory means an earlier attempt: resume from it exactly.
-            let options = RunOptions { resume: true, stop_after_steps: None, device: Device::Cpu };
+            let options = RunOptions { resume: true, stop_after_steps: None, device };
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 train(&spec, &run_dir, &options, &stop, |event| {
                     let value = serde_json::to_value(&event).unwrap_or(Value::Null);

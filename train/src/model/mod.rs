@@ -5,7 +5,7 @@ pub mod fused;
 pub mod linear;
 pub mod ops;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use crate::config::ModelConfig;
 use crate::params::Params;
@@ -41,6 +41,9 @@ pub struct Llama {
     inv_freq: Vec<f64>,
     /// Use the fused kernels where the device and dtype have them (the default).
     fused: bool,
+    /// The dtype of the forward and backward computation; the weights keep theirs (e.g. bf16
+    /// compute over f32 master weights, whose gradients come back in f32).
+    compute: DType,
 }
 
 fn get(params: &Params, name: &str) -> Result<Tensor> {
@@ -75,6 +78,7 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         let embed = get(params, "model.embed_tokens.weight")?;
+        let embed_dtype = embed.dtype();
         let lm_head = if config.tie_word_embeddings { embed.clone() } else { get(params, "lm_head.weight")? };
         Ok(Self {
             config: config.clone(),
@@ -84,6 +88,7 @@ impl Llama {
             lm_head,
             inv_freq: config.rope_inv_freq(),
             fused: true,
+            compute: embed_dtype,
         })
     }
 
@@ -120,12 +125,27 @@ impl Llama {
             lm_head: d(&self.lm_head),
             inv_freq: self.inv_freq.clone(),
             fused: self.fused,
+            compute: self.compute,
         }
     }
 
     /// Chooses the fused kernels (`true`, the default) or the composed reference ops.
     pub fn set_fused(&mut self, fused: bool) {
         self.fused = fused;
+    }
+
+    /// Computes in `dtype` (bf16 for mixed precision), keeping the weights' own dtype.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute = dtype;
+    }
+
+    /// A weight in the compute dtype (differentiable: the gradient returns in the weight's dtype).
+    fn w(&self, weight: &Tensor) -> Result<Tensor> {
+        weight.to_dtype(self.compute)
+    }
+
+    fn wo(&self, weight: Option<&Tensor>) -> Result<Option<Tensor>> {
+        weight.map(|w| self.w(w)).transpose()
     }
 
     /// The kernels this model runs with on `x`'s device and dtype.
@@ -141,7 +161,7 @@ impl Llama {
     /// Logits `(batch, seq, vocab)` for every position of `ids: (batch, seq)` (u32 token ids).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let hidden = self.hidden(ids)?;
-        self.kernels(&hidden).linear(&hidden, &self.lm_head, None)
+        self.kernels(&hidden).linear(&hidden, &self.w(&self.lm_head)?, None)
     }
 
     /// Next-token negative log-likelihood `(batch · (seq − 1),)` of `ids: (batch, seq)`.
@@ -150,26 +170,28 @@ impl Llama {
         let hidden = self.hidden(&inputs)?.flatten_to(1)?;
         let targets = targets.flatten_all()?;
         let ops = self.kernels(&hidden);
+        let lm_head = self.w(&self.lm_head)?;
         if ops.fused {
-            return fused::linear_nll(&hidden, &self.lm_head, &targets);
+            return fused::linear_nll(&hidden, &lm_head, &targets);
         }
-        ops::token_nll(&ops.linear(&hidden, &self.lm_head, None)?, &targets)
+        ops::token_nll(&ops.linear(&hidden, &lm_head, None)?, &targets)
     }
 
     /// The final hidden states `(batch, seq, hidden)`, normalised.
     fn hidden(&self, ids: &Tensor) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
         let c = &self.config;
-        let dtype = self.embed.dtype();
+        let dtype = self.compute;
         let device = ids.device();
-        let ops = self.kernels(&self.embed);
+        let embed = self.w(&self.embed)?;
+        let ops = self.kernels(&embed);
         let (cos, sin) = ops::rope_tables(&self.inv_freq, seq, dtype, device)?;
         let mask = if ops.fused { None } else { Some(ops::causal_mask(seq, c.sliding_window, dtype, device)?) };
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((batch, seq, c.hidden_size))?;
+        let mut x = embed.index_select(&ids.flatten_all()?, 0)?.reshape((batch, seq, c.hidden_size))?;
         for layer in &self.layers {
             let a = &layer.attention;
-            let h = ops.rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let project = |w: &Tensor, b: Option<&Tensor>| ops.linear(&h, w, b);
+            let h = ops.rms_norm(&x, &self.w(&layer.input_norm)?, c.rms_norm_eps)?;
+            let project = |w: &Tensor, b: Option<&Tensor>| ops.linear(&h, &self.w(w)?, self.wo(b)?.as_ref());
             let (q, k, v) = (
                 project(&a.q, a.q_bias.as_ref())?,
                 project(&a.k, a.k_bias.as_ref())?,
@@ -191,12 +213,12 @@ impl Llama {
                     fused::merge_heads(&fused_attention(&q, &k, &v, c.sliding_window)?, &cos, &sin)?
                 }
             };
-            x = (x + ops.linear(&y, &a.o, a.o_bias.as_ref())?)?;
-            let h = ops.rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
-            let gated = ops.swiglu(&ops.linear(&h, &layer.gate, None)?, &ops.linear(&h, &layer.up, None)?)?;
-            x = (x + ops.linear(&gated, &layer.down, None)?)?;
+            x = (x + ops.linear(&y, &self.w(&a.o)?, self.wo(a.o_bias.as_ref())?.as_ref())?)?;
+            let h = ops.rms_norm(&x, &self.w(&layer.post_attention_norm)?, c.rms_norm_eps)?;
+            let (gate, up) = (ops.linear(&h, &self.w(&layer.gate)?, None)?, ops.linear(&h, &self.w(&layer.up)?, None)?);
+            x = (x + ops.linear(&ops.swiglu(&gate, &up)?, &self.w(&layer.down)?, None)?)?;
         }
-        ops.rms_norm(&x, &self.norm, c.rms_norm_eps)
+        ops.rms_norm(&x, &self.w(&self.norm)?, c.rms_norm_eps)
     }
 
     /// Mean next-token cross-entropy of `ids: (batch, seq)`: position `t` predicts token `t + 1`.

@@ -108,6 +108,8 @@ pub fn train(
     if spec.precision == Precision::Bf16 && options.device.is_cpu() {
         bail!("`precision`: bf16 training needs a CUDA device; use f32 on the CPU");
     }
+    // bf16 compute over f32 master weights and optimizer state.
+    let compute = if spec.precision == Precision::Bf16 { DType::BF16 } else { DType::F32 };
     let device = &options.device;
     let base = ModelDir::open(Path::new(&spec.base_model)).context("base_model")?;
     let config = base.config.clone();
@@ -167,16 +169,21 @@ pub fn train(
     let from_step = state.step;
     let data_state = (from_step > 0).then(|| state.data.clone());
     let mut data = TrainData::open(spec, &config, &tokenizer_sha256, data_state.as_ref())?;
-    let model = Llama::new(&config, &params)?;
+    let mut model = Llama::new(&config, &params)?;
+    model.set_compute_dtype(compute);
     let (peak, peak_source) = match device {
         Device::Cpu => crate::peak::cpu_peak(),
+        Device::Cuda(_) => match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => crate::peak::cuda_peak(gpu_id, compute == DType::BF16),
+            _ => (f64::NAN, "unknown device".to_string()),
+        },
         _ => (f64::NAN, "unknown device".to_string()),
     };
     on_event(Event::Started {
         plan: plan.clone(),
         from_step,
         resumed: from_step > 0,
-        device: format!("{device:?}"),
+        device: crate::device::name(device),
         peak_flops_per_second: peak,
         peak_source,
     });

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue #9's GPU checks as one device call (< 10 minutes on an H100/H200): GPU vs CPU losses over 20
+# steps, then bf16 training speed, MFU and GPU memory for SmolLM2-135M and a ~1B Llama.
+#
+# The device machine reaches no registry, so the binary is built here and carried:
+#   eval "$(scripts/cuda-env.sh)" && cargo build --release -p cpt-worker --features cuda   (links
+#   against the CUDA libraries: see scripts/cuda-env.sh), then run `bench/gpu.sh` on the device with
+#   `target/release/cpt-worker` carried. Results go to $OUT (or /tmp/gpu-out).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+worker=${CPT_WORKER:-target/release/cpt-worker}
+out=${OUT:-/tmp/gpu-out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+name=$(head -n 1 "$out/gpu.txt" | cut -d, -f1)
+
+# 1. The same 20 steps (fixed init, fixed tokens) on the CPU in f32 and on the GPU in f32 and bf16.
+steps=(--config bench/configs/reference.json --seq-len 256 --batch 8 --steps 18 --warmup 2)
+"$worker" bench "${steps[@]}" --device cpu >"$out/parity-cpu-f32.json"
+"$worker" bench "${steps[@]}" --device cuda:0 >"$out/parity-gpu-f32.json"
+"$worker" bench "${steps[@]}" --device cuda:0 --bf16 >"$out/parity-gpu-bf16.json"
+
+# 2. Speed in bf16, with the GPU's memory sampled alongside.
+speed() { # label, bench args…
+  local label=$1; shift
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$out/$label.mem" &
+  local sampler=$!
+  "$worker" bench "$@" --device cuda:0 --bf16 >"$out/$label.json" || echo "{\"error\": \"$label failed\"}" >"$out/$label.json"
+  kill $sampler
+}
+speed smollm2 --config bench/configs/smollm2-135m.json --seq-len 2048 --batch 8 --steps 10 --warmup 3
+speed llama-1b --config bench/configs/llama-1b.json --seq-len 2048 --batch 4 --steps 8 --warmup 2
+
+python3 - "$out" "$name" <<'PY'
+import json, pathlib, sys
+out, name = pathlib.Path(sys.argv[1]), sys.argv[2]
+peak = 989e12 if ("H100" in name or "H200" in name) else float("nan")
+load = lambda f: json.loads((out / f).read_text())
+cpu = load("parity-cpu-f32.json")["losses"]
+for label, bound in (("gpu-f32", 1e-3), ("gpu-bf16", 3e-2)):
+    gpu = load(f"parity-{label}.json")["losses"]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(gpu, cpu))
+    print(f"{label} vs cpu f32 over {len(cpu)} steps: worst relative loss difference {worst:.2e} (bound {bound}) {'ok' if worst <= bound else 'FAIL'}")
+for label in ("smollm2", "llama-1b"):
+    r = load(f"{label}.json")
+    if "error" in r:
+        print(label, r["error"]); continue
+    mem = max((int(l) for l in (out / f"{label}.mem").read_text().split() if l.strip().isdigit()), default=0)
+    print(f"{label}: {r['parameters']:,} params, {r['tokens_per_second']:.0f} tokens/s, "
+          f"{r['gflops_per_second']/1e3:.1f} TFLOP/s = MFU {r['gflops_per_second']*1e9/peak:.1%} of {name} bf16 dense peak, "
+          f"GPU memory {mem} MiB")
+PY
