@@ -118,6 +118,16 @@ fn fused_causal_softmax_attention_matches_finite_differences_and_the_composed_op
             ops::attention(&x[0], &x[1], &x[2], &mask)
         }
     };
+    // The whole attention as one op.
+    let whole = |window: Option<usize>| {
+        move |x: &[Tensor]| -> Result<Tensor> {
+            let (b, heads, s, d) = x[0].dims4()?;
+            let q = x[0].reshape((b, x[1].dim(1)?, heads / x[1].dim(1)? * s, d))?;
+            fused::causal_attention(&q, &x[1], &x[2], 1.0 / (d as f64).sqrt(), window)?.reshape((b, heads, s, d))
+        }
+    };
+    check_gradients(&[random(&[2, 4, 5, 6], 1), random(&[2, 2, 5, 6], 2), random(&[2, 2, 5, 6], 3)], whole(None));
+    check_gradients(&[random(&[1, 2, 6, 4], 1), random(&[1, 1, 6, 4], 2), random(&[1, 1, 6, 4], 3)], whole(Some(2)));
     check_gradients(&[random(&[2, 4, 5, 6], 1), random(&[2, 2, 5, 6], 2), random(&[2, 2, 5, 6], 3)], attention(None));
     check_gradients(
         &[random(&[1, 2, 6, 4], 1), random(&[1, 1, 6, 4], 2), random(&[1, 1, 6, 4], 3)],
@@ -126,6 +136,8 @@ fn fused_causal_softmax_attention_matches_finite_differences_and_the_composed_op
     for (window, s) in [(None, 37), (Some(5), 37), (None, 128)] {
         let inputs = [random(&[2, 4, s, 16], 4), random(&[2, 2, s, 16], 5), random(&[2, 2, s, 16], 6)];
         assert_same_as_reference(&inputs, attention(window), reference(window), 1e-12);
+        assert_same_as_reference(&inputs, whole(window), reference(window), 1e-12);
+        assert_same_as_reference(&f32s(&inputs), whole(window), reference(window), 1e-5);
         assert_same_as_reference(&f32s(&inputs), attention(window), reference(window), 1e-5);
     }
 }

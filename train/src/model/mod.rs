@@ -227,14 +227,13 @@ impl Llama {
     }
 }
 
-/// Causal self-attention with grouped-query heads through the fused masked softmax (see
-/// [`ops::attention`] for the layout).
+/// Causal self-attention with grouped-query heads as one fused op (see [`ops::attention`] for the
+/// layout).
 fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<Tensor> {
     let (b, heads, s, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
     let q = q.reshape((b, kv_heads, heads / kv_heads * s, d))?;
-    let probs = fused::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (d as f64).sqrt(), window)?;
-    probs.matmul(v)?.reshape((b, heads, s, d))
+    fused::causal_attention(&q, k, v, 1.0 / (d as f64).sqrt(), window)?.reshape((b, heads, s, d))
 }
 
 /// The fused kernels or the composed ops, chosen once per forward pass.

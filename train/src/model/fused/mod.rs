@@ -6,12 +6,14 @@
 //! Each op is checked against finite differences and against the composed ops in
 //! `tests/fused.rs`.
 
+mod attention;
 mod elementwise;
 mod heads;
 mod linear_nll;
 mod norm;
 mod softmax;
 
+pub use attention::causal_attention;
 pub use elementwise::{rope, swiglu};
 pub use heads::{merge_heads, split_heads};
 pub use linear_nll::linear_nll;
