@@ -166,23 +166,28 @@ async fn run_job(client: &Client, worker: &str, job: Value, heartbeat: Duration)
         let (spool, stop, spool_error) = (spool.clone(), stop.clone(), spool_error.clone());
         let device = client.config.device.clone();
         std::thread::spawn(move || {
-            let spec = spec.map_err(|error| format!("the job's spec does not parse: {error}"))?;
-            // A checkpoint in the run directory means an earlier attempt: resume from it exactly.
-            let options = RunOptions { resume: true, stop_after_steps: None, device };
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                train(&spec, &run_dir, &options, &stop, |event| {
-                    let value = serde_json::to_value(&event).unwrap_or(Value::Null);
-                    if let Err(error) = spool.append(value, now_ms()) {
-                        spool_error.lock().expect("spool error lock").get_or_insert(format!("{error:#}"));
-                        stop.stop();
-                    }
-                })
-            }));
+            let run = || {
+                let spec = spec.map_err(|error| format!("the job's spec does not parse: {error}"))?;
+                // A checkpoint in the run directory means an earlier attempt: resume from it exactly.
+                let options = RunOptions { resume: true, stop_after_steps: None, device };
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    train(&spec, &run_dir, &options, &stop, |event| {
+                        let value = serde_json::to_value(&event).unwrap_or(Value::Null);
+                        if let Err(error) = spool.append(value, now_ms()) {
+                            spool_error.lock().expect("spool error lock").get_or_insert(format!("{error:#}"));
+                            stop.stop();
+                        }
+                    })
+                }));
+                match outcome {
+                    Ok(result) => result.map_err(|e| format!("{e:#}")),
+                    Err(panic) => Err(format!("training panicked: {}", panic_message(&panic))),
+                }
+            };
+            let result = run();
+            // On every path, or the delivery loop would wait for events forever.
             spool.close();
-            match outcome {
-                Ok(result) => result.map_err(|e| format!("{e:#}")),
-                Err(panic) => Err(format!("training panicked: {}", panic_message(&panic))),
-            }
+            result
         })
     };
 
