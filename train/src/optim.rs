@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 use rayon::prelude::*;
 
-use crate::model::fused;
+use crate::model::fused::{self, Real};
 use crate::params::{is_norm_or_bias, Params};
 
 /// AdamW's hyper-parameters (the learning rate comes per step from the schedule).
@@ -188,10 +188,6 @@ impl candle_core::InplaceOp3 for Update {
 }
 
 const CHUNK: usize = 64 * 1024;
-
-trait Real: num_traits::Float + Send + Sync {}
-impl Real for f32 {}
-impl Real for f64 {}
 
 fn contiguous_range(layout: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
     match layout.contiguous_offsets() {

@@ -22,6 +22,43 @@ pub(crate) fn gradients(g: &Tensor, x: &Tensor, w: &Tensor) -> Result<(Tensor, T
     Ok((g.apply_op2_no_bwd(w, &Gradient(Product::InputGrad))?, g.apply_op2_no_bwd(x, &Gradient(Product::WeightGrad))?))
 }
 
+/// `dst = lhs · rhs` for an m × k `lhs` and a k × n `rhs`, each given as (data, row stride, column
+/// stride) in elements; `dst` is row-major m × n and every element of it is written.
+///
+/// # Safety
+/// `dst` must have room for `m·n` elements, and `lhs` and `rhs` must hold every strided element.
+pub(crate) unsafe fn gemm_into<T: 'static + num_traits::Zero + num_traits::One>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
+    parallelism: gemm::Parallelism,
+) {
+    let (one, zero) = (T::one(), T::zero());
+    // alpha 0 with read_dst false: dst is overwritten, never read.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        false,
+        lhs.as_ptr(),
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs.as_ptr(),
+        rhs_cs as isize,
+        rhs_rs as isize,
+        zero,
+        one,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
 /// Which product a [`Product`] computes, for `x: (rows, in)`, `w: (out, in)`, `g: (rows, out)`.
 #[derive(Clone, Copy)]
 enum Product {
@@ -50,7 +87,7 @@ fn run(product: Product, a: (&CpuStorage, &Layout), b: (&CpuStorage, &Layout)) -
     let a_rows = a.1.shape().elem_count() / a_cols.max(1);
     let b_cols = *b_dims.last().unwrap_or(&1);
     let b_rows = b.1.shape().elem_count() / b_cols.max(1);
-    // (m, n, k) and the strides (column, row) of dst, lhs and rhs, all in elements.
+    // (m, n, k) and the (row, column) strides of lhs and rhs, in elements.
     let (m, n, k, lhs, rhs, shape) = match product {
         Product::Forward => {
             if a_cols != b_cols {
@@ -58,7 +95,7 @@ fn run(product: Product, a: (&CpuStorage, &Layout), b: (&CpuStorage, &Layout)) -
             }
             let mut dims = a_dims[..a_dims.len() - 1].to_vec();
             dims.push(b_rows);
-            (a_rows, b_rows, a_cols, (1, a_cols), (b_cols, 1), Shape::from(dims))
+            (a_rows, b_rows, a_cols, (a_cols, 1), (1, b_cols), Shape::from(dims))
         }
         Product::InputGrad => {
             if a_cols != b_rows {
@@ -66,10 +103,10 @@ fn run(product: Product, a: (&CpuStorage, &Layout), b: (&CpuStorage, &Layout)) -
             }
             let mut dims = a_dims[..a_dims.len() - 1].to_vec();
             dims.push(b_cols);
-            (a_rows, b_cols, a_cols, (1, a_cols), (1, b_cols), Shape::from(dims))
+            (a_rows, b_cols, a_cols, (a_cols, 1), (b_cols, 1), Shape::from(dims))
         }
         Product::WeightGrad if a_rows != b_rows => bail!("linear: {a_rows} gradient rows for {b_rows} inputs"),
-        Product::WeightGrad => (a_cols, b_cols, a_rows, (a_cols, 1), (1, b_cols), Shape::from((a_cols, b_cols))),
+        Product::WeightGrad => (a_cols, b_cols, a_rows, (1, a_cols), (b_cols, 1), Shape::from((a_cols, b_cols))),
     };
     fn typed<T: candle_core::WithDType + num_traits::Zero + num_traits::One>(
         (m, n, k): (usize, usize, usize),
@@ -79,28 +116,14 @@ fn run(product: Product, a: (&CpuStorage, &Layout), b: (&CpuStorage, &Layout)) -
         let mut dst: Vec<T> = Vec::with_capacity(m * n);
         let threads = rayon::current_num_threads();
         let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-        // SAFETY: dst has room for m·n elements and gemm writes every one of them (read_dst is
-        // false); lhs and rhs cover the strided m·k and k·n elements (checked by the caller's shapes).
+        // SAFETY: dst has room for m·n elements, all of which gemm_into writes; lhs and rhs cover
+        // the strided m·k and k·n elements (the caller checked the shapes).
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
+            gemm_into(
+                (m, n, k),
                 dst.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                lhs.as_ptr(),
-                lhs_strides.0 as isize,
-                lhs_strides.1 as isize,
-                rhs.as_ptr(),
-                rhs_strides.0 as isize,
-                rhs_strides.1 as isize,
-                T::zero(),
-                T::one(),
-                false,
-                false,
-                false,
+                (lhs, lhs_strides.0, lhs_strides.1),
+                (rhs, rhs_strides.0, rhs_strides.1),
                 parallelism,
             );
             dst.set_len(m * n);

@@ -7,10 +7,11 @@
 use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use num_traits::Float;
 use rayon::prelude::*;
 
+use super::softmax::{softmax_grad_in_place, softmax_in_place, visible};
 use super::{data, Real};
+use crate::model::linear;
 
 /// `q: (b, kv_heads, groups · s, d)` (query head `h` = group `h % groups` of its key/value head),
 /// `k`, `v: (b, kv_heads, s, d)` → `(b, kv_heads, groups · s, d)`; row `r` is query position `r % s`.
@@ -26,34 +27,13 @@ struct Attention {
     probs: Mutex<Option<CpuStorage>>,
 }
 
-/// `dst (m × n) = lhs (m × k) · rhs (k × n)` with (row, column) strides, on this thread.
+/// `dst (m × n) = lhs (m × k) · rhs (k × n)`, operands as (data, row stride, column stride), on
+/// this thread.
 fn gemm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: (&[T], usize, usize), rhs: (&[T], usize, usize)) {
-    debug_assert!(dst.len() >= m * n);
-    // SAFETY: dst holds m·n elements written in full (read_dst false); lhs and rhs cover their
-    // strided m·k and k·n elements, as the callers' shapes guarantee.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.0.as_ptr(),
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0.as_ptr(),
-            rhs.2 as isize,
-            rhs.1 as isize,
-            T::zero(),
-            T::one(),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    assert!(dst.len() >= m * n, "attention: a gemm destination too small");
+    // SAFETY: dst holds m·n elements (checked); lhs and rhs cover their strided m·k and k·n
+    // elements, as the callers' shapes guarantee.
+    unsafe { linear::gemm_into((m, n, k), dst.as_mut_ptr(), lhs, rhs, gemm::Parallelism::None) }
 }
 
 /// Sizes: tasks (b · kv_heads), rows per task, keys, head dim.
@@ -80,18 +60,8 @@ impl Attention {
             let (q, k, v) = (&q[t * rows * d..][..rows * d], &k[t * s * d..][..s * d], &v[t * s * d..][..s * d]);
             gemm(rows, s, d, p, (q, d, 1), (k, 1, d));
             for (r, row) in p.chunks_mut(s).enumerate() {
-                let i = r % s;
-                let visible = (i + 1).saturating_sub(self.window)..i + 1;
-                let max = row[visible.clone()].iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x)) * scale;
-                let mut block = [T::zero(); 256];
-                let mut sum = T::zero();
-                for chunk in row[visible.clone()].chunks_mut(block.len()) {
-                    let block = &mut block[..chunk.len()];
-                    block.copy_from_slice(chunk);
-                    sum += T::exp_shifted(block, scale, max, T::one(), chunk);
-                }
-                let inv = sum.recip();
-                row[visible.clone()].iter_mut().for_each(|x| *x *= inv);
+                let visible = visible(r % s, self.window);
+                softmax_in_place(&mut row[visible.clone()], scale);
                 row[..visible.start].iter_mut().for_each(|x| *x = T::zero());
                 row[visible.end..].iter_mut().for_each(|x| *x = T::zero());
             }
@@ -128,10 +98,7 @@ impl Attention {
                     // dP = dY · Vᵀ, then dS = scale · P ∘ (dP − Σ_j dP·P) in place.
                     gemm(rows, s, d, ds, (dy, d, 1), (v, 1, d));
                     for (ds, p) in ds.chunks_mut(s).zip(p.chunks(s)) {
-                        let dot = ds.iter().zip(p).fold(T::zero(), |acc, (&g, &p)| acc + g * p);
-                        for (g, &p) in ds.iter_mut().zip(p) {
-                            *g = scale * p * (*g - dot);
-                        }
+                        softmax_grad_in_place(ds, p, scale);
                     }
                     gemm(rows, d, s, dq, (ds, s, 1), (k, d, 1));
                     gemm(s, d, rows, dk, (ds, 1, s), (q, d, 1));

@@ -30,23 +30,29 @@ impl Kernel for Rope {
         if cos.len() != seq * d || sin.len() != seq * d || !d.is_multiple_of(2) {
             bail!("rope: tables of {} for {seq} positions of {d}", cos.len());
         }
-        let half = d / 2;
         let mut out = vec![T::zero(); x.len()];
         by_rows(&mut out, d, |r, out| {
             let p = r % seq;
-            let (x, c, s) = (&x[r * d..(r + 1) * d], &cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
-            for k in 0..half {
-                let (x1, x2) = (x[k], x[k + half]);
-                if self.backward {
-                    out[k] = x1 * c[k] + x2 * s[k + half];
-                    out[k + half] = x2 * c[k + half] - x1 * s[k];
-                } else {
-                    out[k] = x1 * c[k] - x2 * s[k];
-                    out[k + half] = x2 * c[k + half] + x1 * s[k + half];
-                }
-            }
+            let (c, s) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
+            rotate(&x[r * d..(r + 1) * d], c, s, self.backward, out);
         });
         Ok(out)
+    }
+}
+
+/// One row of the rotary embedding in HF's half-split layout: `out = x·cos + rotate_half(x)·sin`,
+/// or with `transposed` the inverse rotation (the backward pass).
+pub(super) fn rotate<T: Real>(x: &[T], c: &[T], s: &[T], transposed: bool, out: &mut [T]) {
+    let half = x.len() / 2;
+    for k in 0..half {
+        let (x1, x2) = (x[k], x[k + half]);
+        if transposed {
+            out[k] = x1 * c[k] + x2 * s[k + half];
+            out[k + half] = x2 * c[k + half] - x1 * s[k];
+        } else {
+            out[k] = x1 * c[k] - x2 * s[k];
+            out[k + half] = x2 * c[k + half] + x1 * s[k + half];
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::elementwise::rotate;
 use super::{by_rows, cpu, Kernel, Real};
 
 /// `(b, s, n·d)` → `(b, n, s, d)`, rotated by `cos`, `sin: (s, d)` when `rotate`.
@@ -41,7 +42,6 @@ impl Kernel for Heads {
         if self.rotate && (cos.len() != s * d || d % 2 != 0) {
             candle_core::bail!("heads: rotary tables of {} for {s} positions of {d}", cos.len());
         }
-        let half = d / 2;
         let mut out = vec![T::zero(); b * s * n * d];
         // One output row of `d` at a time, with the input row it comes from.
         by_rows(&mut out, d, |row, out| {
@@ -61,16 +61,8 @@ impl Kernel for Heads {
                 return;
             }
             let (c, sn) = (&cos[position * d..(position + 1) * d], &sin[position * d..(position + 1) * d]);
-            for k in 0..half {
-                let (x1, x2) = (x[k], x[k + half]);
-                if self.split {
-                    out[k] = x1 * c[k] - x2 * sn[k];
-                    out[k + half] = x2 * c[k + half] + x1 * sn[k + half];
-                } else {
-                    out[k] = x1 * c[k] + x2 * sn[k + half];
-                    out[k + half] = x2 * c[k + half] - x1 * sn[k];
-                }
-            }
+            // Splitting rotates; merging (the split's backward) applies the inverse rotation.
+            rotate(x, c, sn, !self.split, out);
         });
         Ok(out)
     }

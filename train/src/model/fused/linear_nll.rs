@@ -10,7 +10,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Sh
 use rayon::prelude::*;
 
 use super::softmax::{log_sum_exp, target_indices};
-use super::{by_rows, data, Real};
+use super::{by_rows, data, exp_shifted_in_place, Real};
 use crate::model::linear;
 
 /// Negative log-likelihood `(n,)` of `targets: (n,)` under `hidden: (n, h) · weightᵀ: (h, vocab)`.
@@ -45,13 +45,7 @@ fn nll<T: Real>(logits: &[T], vocab: usize, targets: &[usize]) -> (Vec<T>, Vec<T
 /// `logits ← g · (softmax(logits) − one_hot(target))`, row by row, in place.
 fn to_gradient<T: Real>(logits: &mut [T], vocab: usize, targets: &[usize], lse: &[T], g: &[T]) {
     by_rows(logits, vocab, |r, row| {
-        // Through a small copy, since the input and output are the same row.
-        let mut block = [T::zero(); 512];
-        for chunk in row.chunks_mut(block.len()) {
-            let block = &mut block[..chunk.len()];
-            block.copy_from_slice(chunk);
-            T::exp_shifted(block, T::one(), lse[r], g[r], chunk);
-        }
+        exp_shifted_in_place(row, T::one(), lse[r], g[r]);
         row[targets[r]] -= g[r];
     });
 }

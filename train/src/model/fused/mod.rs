@@ -30,7 +30,8 @@ pub fn supported(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
-trait Real:
+/// The float types the CPU kernels (and the in-place AdamW) run on.
+pub(crate) trait Real:
     candle_core::WithDType + Float + std::ops::AddAssign + std::ops::SubAssign + std::ops::MulAssign + Send + Sync
 {
     /// `out[j] = exp(x[j]·scale − shift) · factor`; returns `Σ exp(x[j]·scale − shift)`.
@@ -53,6 +54,18 @@ impl Real for f64 {
         }
         sum
     }
+}
+
+/// [`Real::exp_shifted`] with the row as its own input and output (through a small copy).
+fn exp_shifted_in_place<T: Real>(row: &mut [T], scale: T, shift: T, factor: T) -> T {
+    let mut block = [T::zero(); 512];
+    let mut sum = T::zero();
+    for chunk in row.chunks_mut(block.len()) {
+        let block = &mut block[..chunk.len()];
+        block.copy_from_slice(chunk);
+        sum += T::exp_shifted(block, scale, shift, factor, chunk);
+    }
+    sum
 }
 
 /// A kernel over contiguous float inputs of one dtype.

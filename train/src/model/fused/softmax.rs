@@ -6,7 +6,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layo
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::{by_rows, cpu, data, last_dim, Kernel, Real};
+use super::{by_rows, cpu, data, exp_shifted_in_place, last_dim, Kernel, Real};
 
 /// Causal (optionally sliding-window) softmax of attention scores `(.., s, s)` scaled by `scale`:
 /// query `i` (the row's index modulo `s`) attends to keys `j ≤ i` with `i − j < window`.
@@ -29,10 +29,23 @@ struct CausalSoftmax {
     backward: bool,
 }
 
-impl CausalSoftmax {
-    /// The keys query `i` sees.
-    fn visible(&self, i: usize) -> std::ops::Range<usize> {
-        (i + 1).saturating_sub(self.window)..i + 1
+/// The keys query `i` sees under a causal mask reaching back `window` positions.
+pub(super) fn visible(i: usize, window: usize) -> std::ops::Range<usize> {
+    (i + 1).saturating_sub(window)..i + 1
+}
+
+/// `row ← softmax(row · scale)`, in place.
+pub(super) fn softmax_in_place<T: Real>(row: &mut [T], scale: T) {
+    let max = row.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v)) * scale;
+    let inv = exp_shifted_in_place(row, scale, max, T::one()).recip();
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// The softmax's backward in place: `g ← scale · p ∘ (g − Σ p·g)` (0 wherever `p` is).
+pub(super) fn softmax_grad_in_place<T: Real>(g: &mut [T], p: &[T], scale: T) {
+    let dot = g.iter().zip(p).fold(T::zero(), |acc, (&g, &p)| acc + g * p);
+    for (g, &p) in g.iter_mut().zip(p) {
+        *g = scale * p * (*g - dot);
     }
 }
 
@@ -43,20 +56,16 @@ impl Kernel for CausalSoftmax {
         let scale = T::from(self.scale).expect("a float scale");
         let mut out = vec![T::zero(); inputs[0].len()];
         by_rows(&mut out, s, |r, out| {
-            let visible = self.visible(r % s);
-            let x = &inputs[0][r * s..(r + 1) * s];
+            // Only the visible keys are written; the rest of `out` stays 0.
+            let visible = visible(r % s, self.window);
+            let out = &mut out[visible.clone()];
             if self.backward {
-                // d score_j = scale · p_j · (g_j − Σ_k p_k g_k); p is 0 outside `visible`.
-                let g = &inputs[1][r * s..(r + 1) * s];
-                let dot = visible.clone().fold(T::zero(), |acc, j| acc + x[j] * g[j]);
-                for j in visible {
-                    out[j] = scale * x[j] * (g[j] - dot);
-                }
+                // Inputs: the probabilities and the output gradient.
+                out.copy_from_slice(&inputs[1][r * s..][visible.clone()]);
+                softmax_grad_in_place(out, &inputs[0][r * s..][visible], scale);
             } else {
-                let (x, out) = (&x[visible.clone()], &mut out[visible]);
-                let max = x.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v)) * scale;
-                let inv = T::exp_shifted(x, scale, max, T::one(), out).recip();
-                out.iter_mut().for_each(|o| *o *= inv);
+                out.copy_from_slice(&inputs[0][r * s..][visible]);
+                softmax_in_place(out, scale);
             }
         });
         Ok(out)
