@@ -101,7 +101,7 @@ fn fused_cross_entropy_matches_finite_differences_and_the_composed_op() {
 }
 
 #[test]
-fn fused_causal_softmax_attention_matches_finite_differences_and_the_composed_op() {
+fn fused_causal_softmax_in_attention_matches_finite_differences_and_the_composed_op() {
     // The fused path: scores → masked, scaled softmax → values; as the model composes it.
     let attention = |window: Option<usize>| {
         move |x: &[Tensor]| -> Result<Tensor> {
@@ -118,16 +118,6 @@ fn fused_causal_softmax_attention_matches_finite_differences_and_the_composed_op
             ops::attention(&x[0], &x[1], &x[2], &mask)
         }
     };
-    // The whole attention as one op.
-    let whole = |window: Option<usize>| {
-        move |x: &[Tensor]| -> Result<Tensor> {
-            let (b, heads, s, d) = x[0].dims4()?;
-            let q = x[0].reshape((b, x[1].dim(1)?, heads / x[1].dim(1)? * s, d))?;
-            fused::causal_attention(&q, &x[1], &x[2], 1.0 / (d as f64).sqrt(), window)?.reshape((b, heads, s, d))
-        }
-    };
-    check_gradients(&[random(&[2, 4, 5, 6], 1), random(&[2, 2, 5, 6], 2), random(&[2, 2, 5, 6], 3)], whole(None));
-    check_gradients(&[random(&[1, 2, 6, 4], 1), random(&[1, 1, 6, 4], 2), random(&[1, 1, 6, 4], 3)], whole(Some(2)));
     check_gradients(&[random(&[2, 4, 5, 6], 1), random(&[2, 2, 5, 6], 2), random(&[2, 2, 5, 6], 3)], attention(None));
     check_gradients(
         &[random(&[1, 2, 6, 4], 1), random(&[1, 1, 6, 4], 2), random(&[1, 1, 6, 4], 3)],
@@ -136,8 +126,6 @@ fn fused_causal_softmax_attention_matches_finite_differences_and_the_composed_op
     for (window, s) in [(None, 37), (Some(5), 37), (None, 128)] {
         let inputs = [random(&[2, 4, s, 16], 4), random(&[2, 2, s, 16], 5), random(&[2, 2, s, 16], 6)];
         assert_same_as_reference(&inputs, attention(window), reference(window), 1e-12);
-        assert_same_as_reference(&inputs, whole(window), reference(window), 1e-12);
-        assert_same_as_reference(&f32s(&inputs), whole(window), reference(window), 1e-5);
         assert_same_as_reference(&f32s(&inputs), attention(window), reference(window), 1e-5);
     }
 }
@@ -166,28 +154,59 @@ fn twenty_training_steps_with_fused_kernels_track_the_composed_ops() {
     }
 }
 
+/// Rotary tables for a head of `d` (θ = 10000), as the model builds them.
+fn rope_tables(s: usize, d: usize, dtype: DType) -> (Tensor, Tensor) {
+    let inv_freq: Vec<f64> = (0..d / 2).map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / d as f64)).collect();
+    ops::rope_tables(&inv_freq, s, dtype, &Device::Cpu).unwrap()
+}
+
 #[test]
-fn fused_head_split_with_rotation_and_merge_match_reshape_transpose_and_rope() {
-    let config = common::tiny_config("LlamaForCausalLM", json!({}));
-    let (b, s, n, d) = (2, 7, 3, 8);
-    let (cos, sin) = ops::rope_tables(&config.rope_inv_freq(), s, DType::F64, &Device::Cpu).unwrap();
-    let split = |x: &Tensor| x.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous();
-    for rotate in [true, false] {
-        let inputs = [random(&[b, s, n * d], 1)];
-        let reference = |x: &[Tensor]| {
-            let heads = split(&x[0])?;
-            if rotate {
-                ops::rope(&heads, &cos, &sin)
-            } else {
-                Ok(heads)
-            }
-        };
-        assert_same_as_reference(&inputs, |x| fused::split_heads(&x[0], n, &cos, &sin, rotate), reference, 1e-12);
-        check_gradients(&inputs, |x| fused::split_heads(&x[0], n, &cos, &sin, rotate));
+fn fused_self_attention_matches_finite_differences_and_the_composed_ops() {
+    // Packed projections (b, s, (heads + 2·kv_heads)·d) → split, rotate, attend, merge.
+    let reference = |heads: usize, kv_heads: usize, window: Option<usize>| {
+        move |x: &[Tensor]| -> Result<Tensor> {
+            let (b, s, width) = x[0].dims3()?;
+            let d = width / (heads + 2 * kv_heads);
+            let (cos, sin) = rope_tables(s, d, x[0].dtype());
+            let split = |first: usize, n: usize| {
+                x[0].narrow(2, first * d, n * d)?.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()
+            };
+            let q = ops::rope(&split(0, heads)?, &cos, &sin)?;
+            let k = ops::rope(&split(heads, kv_heads)?, &cos, &sin)?;
+            let v = split(heads + kv_heads, kv_heads)?;
+            let mask = ops::causal_mask(s, window, x[0].dtype(), &Device::Cpu)?;
+            ops::attention(&q, &k, &v, &mask)?.transpose(1, 2)?.reshape((b, s, heads * d))
+        }
+    };
+    let fused = |heads: usize, kv_heads: usize, window: Option<usize>| {
+        move |x: &[Tensor]| -> Result<Tensor> {
+            let (_, s, width) = x[0].dims3()?;
+            let (cos, sin) = rope_tables(s, width / (heads + 2 * kv_heads), x[0].dtype());
+            fused::self_attention(&x[0], &cos, &sin, heads, kv_heads, window)
+        }
+    };
+    check_gradients(&[random(&[2, 5, 8 * 6], 1)], fused(4, 2, None));
+    check_gradients(&[random(&[1, 6, 3 * 4], 2)], fused(1, 1, Some(2)));
+    check_gradients(&[random(&[1, 4, 6 * 2], 3)], fused(2, 2, None));
+    // Sequences of one, two and several key blocks (64 positions each), not all whole; windows
+    // inside one block and across blocks; one and several key/value heads.
+    for (s, heads, kv_heads, window) in
+        [(37, 4, 2, None), (37, 4, 2, Some(5)), (128, 2, 1, None), (150, 4, 4, None), (150, 4, 1, Some(70))]
+    {
+        let inputs = [random(&[2, s, (heads + 2 * kv_heads) * 16], 4)];
+        let (f, r) = (fused(heads, kv_heads, window), reference(heads, kv_heads, window));
+        assert_same_as_reference(&inputs, f, r, 1e-12);
+        assert_same_as_reference(&f32s(&inputs), f, r, 1e-5);
     }
-    let inputs = [random(&[b, n, s, d], 2)];
-    let reference = |x: &[Tensor]| x[0].transpose(1, 2)?.reshape((b, s, n * d));
-    assert_same_as_reference(&inputs, |x| fused::merge_heads(&x[0], &cos, &sin), reference, 0.0);
+}
+
+#[test]
+fn fused_packed_swiglu_matches_the_two_projection_form() {
+    let inputs = [(random(&[2, 3, 2 * 700], 5) * 6.0).unwrap()];
+    let reference = |x: &[Tensor]| ops::swiglu(&x[0].narrow(2, 0, 700)?, &x[0].narrow(2, 700, 700)?);
+    assert_same_as_reference(&inputs, |x| fused::swiglu_packed(&x[0]), reference, 1e-12);
+    assert_same_as_reference(&f32s(&inputs), |x| fused::swiglu_packed(&x[0]), reference, 2e-6);
+    check_gradients(&[random(&[3, 2 * 5], 6)], |x| fused::swiglu_packed(&x[0]));
 }
 
 #[test]

@@ -22,36 +22,39 @@ pub(crate) fn gradients(g: &Tensor, x: &Tensor, w: &Tensor) -> Result<(Tensor, T
     Ok((g.apply_op2_no_bwd(w, &Gradient(Product::InputGrad))?, g.apply_op2_no_bwd(x, &Gradient(Product::WeightGrad))?))
 }
 
-/// `dst = lhs · rhs` for an m × k `lhs` and a k × n `rhs`, each given as (data, row stride, column
-/// stride) in elements; `dst` is row-major m × n and every element of it is written.
+/// `dst = lhs · rhs` (or `dst += lhs · rhs` with `accumulate`) for an m × k `lhs` and a k × n
+/// `rhs`, each given as (data, row stride, column stride) in elements; `dst` is given as (pointer,
+/// row stride) with unit column stride, and every one of its m × n elements is written.
 ///
 /// # Safety
-/// `dst` must have room for `m·n` elements, and `lhs` and `rhs` must hold every strided element.
+/// `dst` must have room for its strided m × n elements, and `lhs` and `rhs` must hold every strided
+/// element.
 pub(crate) unsafe fn gemm_into<T: 'static + num_traits::Zero + num_traits::One>(
     (m, n, k): (usize, usize, usize),
-    dst: *mut T,
+    (dst, dst_rs): (*mut T, usize),
     (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
     (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
+    accumulate: bool,
     parallelism: gemm::Parallelism,
 ) {
-    let (one, zero) = (T::one(), T::zero());
-    // alpha 0 with read_dst false: dst is overwritten, never read.
+    // dst = alpha·dst + beta·lhs·rhs; with read_dst false dst is overwritten, never read.
+    let alpha = if accumulate { T::one() } else { T::zero() };
     gemm::gemm(
         m,
         n,
         k,
         dst,
         1,
-        n as isize,
-        false,
+        dst_rs as isize,
+        accumulate,
         lhs.as_ptr(),
         lhs_cs as isize,
         lhs_rs as isize,
         rhs.as_ptr(),
         rhs_cs as isize,
         rhs_rs as isize,
-        zero,
-        one,
+        alpha,
+        T::one(),
         false,
         false,
         false,
@@ -121,9 +124,10 @@ fn run(product: Product, a: (&CpuStorage, &Layout), b: (&CpuStorage, &Layout)) -
         unsafe {
             gemm_into(
                 (m, n, k),
-                dst.as_mut_ptr(),
+                (dst.as_mut_ptr(), n),
                 (lhs, lhs_strides.0, lhs_strides.1),
                 (rhs, rhs_strides.0, rhs_strides.1),
+                false,
                 parallelism,
             );
             dst.set_len(m * n);

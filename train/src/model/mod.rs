@@ -191,32 +191,20 @@ impl Llama {
         for layer in &self.layers {
             let a = &layer.attention;
             let h = ops.rms_norm(&x, &self.w(&layer.input_norm)?, c.rms_norm_eps)?;
-            let project = |w: &Tensor, b: Option<&Tensor>| ops.linear(&h, &self.w(w)?, self.wo(b)?.as_ref());
-            let (q, k, v) = (
-                project(&a.q, a.q_bias.as_ref())?,
-                project(&a.k, a.k_bias.as_ref())?,
-                project(&a.v, a.v_bias.as_ref())?,
-            );
             let y = match &mask {
-                Some(mask) => {
-                    let heads =
-                        |x: &Tensor, n: usize| x.reshape((batch, seq, n, c.head_dim))?.transpose(1, 2)?.contiguous();
-                    let q = ops::rope(&heads(&q, c.num_attention_heads)?, &cos, &sin)?;
-                    let k = ops::rope(&heads(&k, c.num_key_value_heads)?, &cos, &sin)?;
-                    let y = ops::attention(&q, &k, &heads(&v, c.num_key_value_heads)?, mask)?;
-                    y.transpose(1, 2)?.reshape((batch, seq, c.num_attention_heads * c.head_dim))?
-                }
-                None => {
-                    let q = fused::split_heads(&q, c.num_attention_heads, &cos, &sin, true)?;
-                    let k = fused::split_heads(&k, c.num_key_value_heads, &cos, &sin, true)?;
-                    let v = fused::split_heads(&v, c.num_key_value_heads, &cos, &sin, false)?;
-                    fused::merge_heads(&fused_attention(&q, &k, &v, c.sliding_window)?, &cos, &sin)?
-                }
+                Some(mask) => self.composed_attention(a, &h, (&cos, &sin), mask)?,
+                None => self.fused_attention(a, &h, (&cos, &sin))?,
             };
             x = (x + ops.linear(&y, &self.w(&a.o)?, self.wo(a.o_bias.as_ref())?.as_ref())?)?;
             let h = ops.rms_norm(&x, &self.w(&layer.post_attention_norm)?, c.rms_norm_eps)?;
-            let (gate, up) = (ops.linear(&h, &self.w(&layer.gate)?, None)?, ops.linear(&h, &self.w(&layer.up)?, None)?);
-            x = (x + ops.linear(&ops.swiglu(&gate, &up)?, &self.w(&layer.down)?, None)?)?;
+            let gated = if ops.fused {
+                // One gemm for both projections; the gate reads the packed rows.
+                let gate_up = self.w(&Tensor::cat(&[&layer.gate, &layer.up], 0)?)?;
+                fused::swiglu_packed(&ops.linear(&h, &gate_up, None)?)?
+            } else {
+                ops::swiglu(&ops.linear(&h, &self.w(&layer.gate)?, None)?, &ops.linear(&h, &self.w(&layer.up)?, None)?)?
+            };
+            x = (x + ops.linear(&gated, &self.w(&layer.down)?, None)?)?;
         }
         ops.rms_norm(&x, &self.w(&self.norm)?, c.rms_norm_eps)
     }
@@ -227,13 +215,31 @@ impl Llama {
     }
 }
 
-/// Causal self-attention with grouped-query heads as one fused op (see [`ops::attention`] for the
-/// layout).
-fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<Tensor> {
-    let (b, heads, s, d) = q.dims4()?;
-    let kv_heads = k.dim(1)?;
-    let q = q.reshape((b, kv_heads, heads / kv_heads * s, d))?;
-    fused::causal_attention(&q, k, v, 1.0 / (d as f64).sqrt(), window)?.reshape((b, heads, s, d))
+impl Llama {
+    /// Attention from the composed ops: three projections, head split, RoPE, masked softmax.
+    fn composed_attention(&self, a: &Attention, h: &Tensor, (cos, sin): (&Tensor, &Tensor), mask: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (batch, seq, _) = h.dims3()?;
+        let project = |w: &Tensor, b: Option<&Tensor>| ops::linear(h, &self.w(w)?, self.wo(b)?.as_ref());
+        let heads = |x: Tensor, n: usize| x.reshape((batch, seq, n, c.head_dim))?.transpose(1, 2)?.contiguous();
+        let q = ops::rope(&heads(project(&a.q, a.q_bias.as_ref())?, c.num_attention_heads)?, cos, sin)?;
+        let k = ops::rope(&heads(project(&a.k, a.k_bias.as_ref())?, c.num_key_value_heads)?, cos, sin)?;
+        let v = heads(project(&a.v, a.v_bias.as_ref())?, c.num_key_value_heads)?;
+        let y = ops::attention(&q, &k, &v, mask)?;
+        y.transpose(1, 2)?.reshape((batch, seq, c.num_attention_heads * c.head_dim))
+    }
+
+    /// Attention from the fused kernels: one gemm for the packed query, key and value projections,
+    /// then one op for RoPE and attention.
+    fn fused_attention(&self, a: &Attention, h: &Tensor, (cos, sin): (&Tensor, &Tensor)) -> Result<Tensor> {
+        let c = &self.config;
+        let qkv = self.w(&Tensor::cat(&[&a.q, &a.k, &a.v], 0)?)?;
+        let mut qkv = linear::linear(h, &qkv)?;
+        if let (Some(q), Some(k), Some(v)) = (&a.q_bias, &a.k_bias, &a.v_bias) {
+            qkv = qkv.broadcast_add(&self.w(&Tensor::cat(&[q, k, v], 0)?)?)?;
+        }
+        fused::self_attention(&qkv, cos, sin, c.num_attention_heads, c.num_key_value_heads, c.sliding_window)
+    }
 }
 
 /// The fused kernels or the composed ops, chosen once per forward pass.
@@ -259,14 +265,6 @@ impl Kernels {
             fused::rms_norm(x, weight, eps)
         } else {
             ops::rms_norm(x, weight, eps)
-        }
-    }
-
-    fn swiglu(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        if self.fused {
-            fused::swiglu(gate, up)
-        } else {
-            ops::swiglu(gate, up)
         }
     }
 }

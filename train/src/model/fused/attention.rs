@@ -1,117 +1,236 @@
-//! Causal grouped-query attention as one op, forward and backward, one (batch, key/value head) per
-//! task: scores, masked softmax and values by single-threaded gemm calls on rows that stay in cache.
-//! Composed, the same work is two batched matmuls (each gemm call forked over the threads), a
-//! softmax op, and full-size score and probability gradients zeroed and summed by candle's backward.
-//! The probabilities are kept by the op for the backward pass.
+//! Causal grouped-query self-attention as one op on the packed projections: queries, keys and
+//! values come in as one `(b, s, (heads + 2·kv_heads)·d)` tensor (one gemm for all three), and the
+//! output leaves in the layout of the output projection, `(b, s, heads·d)`. Inside, one task per
+//! (batch, key/value head) gathers its rows with the rotary embedding applied, computes scores,
+//! masked softmax and values by single-threaded gemm calls on rows that stay in cache, and skips
+//! the key blocks that the causal mask hides. Composed, the same work is three projections, head
+//! splits, rotations, batched matmuls forked over the threads, a softmax and a head merge, each
+//! with a full-size gradient that candle's backward zeroes and sums.
+//!
+//! The op keeps its rotated queries, keys, values and probabilities for the backward pass.
 
 use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::elementwise::rotate;
 use super::softmax::{softmax_grad_in_place, softmax_in_place, visible};
-use super::{data, Real};
+use super::{by_rows, data, Real};
 use crate::model::linear;
 
-/// `q: (b, kv_heads, groups · s, d)` (query head `h` = group `h % groups` of its key/value head),
-/// `k`, `v: (b, kv_heads, s, d)` → `(b, kv_heads, groups · s, d)`; row `r` is query position `r % s`.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: Option<usize>) -> Result<Tensor> {
-    let op = Attention { scale, window: window.unwrap_or(usize::MAX), probs: Mutex::new(None) };
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+/// Query positions per block: each block's scores cover only the keys up to its last position.
+const BLOCK: usize = 64;
+
+/// `qkv: (b, s, (heads + 2·kv_heads)·d)` → `(b, s, heads·d)`: rotary embedding (`cos`, `sin:
+/// (s, d)`, HF's half-split layout) on queries and keys, then causal attention, optionally limited
+/// to a sliding window, with scale `1/√d`; query head `h` reads key/value head
+/// `h / (heads / kv_heads)`, as transformers' `repeat_kv` does.
+pub fn self_attention(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let op = SelfAttention { heads, kv_heads, window: window.unwrap_or(usize::MAX), kept: Mutex::new(None) };
+    qkv.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, op)
 }
 
-struct Attention {
-    scale: f64,
+struct SelfAttention {
+    heads: usize,
+    kv_heads: usize,
     window: usize,
-    /// Softmax probabilities, `(b · kv_heads, rows, s)`, from the forward pass for the backward.
-    probs: Mutex<Option<CpuStorage>>,
+    /// Set by the forward pass and taken by the backward pass (once per graph).
+    kept: Mutex<Option<Kept>>,
 }
 
-/// `dst (m × n) = lhs (m × k) · rhs (k × n)`, operands as (data, row stride, column stride), on
-/// this thread.
-fn gemm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: (&[T], usize, usize), rhs: (&[T], usize, usize)) {
-    assert!(dst.len() >= m * n, "attention: a gemm destination too small");
-    // SAFETY: dst holds m·n elements (checked); lhs and rhs cover their strided m·k and k·n
-    // elements, as the callers' shapes guarantee.
-    unsafe { linear::gemm_into((m, n, k), dst.as_mut_ptr(), lhs, rhs, gemm::Parallelism::None) }
+/// One task's rotated queries `(groups·s, d)`, keys and values `(s, d)`, and probabilities
+/// `(groups·s, s)`; query row `g·s + p` is position `p` of the task's query head `g`.
+struct Task<T> {
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    probs: Vec<T>,
 }
 
-/// Sizes: tasks (b · kv_heads), rows per task, keys, head dim.
-fn sizes(q: &[usize], k: &[usize]) -> Result<(usize, usize, usize, usize)> {
-    let (&[b, kvh, rows, d], &[kb, kkvh, s, kd]) = (q, k) else { bail!("attention: 4-d q, k, v expected") };
-    if (b, kvh, d) != (kb, kkvh, kd) || rows % s != 0 {
-        bail!("attention: q {q:?} does not match k {k:?}");
+enum Kept {
+    F32(Vec<Task<f32>>),
+    F64(Vec<Task<f64>>),
+}
+
+/// The sizes of one call.
+#[derive(Clone, Copy)]
+struct Dims {
+    batch: usize,
+    seq: usize,
+    head_dim: usize,
+    heads: usize,
+    kv_heads: usize,
+    window: usize,
+}
+
+impl Dims {
+    fn new(op: &SelfAttention, qkv: &[usize], table: usize) -> Result<Self> {
+        let &[batch, seq, width] = qkv else { bail!("self-attention: qkv must be (batch, seq, width), got {qkv:?}") };
+        let columns = op.heads + 2 * op.kv_heads;
+        if op.kv_heads == 0 || op.heads % op.kv_heads != 0 || width % columns != 0 {
+            bail!("self-attention: width {width} is not ({} + 2·{}) heads", op.heads, op.kv_heads);
+        }
+        let head_dim = width / columns;
+        if table != seq * head_dim || head_dim % 2 != 0 {
+            bail!("self-attention: rotary tables of {table} for {seq} positions of {head_dim}");
+        }
+        Ok(Self { batch, seq, head_dim, heads: op.heads, kv_heads: op.kv_heads, window: op.window })
     }
-    Ok((b * kvh, rows, s, d))
+    fn groups(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+    fn tasks(&self) -> usize {
+        self.batch * self.kv_heads
+    }
+    /// `(first row, rows, first key, keys)` of every block of a task's queries.
+    fn blocks(&self) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+        (0..self.groups()).flat_map(move |g| {
+            (0..self.seq).step_by(BLOCK).map(move |p0| {
+                let p1 = (p0 + BLOCK).min(self.seq);
+                let first_key = visible(p0, self.window).start;
+                (g * self.seq + p0, p1 - p0, first_key, p1 - first_key)
+            })
+        })
+    }
 }
 
-impl Attention {
-    fn forward<T: Real>(
-        &self,
-        q: &[T],
-        k: &[T],
-        v: &[T],
-        (tasks, rows, s, d): (usize, usize, usize, usize),
-    ) -> (Vec<T>, Vec<T>) {
-        let scale = T::from(self.scale).expect("a float scale");
-        let mut probs = vec![T::zero(); tasks * rows * s];
-        let mut y = vec![T::zero(); tasks * rows * d];
-        probs.par_chunks_mut(rows * s).zip(y.par_chunks_mut(rows * d)).enumerate().for_each(|(t, (p, y))| {
-            let (q, k, v) = (&q[t * rows * d..][..rows * d], &k[t * s * d..][..s * d], &v[t * s * d..][..s * d]);
-            gemm(rows, s, d, p, (q, d, 1), (k, 1, d));
-            for (r, row) in p.chunks_mut(s).enumerate() {
-                let visible = visible(r % s, self.window);
-                softmax_in_place(&mut row[visible.clone()], scale);
-                row[..visible.start].iter_mut().for_each(|x| *x = T::zero());
-                row[visible.end..].iter_mut().for_each(|x| *x = T::zero());
-            }
-            gemm(rows, d, s, y, (p, s, 1), (v, d, 1));
-        });
-        (probs, y)
+/// `dst (m × n, row stride dst_rs) = lhs · rhs` (or `+=` with `accumulate`), operands as (data,
+/// row stride, column stride), on this thread.
+fn gemm<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (&mut [T], usize),
+    lhs: (&[T], usize, usize),
+    rhs: (&[T], usize, usize),
+    accumulate: bool,
+) {
+    let covers = |len: usize, rows: usize, cols: usize, rs: usize, cs: usize| {
+        rows == 0 || cols == 0 || len > (rows - 1) * rs + (cols - 1) * cs
+    };
+    assert!(covers(dst.len(), m, n, dst_rs, 1), "attention: a gemm destination too small");
+    assert!(covers(lhs.0.len(), m, k, lhs.1, lhs.2) && covers(rhs.0.len(), k, n, rhs.1, rhs.2));
+    // SAFETY: the assertions above: every strided element of dst, lhs and rhs is in its slice.
+    unsafe {
+        linear::gemm_into((m, n, k), (dst.as_mut_ptr(), dst_rs), lhs, rhs, accumulate, gemm::Parallelism::None)
     }
+}
 
-    /// `[dq | dk | dv]` from the output gradient `dy` and the kept probabilities.
-    fn backward<T: Real>(
-        &self,
-        q: &[T],
-        k: &[T],
-        v: &[T],
-        dy: &[T],
-        probs: &[T],
-        (tasks, rows, s, d): (usize, usize, usize, usize),
-    ) -> Vec<T> {
-        let scale = T::from(self.scale).expect("a float scale");
-        let (nq, nk) = (tasks * rows * d, tasks * s * d);
-        let mut out = vec![T::zero(); nq + 2 * nk];
-        let (dq, rest) = out.split_at_mut(nq);
-        let (dk, dv) = rest.split_at_mut(nk);
-        dq.par_chunks_mut(rows * d)
-            .zip(dk.par_chunks_mut(s * d))
-            .zip(dv.par_chunks_mut(s * d))
-            .enumerate()
-            .for_each_init(
-                || vec![T::zero(); rows * s],
-                |ds, (t, ((dq, dk), dv))| {
-                    let (q, k, v) =
-                        (&q[t * rows * d..][..rows * d], &k[t * s * d..][..s * d], &v[t * s * d..][..s * d]);
-                    let (dy, p) = (&dy[t * rows * d..][..rows * d], &probs[t * rows * s..][..rows * s]);
-                    // dP = dY · Vᵀ, then dS = scale · P ∘ (dP − Σ_j dP·P) in place.
-                    gemm(rows, s, d, ds, (dy, d, 1), (v, 1, d));
-                    for (ds, p) in ds.chunks_mut(s).zip(p.chunks(s)) {
-                        softmax_grad_in_place(ds, p, scale);
+/// Copies column head `column` (of `d`) of every position of `batch` from rows of `width` into
+/// `out: (s, d)`, rotated by the tables when given, or with the inverse rotation when `inverse`.
+fn gather<T: Real>(x: &[T], width: usize, n: Dims, batch: usize, column: usize, rope: Option<(&[T], &[T])>, out: &mut [T]) {
+    let d = n.head_dim;
+    for (p, out) in out.chunks_mut(d).enumerate() {
+        let row = &x[(batch * n.seq + p) * width + column * d..][..d];
+        match rope {
+            Some((cos, sin)) => rotate(row, &cos[p * d..][..d], &sin[p * d..][..d], false, out),
+            None => out.copy_from_slice(row),
+        }
+    }
+}
+
+impl SelfAttention {
+    fn forward<T: Real>(&self, qkv: &[T], cos: &[T], sin: &[T], n: Dims) -> (Vec<T>, Vec<Task<T>>) {
+        let (s, d, groups) = (n.seq, n.head_dim, n.groups());
+        let width = (n.heads + 2 * n.kv_heads) * d;
+        let scale = T::from(1.0 / (d as f64).sqrt()).expect("a float scale");
+        let tasks: Vec<(Task<T>, Vec<T>)> = (0..n.tasks())
+            .into_par_iter()
+            .map(|t| {
+                let (batch, kv_head) = (t / n.kv_heads, t % n.kv_heads);
+                let mut q = vec![T::zero(); groups * s * d];
+                for (g, q) in q.chunks_mut(s * d).enumerate() {
+                    gather(qkv, width, n, batch, kv_head * groups + g, Some((cos, sin)), q);
+                }
+                let (mut k, mut v) = (vec![T::zero(); s * d], vec![T::zero(); s * d]);
+                gather(qkv, width, n, batch, n.heads + kv_head, Some((cos, sin)), &mut k);
+                gather(qkv, width, n, batch, n.heads + n.kv_heads + kv_head, None, &mut v);
+                let mut probs = vec![T::zero(); groups * s * s];
+                let mut y = vec![T::zero(); groups * s * d];
+                for (r0, m, k0, keys) in n.blocks() {
+                    let p = &mut probs[r0 * s..][..m * s];
+                    gemm((m, keys, d), (&mut p[k0..], s), (&q[r0 * d..], d, 1), (&k[k0 * d..], 1, d), false);
+                    for (i, row) in p.chunks_mut(s).enumerate() {
+                        let visible = visible((r0 + i) % s, n.window);
+                        softmax_in_place(&mut row[visible.clone()], scale);
+                        row[k0..visible.start].iter_mut().for_each(|x| *x = T::zero());
+                        row[visible.end..k0 + keys].iter_mut().for_each(|x| *x = T::zero());
                     }
-                    gemm(rows, d, s, dq, (ds, s, 1), (k, d, 1));
-                    gemm(s, d, rows, dk, (ds, 1, s), (q, d, 1));
-                    gemm(s, d, rows, dv, (p, 1, s), (dy, d, 1));
-                },
-            );
-        out
+                    gemm((m, d, keys), (&mut y[r0 * d..], d), (&p[k0..], s, 1), (&v[k0 * d..], d, 1), false);
+                }
+                (Task { q, k, v, probs }, y)
+            })
+            .collect();
+        let mut out = vec![T::zero(); n.batch * s * n.heads * d];
+        by_rows(&mut out, d, |r, out| {
+            let (batch, p, h) = (r / (s * n.heads), (r / n.heads) % s, r % n.heads);
+            let y = &tasks[batch * n.kv_heads + h / groups].1;
+            out.copy_from_slice(&y[((h % groups) * s + p) * d..][..d]);
+        });
+        (out, tasks.into_iter().map(|(task, _)| task).collect())
+    }
+
+    /// The gradient of the packed `qkv` from the output gradient `dy: (b, s, heads·d)`.
+    fn backward<T: Real>(&self, tasks: &[Task<T>], dy: &[T], cos: &[T], sin: &[T], n: Dims) -> Vec<T> {
+        let (s, d, groups) = (n.seq, n.head_dim, n.groups());
+        let scale = T::from(1.0 / (d as f64).sqrt()).expect("a float scale");
+        // Per task: dq (groups·s, d), dk and dv (s, d), before the inverse rotation.
+        let grads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = tasks
+            .par_iter()
+            .enumerate()
+            .map(|(t, task)| {
+                let (batch, kv_head) = (t / n.kv_heads, t % n.kv_heads);
+                let mut dy_rows = vec![T::zero(); groups * s * d];
+                for (g, out) in dy_rows.chunks_mut(s * d).enumerate() {
+                    gather(dy, n.heads * d, n, batch, kv_head * groups + g, None, out);
+                }
+                let (q, k, v, probs) = (&task.q, &task.k, &task.v, &task.probs);
+                let mut ds = vec![T::zero(); groups * s * s];
+                let mut dq = vec![T::zero(); groups * s * d];
+                let (mut dk, mut dv) = (vec![T::zero(); s * d], vec![T::zero(); s * d]);
+                for (r0, m, k0, keys) in n.blocks() {
+                    let (ds, p, dy) = (&mut ds[r0 * s..][..m * s], &probs[r0 * s..][..m * s], &dy_rows[r0 * d..]);
+                    // dP = dY · Vᵀ, then dS = scale · P ∘ (dP − Σ_j dP·P) in place.
+                    gemm((m, keys, d), (&mut ds[k0..], s), (dy, d, 1), (&v[k0 * d..], 1, d), false);
+                    for (ds, p) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                        softmax_grad_in_place(&mut ds[k0..k0 + keys], &p[k0..k0 + keys], scale);
+                    }
+                    gemm((m, d, keys), (&mut dq[r0 * d..], d), (&ds[k0..], s, 1), (&k[k0 * d..], d, 1), false);
+                    gemm((keys, d, m), (&mut dk[k0 * d..], d), (&ds[k0..], 1, s), (&q[r0 * d..], d, 1), true);
+                    gemm((keys, d, m), (&mut dv[k0 * d..], d), (&p[k0..], 1, s), (dy, d, 1), true);
+                }
+                (dq, dk, dv)
+            })
+            .collect();
+        let columns = n.heads + 2 * n.kv_heads;
+        let mut dqkv = vec![T::zero(); n.batch * s * columns * d];
+        by_rows(&mut dqkv, d, |r, out| {
+            let (batch, p, column) = (r / (s * columns), (r / columns) % s, r % columns);
+            let (table_cos, table_sin) = (&cos[p * d..][..d], &sin[p * d..][..d]);
+            if column < n.heads {
+                let dq = &grads[batch * n.kv_heads + column / groups].0;
+                rotate(&dq[((column % groups) * s + p) * d..][..d], table_cos, table_sin, true, out);
+            } else if column < n.heads + n.kv_heads {
+                let dk = &grads[batch * n.kv_heads + column - n.heads].1;
+                rotate(&dk[p * d..][..d], table_cos, table_sin, true, out);
+            } else {
+                let dv = &grads[batch * n.kv_heads + column - n.heads - n.kv_heads].2;
+                out.copy_from_slice(&dv[p * d..][..d]);
+            }
+        });
+        dqkv
     }
 }
 
-impl CustomOp3 for Attention {
+impl CustomOp3 for SelfAttention {
     fn name(&self) -> &'static str {
-        "causal-attention"
+        "self-attention"
     }
     fn cpu_fwd(
         &self,
@@ -122,54 +241,76 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = sizes(l1.dims(), l2.dims())?;
-        if l2.dims() != l3.dims() {
-            bail!("attention: k {:?} and v {:?} differ", l2.dims(), l3.dims());
-        }
-        let (probs, y) = match s1 {
+        let n = Dims::new(self, l1.dims(), l2.shape().elem_count())?;
+        let shape = Shape::from((n.batch, n.seq, n.heads * n.head_dim));
+        let (y, kept) = match s1 {
             CpuStorage::F32(_) => {
-                let (p, y) = self.forward(data::<f32>(s1, l1, "q")?, data(s2, l2, "k")?, data(s3, l3, "v")?, dims);
-                (CpuStorage::F32(p), CpuStorage::F32(y))
+                let (y, tasks) = self.forward(data::<f32>(s1, l1, "qkv")?, data(s2, l2, "cos")?, data(s3, l3, "sin")?, n);
+                (CpuStorage::F32(y), Kept::F32(tasks))
             }
             CpuStorage::F64(_) => {
-                let (p, y) = self.forward(data::<f64>(s1, l1, "q")?, data(s2, l2, "k")?, data(s3, l3, "v")?, dims);
-                (CpuStorage::F64(p), CpuStorage::F64(y))
+                let (y, tasks) = self.forward(data::<f64>(s1, l1, "qkv")?, data(s2, l2, "cos")?, data(s3, l3, "sin")?, n);
+                (CpuStorage::F64(y), Kept::F64(tasks))
             }
-            _ => bail!("attention: f32 or f64"),
+            _ => bail!("self-attention: f32 or f64"),
         };
-        *self.probs.lock().expect("attention lock") = Some(probs);
-        Ok((y, l1.shape().clone()))
+        *self.kept.lock().expect("attention lock") = Some(kept);
+        Ok((y, shape))
     }
     fn bwd(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(probs) = self.probs.lock().expect("attention lock").take() else {
-            bail!("attention: a second backward pass through the same graph");
+        let Some(kept) = self.kept.lock().expect("attention lock").take() else {
+            bail!("self-attention: a second backward pass through the same graph");
         };
-        let dims = sizes(q.dims(), k.dims())?;
-        let flat = |t: &Tensor| t.flatten_all();
-        let all = match probs {
-            CpuStorage::F32(p) => {
-                let (q, k, v, dy) =
-                    (flat(q)?.to_vec1::<f32>()?, flat(k)?.to_vec1()?, flat(v)?.to_vec1()?, flat(grad)?.to_vec1()?);
-                Tensor::from_vec(self.backward(&q, &k, &v, &dy, &p, dims), q.len() + 2 * k.len(), grad.device())?
-            }
-            CpuStorage::F64(p) => {
-                let (q, k, v, dy) =
-                    (flat(q)?.to_vec1::<f64>()?, flat(k)?.to_vec1()?, flat(v)?.to_vec1()?, flat(grad)?.to_vec1()?);
-                Tensor::from_vec(self.backward(&q, &k, &v, &dy, &p, dims), q.len() + 2 * k.len(), grad.device())?
-            }
-            _ => bail!("attention: f32 or f64"),
+        let n = Dims::new(self, qkv.dims(), cos.elem_count())?;
+        let backward = Backward { op: self, kept, n, shape: qkv.shape().clone() };
+        Ok((Some(grad.contiguous()?.apply_op3_no_bwd(cos, sin, &backward)?), None, None))
+    }
+}
+
+/// The backward pass as an op on (dy, cos, sin), so that it reads candle's buffers in place.
+struct Backward<'a> {
+    op: &'a SelfAttention,
+    kept: Kept,
+    n: Dims,
+    shape: Shape,
+}
+
+impl CustomOp3 for Backward<'_> {
+    fn name(&self) -> &'static str {
+        "self-attention-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let storage = match &self.kept {
+            Kept::F32(tasks) => CpuStorage::F32(self.op.backward(
+                tasks,
+                data(s1, l1, "grad")?,
+                data(s2, l2, "cos")?,
+                data(s3, l3, "sin")?,
+                self.n,
+            )),
+            Kept::F64(tasks) => CpuStorage::F64(self.op.backward(
+                tasks,
+                data(s1, l1, "grad")?,
+                data(s2, l2, "cos")?,
+                data(s3, l3, "sin")?,
+                self.n,
+            )),
         };
-        let (nq, nk) = (q.elem_count(), k.elem_count());
-        let dq = all.narrow(0, 0, nq)?.reshape(q.dims())?;
-        let dk = all.narrow(0, nq, nk)?.reshape(k.dims())?;
-        let dv = all.narrow(0, nq + nk, nk)?.reshape(v.dims())?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        Ok((storage, self.shape.clone()))
     }
 }

@@ -1,7 +1,6 @@
 //! Rotary embeddings and the SwiGLU gate, each with its backward.
 
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::{by_rows, cpu, last_dim, Kernel, Real};
 
@@ -10,9 +9,15 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { backward: false })
 }
 
-/// `silu(gate) * up`.
+/// `silu(gate) * up`, for `gate` and `up` of one shape.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
+    swiglu_packed(&Tensor::cat(&[gate, up], gate.rank().saturating_sub(1))?)
+}
+
+/// `silu(gate) * up` for `x: (.., 2·inter)` whose rows hold `[gate | up]`, as the packed
+/// gate and up projections produce them.
+pub fn swiglu_packed(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Swiglu)
 }
 
 /// `y = x·cos + rotate_half(x)·sin`; the backward applies the transposed rotation to the gradient.
@@ -84,82 +89,86 @@ impl CustomOp3 for Rope {
     }
 }
 
+/// The SwiGLU gate on packed projections: `x: (.., 2·inter)` holds `[gate | up]` per row (one gemm
+/// for both), `out: (.., inter) = silu(gate) · up`.
 struct Swiglu;
 
-fn sigmoid<T: Real>(x: T) -> T {
-    (T::one() + (-x).exp()).recip()
+/// `out[i] = σ(x[i]) = 1 / (1 + e^(−x[i]))` with the vectorised exponential.
+fn sigmoid<T: Real>(x: &[T], out: &mut [T]) {
+    T::exp_shifted(x, -T::one(), T::zero(), T::one(), out);
+    out.iter_mut().for_each(|e| *e = (T::one() + *e).recip());
+}
+
+/// The two halves of a packed row.
+fn halves<T>(row: &[T]) -> (&[T], &[T]) {
+    row.split_at(row.len() / 2)
+}
+
+fn packed_width(dims: &[usize]) -> Result<usize> {
+    match last_dim(dims) {
+        w if w % 2 == 0 && w > 0 => Ok(w),
+        w => bail!("swiglu: packed [gate | up] rows must have an even width, got {w}"),
+    }
 }
 
 impl Kernel for Swiglu {
     const NAME: &'static str = "swiglu";
-    fn run<T: Real>(&self, inputs: &[&[T]], _: &[&[usize]]) -> Result<Vec<T>> {
-        let (gate, up) = (inputs[0], inputs[1]);
-        if gate.len() != up.len() {
-            bail!("swiglu: gate of {} and up of {}", gate.len(), up.len());
-        }
-        let mut out = vec![T::zero(); gate.len()];
-        let row = 4096;
-        by_rows(&mut out, row, |r, out| {
-            for (i, o) in out.iter_mut().enumerate() {
-                let (g, u) = (gate[r * row + i], up[r * row + i]);
-                *o = g * sigmoid(g) * u;
+    fn run<T: Real>(&self, inputs: &[&[T]], dims: &[&[usize]]) -> Result<Vec<T>> {
+        let (x, width) = (inputs[0], packed_width(dims[0])?);
+        let mut out = vec![T::zero(); x.len() / 2];
+        by_rows(&mut out, width / 2, |r, out| {
+            let (gate, up) = halves(&x[r * width..][..width]);
+            sigmoid(gate, out);
+            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                *o *= g * u;
             }
         });
         Ok(out)
     }
 }
 
-impl CustomOp2 for Swiglu {
+impl CustomOp1 for Swiglu {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut dims = layout.dims().to_vec();
+        *dims.last_mut().expect("a packed width") = packed_width(layout.dims())? / 2;
+        cpu(self, &[(storage, layout)], Shape::from(dims))
+    }
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &SwigluGrad)?))
+    }
+}
+
+/// The gradient of the packed input, `[d gate | d up]` per row, in one pass.
+struct SwigluGrad;
+
+impl Kernel for SwigluGrad {
+    const NAME: &'static str = "swiglu-grad";
+    fn run<T: Real>(&self, inputs: &[&[T]], dims: &[&[usize]]) -> Result<Vec<T>> {
+        let (x, grad, width) = (inputs[0], inputs[1], packed_width(dims[0])?);
+        let mut out = vec![T::zero(); x.len()];
+        by_rows(&mut out, width, |r, out| {
+            let (gate, up) = halves(&x[r * width..][..width]);
+            let dy = &grad[r * width / 2..][..width / 2];
+            let (d_gate, d_up) = out.split_at_mut(width / 2);
+            sigmoid(gate, d_gate);
+            for i in 0..d_gate.len() {
+                let (g, u, s) = (gate[i], up[i], d_gate[i]);
+                d_up[i] = dy[i] * g * s;
+                d_gate[i] = dy[i] * u * s * (T::one() + g * (T::one() - s));
+            }
+        });
+        Ok(out)
+    }
+}
+
+impl CustomOp2 for SwigluGrad {
     fn name(&self) -> &'static str {
         Self::NAME
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         cpu(self, &[(s1, l1), (s2, l2)], l1.shape().clone())
-    }
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwigluGrad)?;
-        Ok((Some(both.get(0)?), Some(both.get(1)?)))
-    }
-}
-
-/// Both SwiGLU input gradients in one pass, stacked: `[d gate, d up]`.
-struct SwigluGrad;
-
-impl Kernel for SwigluGrad {
-    const NAME: &'static str = "swiglu-grad";
-    fn run<T: Real>(&self, inputs: &[&[T]], _: &[&[usize]]) -> Result<Vec<T>> {
-        let (gate, up, grad) = (inputs[0], inputs[1], inputs[2]);
-        let n = gate.len();
-        let mut out = vec![T::zero(); 2 * n];
-        let (d_gate, d_up) = out.split_at_mut(n);
-        let row = 4096;
-        d_gate.par_chunks_mut(row).zip(d_up.par_chunks_mut(row)).enumerate().for_each(|(r, (d_gate, d_up))| {
-            for i in 0..d_gate.len() {
-                let (g, u, dy) = (gate[r * row + i], up[r * row + i], grad[r * row + i]);
-                let s = sigmoid(g);
-                d_up[i] = dy * g * s;
-                d_gate[i] = dy * u * s * (T::one() + g * (T::one() - s));
-            }
-        });
-        Ok(out)
-    }
-}
-
-impl CustomOp3 for SwigluGrad {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let mut dims = vec![2];
-        dims.extend_from_slice(l1.dims());
-        cpu(self, &[(s1, l1), (s2, l2), (s3, l3)], Shape::from(dims))
     }
 }

@@ -8,14 +8,12 @@
 
 mod attention;
 mod elementwise;
-mod heads;
 mod linear_nll;
 mod norm;
 mod softmax;
 
-pub use attention::causal_attention;
-pub use elementwise::{rope, swiglu};
-pub use heads::{merge_heads, split_heads};
+pub use attention::self_attention;
+pub use elementwise::{rope, swiglu, swiglu_packed};
 pub use linear_nll::linear_nll;
 pub use norm::rms_norm;
 pub use softmax::{causal_softmax, token_nll};
