@@ -22,7 +22,7 @@ out=$(mktemp -d)
 for round in $(seq "$rounds"); do
   RAYON_NUM_THREADS=$threads "$worker" bench --config "$config" "${args[@]}" >>"$out/fused.jsonl"
   "$python" bench/torch_train.py --config "$config" "${args[@]}" --threads "$threads" >>"$out/torch.jsonl"
-  RAYON_NUM_THREADS=$threads "$worker" bench --config "$config" "${args[@]}" --unfused >>"$out/composed.jsonl"
+  RAYON_NUM_THREADS=$threads "$worker" bench --config "$config" "${args[@]}" --kernels composed >>"$out/composed.jsonl"
   echo "round $round/$rounds done" >&2
 done
 "$python" - "$out" "$preset" "$threads" <<'PY'

@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::optim::{AdamW, AdamWConfig};
+use crate::model::Kernels;
 use crate::{Llama, ModelConfig, Params};
 
 /// What to run.
@@ -21,8 +22,8 @@ pub struct BenchOptions {
     /// Timed steps, after `warmup` untimed ones.
     pub steps: usize,
     pub warmup: usize,
-    /// Use the fused operations (the default) or the composed reference ops.
-    pub fused: bool,
+    /// The implementation of the model's operations.
+    pub kernels: Kernels,
     pub device: Device,
     /// The compute dtype (f32, or bf16 over f32 master weights).
     pub compute: DType,
@@ -31,7 +32,8 @@ pub struct BenchOptions {
 /// What one run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
-    pub fused: bool,
+    /// The kernels that ran (the choice resolved for the device and dtype).
+    pub kernels: String,
     pub parameters: u64,
     pub tokens_per_step: usize,
     /// Median over the timed steps.
@@ -49,7 +51,7 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
     let device = &options.device;
     let params = Params::init_random(config, 0, DType::F32, device)?;
     let mut model = Llama::new(config, &params)?;
-    model.set_fused(options.fused);
+    model.set_kernels(options.kernels);
     model.set_compute_dtype(options.compute);
     let adamw = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let mut optimizer = AdamW::new(&params, adamw)?;
@@ -58,6 +60,7 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
     let ids: Vec<u32> =
         (0..options.batch * (options.seq_len + 1)).map(|_| rng.random_range(0..config.vocab_size as u32)).collect();
     let ids = Tensor::from_vec(ids, (options.batch, options.seq_len + 1), device)?;
+    let resolved = options.kernels.resolve(&Tensor::zeros(1, options.compute, device)?);
     let mut seconds = Vec::new();
     let mut losses = Vec::new();
     for step in 0..options.warmup + options.steps {
@@ -79,7 +82,7 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
     let tokens = options.batch * options.seq_len;
     let flops = cpt_protocol::plan::flops_per_token(config, options.seq_len) * tokens as f64;
     Ok(BenchReport {
-        fused: options.fused,
+        kernels: resolved.to_string(),
         parameters: config.total_parameters() as u64,
         tokens_per_step: tokens,
         step_seconds,

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod device;
 pub mod gguf;
 pub mod hf;
+pub mod kernel_check;
 pub mod model;
 pub mod optim;
 pub mod params;

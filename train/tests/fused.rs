@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::{check_gradients, random};
 use cpt_train::bench::{bench, BenchOptions};
-use cpt_train::model::{fused, ops};
+use cpt_train::model::{fused, ops, Kernels};
 use serde_json::json;
 
 /// `f` and `reference` agree on the output and on every input's gradient of `sum(out · projection)`.
@@ -140,17 +140,21 @@ fn twenty_training_steps_with_fused_kernels_track_the_composed_ops() {
             batch: 4,
             steps: 18,
             warmup: 2,
-            fused: true,
+            kernels: Kernels::Best,
             device: Device::Cpu,
             compute: DType::F32,
         };
-        let fused = bench(&config, &options).unwrap();
-        let composed = bench(&config, &BenchOptions { fused: false, ..options }).unwrap();
-        assert_eq!(fused.losses.len(), 20);
-        for (step, (a, b)) in fused.losses.iter().zip(&composed.losses).enumerate() {
-            assert!((a - b).abs() <= 1e-4 * b.abs(), "{extra}: step {step}: fused loss {a} vs composed {b}");
+        let composed = bench(&config, &BenchOptions { kernels: Kernels::Composed, ..options.clone() }).unwrap();
+        // The whole-block CPU kernels, and the ops that also have CUDA kernels (here on the CPU).
+        for kernels in [Kernels::Cpu, Kernels::Portable] {
+            let fused = bench(&config, &BenchOptions { kernels, ..options.clone() }).unwrap();
+            assert_eq!(fused.kernels, kernels.to_string());
+            assert_eq!(fused.losses.len(), 20);
+            for (step, (a, b)) in fused.losses.iter().zip(&composed.losses).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * b.abs(), "{extra} {kernels}: step {step}: loss {a} vs composed {b}");
+            }
+            assert!(fused.losses[19] < fused.losses[0] - 0.5, "it learns: {:?}", fused.losses);
         }
-        assert!(fused.losses[19] < fused.losses[0] - 0.5, "it learns: {:?}", fused.losses);
     }
 }
 
@@ -222,5 +226,15 @@ fn fused_output_projection_and_cross_entropy_match_the_composed_ops() {
         let reference = |x: &[Tensor]| ops::token_nll(&ops::linear(&x[0], &x[1], None)?, &targets);
         assert_same_as_reference(&inputs, f, reference, 1e-12);
         assert_same_as_reference(&f32s(&inputs), f, reference, 2e-5);
+    }
+}
+
+#[test]
+fn the_kernel_check_passes_on_the_cpu_and_names_every_portable_op() {
+    let checks = cpt_train::kernel_check::check_kernels(&Device::Cpu).unwrap();
+    let ops: Vec<&str> = checks.iter().map(|c| c.op).collect();
+    assert_eq!(ops, ["rms-norm", "swiglu", "rope", "causal-softmax", "token-nll"]);
+    for check in &checks {
+        assert!(check.ok && check.max_error < 1e-5, "{check:?}");
     }
 }

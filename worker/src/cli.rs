@@ -164,13 +164,17 @@ enum Command {
         steps: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
-        /// The composed reference ops instead of the fused kernels.
-        #[arg(long)]
-        unfused: bool,
+        /// The implementation of the model's operations: best (for the device), cpu (whole-block CPU
+        /// kernels), portable (the fused ops with CPU and CUDA kernels), composed (the reference).
+        #[arg(long, default_value_t = cpt_train::model::Kernels::Best)]
+        kernels: cpt_train::model::Kernels,
         /// bf16 compute over f32 master weights (CUDA).
         #[arg(long)]
         bf16: bool,
     },
+    /// Check the fused ops on --device against the composed ops on the CPU in f64 (outputs and
+    /// gradients, in each dtype the device's kernels store); exits non-zero when one is off.
+    CheckKernels,
     /// Continue a prompt (greedy unless --temperature is given).
     Generate {
         #[arg(long)]
@@ -265,15 +269,24 @@ impl Cli {
             Command::Prepare { tokenizer, input, out, seq_len, config } => {
                 crate::run_local::prepare_command(&tokenizer, &input, &out, seq_len, config.as_deref())?;
             }
-            Command::Bench { config, seq_len, batch, steps, warmup, unfused, bf16 } => {
+            Command::Bench { config, seq_len, batch, steps, warmup, kernels, bf16 } => {
                 let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
                 let model_config = cpt_train::ModelConfig::from_json_str(&text)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
                 let compute = if bf16 { DType::BF16 } else { DType::F32 };
                 let options =
-                    cpt_train::bench::BenchOptions { seq_len, batch, steps, warmup, fused: !unfused, device, compute };
+                    cpt_train::bench::BenchOptions { seq_len, batch, steps, warmup, kernels, device, compute };
                 let report = cpt_train::bench::bench(&model_config, &options)?;
                 println!("{}", serde_json::to_string(&report)?);
+            }
+            Command::CheckKernels => {
+                let checks = cpt_train::kernel_check::check_kernels(&device)?;
+                for check in &checks {
+                    println!("{}", serde_json::to_string(check)?);
+                }
+                if let Some(bad) = checks.iter().find(|c| !c.ok) {
+                    anyhow::bail!("{} in {} is off by {:.2e} (tolerance {:.0e})", bad.op, bad.dtype, bad.max_error, bad.tolerance);
+                }
             }
             Command::Generate { model, prompt, max_new_tokens, temperature, top_k, seed } => {
                 let (model_dir, model) = load_model(&model, &device)?;

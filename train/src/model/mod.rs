@@ -39,8 +39,8 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Tensor,
     inv_freq: Vec<f64>,
-    /// Use the fused kernels where the device and dtype have them (the default).
-    fused: bool,
+    /// Which implementation of the operations forward passes use.
+    kernels: Kernels,
     /// The dtype of the forward and backward computation; the weights keep theirs (e.g. bf16
     /// compute over f32 master weights, whose gradients come back in f32).
     compute: DType,
@@ -87,7 +87,7 @@ impl Llama {
             norm: get(params, "model.norm.weight")?,
             lm_head,
             inv_freq: config.rope_inv_freq(),
-            fused: true,
+            kernels: Kernels::Best,
             compute: embed_dtype,
         })
     }
@@ -124,14 +124,14 @@ impl Llama {
             norm: d(&self.norm),
             lm_head: d(&self.lm_head),
             inv_freq: self.inv_freq.clone(),
-            fused: self.fused,
+            kernels: self.kernels,
             compute: self.compute,
         }
     }
 
-    /// Chooses the fused kernels (`true`, the default) or the composed reference ops.
-    pub fn set_fused(&mut self, fused: bool) {
-        self.fused = fused;
+    /// Chooses the implementation of the operations ([`Kernels::Best`] by default).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
     }
 
     /// Computes in `dtype` (bf16 for mixed precision), keeping the weights' own dtype.
@@ -148,10 +148,6 @@ impl Llama {
         weight.map(|w| self.w(w)).transpose()
     }
 
-    /// The kernels this model runs with on `x`'s device and dtype.
-    fn kernels(&self, x: &Tensor) -> Kernels {
-        Kernels { fused: self.fused && fused::supported(x) }
-    }
 
     /// The config this model was built from.
     pub fn config(&self) -> &ModelConfig {
@@ -161,7 +157,7 @@ impl Llama {
     /// Logits `(batch, seq, vocab)` for every position of `ids: (batch, seq)` (u32 token ids).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let hidden = self.hidden(ids)?;
-        self.kernels(&hidden).linear(&hidden, &self.w(&self.lm_head)?, None)
+        self.linear(self.kernels.resolve(&hidden), &hidden, &self.lm_head, None)
     }
 
     /// Next-token negative log-likelihood `(batch · (seq − 1),)` of `ids: (batch, seq)`.
@@ -169,12 +165,11 @@ impl Llama {
         let (inputs, targets) = shift(ids)?;
         let hidden = self.hidden(&inputs)?.flatten_to(1)?;
         let targets = targets.flatten_all()?;
-        let ops = self.kernels(&hidden);
-        let lm_head = self.w(&self.lm_head)?;
-        if ops.fused {
-            return fused::linear_nll(&hidden, &lm_head, &targets);
+        match self.kernels.resolve(&hidden) {
+            Kernels::Cpu => fused::linear_nll(&hidden, &self.w(&self.lm_head)?, &targets),
+            Kernels::Portable => fused::token_nll(&self.linear(Kernels::Portable, &hidden, &self.lm_head, None)?, &targets),
+            _ => ops::token_nll(&self.linear(Kernels::Composed, &hidden, &self.lm_head, None)?, &targets),
         }
-        ops::token_nll(&ops.linear(&hidden, &lm_head, None)?, &targets)
     }
 
     /// The final hidden states `(batch, seq, hidden)`, normalised.
@@ -184,29 +179,28 @@ impl Llama {
         let dtype = self.compute;
         let device = ids.device();
         let embed = self.w(&self.embed)?;
-        let ops = self.kernels(&embed);
+        let k = self.kernels.resolve(&embed);
         let (cos, sin) = ops::rope_tables(&self.inv_freq, seq, dtype, device)?;
-        let mask = if ops.fused { None } else { Some(ops::causal_mask(seq, c.sliding_window, dtype, device)?) };
         let mut x = embed.index_select(&ids.flatten_all()?, 0)?.reshape((batch, seq, c.hidden_size))?;
         for layer in &self.layers {
             let a = &layer.attention;
-            let h = ops.rms_norm(&x, &self.w(&layer.input_norm)?, c.rms_norm_eps)?;
-            let y = match &mask {
-                Some(mask) => self.composed_attention(a, &h, (&cos, &sin), mask)?,
-                None => self.fused_attention(a, &h, (&cos, &sin))?,
+            let h = self.rms_norm(k, &x, &layer.input_norm)?;
+            let y = match k {
+                Kernels::Cpu => self.packed_attention(a, &h, (&cos, &sin))?,
+                Kernels::Portable => self.portable_attention(a, &h, (&cos, &sin))?,
+                _ => self.composed_attention(a, &h, (&cos, &sin))?,
             };
-            x = (x + ops.linear(&y, &self.w(&a.o)?, self.wo(a.o_bias.as_ref())?.as_ref())?)?;
-            let h = ops.rms_norm(&x, &self.w(&layer.post_attention_norm)?, c.rms_norm_eps)?;
-            let gated = if ops.fused {
-                // One gemm for both projections; the gate reads the packed rows.
-                let gate_up = self.w(&Tensor::cat(&[&layer.gate, &layer.up], 0)?)?;
-                fused::swiglu_packed(&ops.linear(&h, &gate_up, None)?)?
+            x = (x + self.linear(k, &y, &a.o, a.o_bias.as_ref())?)?;
+            let h = self.rms_norm(k, &x, &layer.post_attention_norm)?;
+            let gated = if k == Kernels::Composed {
+                ops::swiglu(&self.linear(k, &h, &layer.gate, None)?, &self.linear(k, &h, &layer.up, None)?)?
             } else {
-                ops::swiglu(&ops.linear(&h, &self.w(&layer.gate)?, None)?, &ops.linear(&h, &self.w(&layer.up)?, None)?)?
+                // One matrix product for both projections; the gate reads the packed rows.
+                fused::swiglu_packed(&self.linear(k, &h, &Tensor::cat(&[&layer.gate, &layer.up], 0)?, None)?)?
             };
-            x = (x + ops.linear(&gated, &self.w(&layer.down)?, None)?)?;
+            x = (x + self.linear(k, &gated, &layer.down, None)?)?;
         }
-        ops.rms_norm(&x, &self.w(&self.norm)?, c.rms_norm_eps)
+        self.rms_norm(k, &x, &self.norm)
     }
 
     /// Mean next-token cross-entropy of `ids: (batch, seq)`: position `t` predicts token `t + 1`.
@@ -216,56 +210,130 @@ impl Llama {
 }
 
 impl Llama {
-    /// Attention from the composed ops: three projections, head split, RoPE, masked softmax.
-    fn composed_attention(&self, a: &Attention, h: &Tensor, (cos, sin): (&Tensor, &Tensor), mask: &Tensor) -> Result<Tensor> {
-        let c = &self.config;
-        let (batch, seq, _) = h.dims3()?;
-        let project = |w: &Tensor, b: Option<&Tensor>| ops::linear(h, &self.w(w)?, self.wo(b)?.as_ref());
-        let heads = |x: Tensor, n: usize| x.reshape((batch, seq, n, c.head_dim))?.transpose(1, 2)?.contiguous();
-        let q = ops::rope(&heads(project(&a.q, a.q_bias.as_ref())?, c.num_attention_heads)?, cos, sin)?;
-        let k = ops::rope(&heads(project(&a.k, a.k_bias.as_ref())?, c.num_key_value_heads)?, cos, sin)?;
-        let v = heads(project(&a.v, a.v_bias.as_ref())?, c.num_key_value_heads)?;
-        let y = ops::attention(&q, &k, &v, mask)?;
-        y.transpose(1, 2)?.reshape((batch, seq, c.num_attention_heads * c.head_dim))
-    }
-
-    /// Attention from the fused kernels: one gemm for the packed query, key and value projections,
-    /// then one op for RoPE and attention.
-    fn fused_attention(&self, a: &Attention, h: &Tensor, (cos, sin): (&Tensor, &Tensor)) -> Result<Tensor> {
-        let c = &self.config;
-        let qkv = self.w(&Tensor::cat(&[&a.q, &a.k, &a.v], 0)?)?;
-        let mut qkv = linear::linear(h, &qkv)?;
-        if let (Some(q), Some(k), Some(v)) = (&a.q_bias, &a.k_bias, &a.v_bias) {
-            qkv = qkv.broadcast_add(&self.w(&Tensor::cat(&[q, k, v], 0)?)?)?;
+    /// `x · wᵀ (+ b)` with the weight in the compute dtype.
+    fn linear(&self, k: Kernels, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let (w, b) = (self.w(w)?, self.wo(b)?);
+        if k != Kernels::Cpu {
+            return ops::linear(x, &w, b.as_ref());
         }
-        fused::self_attention(&qkv, cos, sin, c.num_attention_heads, c.num_key_value_heads, c.sliding_window)
-    }
-}
-
-/// The fused kernels or the composed ops, chosen once per forward pass.
-#[derive(Clone, Copy)]
-struct Kernels {
-    fused: bool,
-}
-
-impl Kernels {
-    fn linear(self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        if !self.fused {
-            return ops::linear(x, weight, bias);
-        }
-        let y = linear::linear(x, weight)?;
-        match bias {
-            Some(bias) => y.broadcast_add(bias),
+        let y = linear::linear(x, &w)?;
+        match b {
+            Some(b) => y.broadcast_add(&b),
             None => Ok(y),
         }
     }
 
-    fn rms_norm(self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-        if self.fused {
-            fused::rms_norm(x, weight, eps)
-        } else {
-            ops::rms_norm(x, weight, eps)
+    fn rms_norm(&self, k: Kernels, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let (weight, eps) = (self.w(weight)?, self.config.rms_norm_eps);
+        match k {
+            Kernels::Composed => ops::rms_norm(x, &weight, eps),
+            _ => fused::rms_norm(x, &weight, eps),
         }
+    }
+
+    /// The packed query, key and value projections `(b, s, (heads + 2·kv_heads)·d)`: one matrix
+    /// product for all three.
+    fn qkv(&self, k: Kernels, a: &Attention, h: &Tensor) -> Result<Tensor> {
+        let bias = match (&a.q_bias, &a.k_bias, &a.v_bias) {
+            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
+            _ => None,
+        };
+        self.linear(k, h, &Tensor::cat(&[&a.q, &a.k, &a.v], 0)?, bias.as_ref())
+    }
+
+    /// Attention from the composed ops: three projections, head split, RoPE, masked softmax.
+    fn composed_attention(&self, a: &Attention, h: &Tensor, (cos, sin): (&Tensor, &Tensor)) -> Result<Tensor> {
+        let c = &self.config;
+        let (batch, seq, _) = h.dims3()?;
+        let mask = ops::causal_mask(seq, c.sliding_window, h.dtype(), h.device())?;
+        let project = |w: &Tensor, b: Option<&Tensor>| self.linear(Kernels::Composed, h, w, b);
+        let heads = |x: Tensor, n: usize| x.reshape((batch, seq, n, c.head_dim))?.transpose(1, 2)?.contiguous();
+        let q = ops::rope(&heads(project(&a.q, a.q_bias.as_ref())?, c.num_attention_heads)?, cos, sin)?;
+        let k = ops::rope(&heads(project(&a.k, a.k_bias.as_ref())?, c.num_key_value_heads)?, cos, sin)?;
+        let v = heads(project(&a.v, a.v_bias.as_ref())?, c.num_key_value_heads)?;
+        let y = ops::attention(&q, &k, &v, &mask)?;
+        y.transpose(1, 2)?.reshape((batch, seq, c.num_attention_heads * c.head_dim))
+    }
+
+    /// Attention from the whole-block CPU kernels: packed projections, then one op for RoPE and
+    /// attention.
+    fn packed_attention(&self, a: &Attention, h: &Tensor, (cos, sin): (&Tensor, &Tensor)) -> Result<Tensor> {
+        let c = &self.config;
+        let qkv = self.qkv(Kernels::Cpu, a, h)?;
+        fused::self_attention(&qkv, cos, sin, c.num_attention_heads, c.num_key_value_heads, c.sliding_window)
+    }
+
+    /// Attention from the ops with CPU and CUDA kernels around candle's matrix products: packed
+    /// projections, RoPE, scores, causal softmax (scale and mask inside), values.
+    fn portable_attention(&self, a: &Attention, h: &Tensor, (cos, sin): (&Tensor, &Tensor)) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, s, _) = h.dims3()?;
+        let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let qkv = self.qkv(Kernels::Portable, a, h)?;
+        let split = |first: usize, n: usize| {
+            qkv.narrow(2, first * d, n * d)?.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()
+        };
+        // Query head h reads key/value head h / groups: the groups fold into the query rows.
+        let q = fused::rope(&split(0, heads)?, cos, sin)?.reshape((b, kv_heads, heads / kv_heads * s, d))?;
+        let k = fused::rope(&split(heads, kv_heads)?, cos, sin)?;
+        let v = split(heads + kv_heads, kv_heads)?;
+        let probs = fused::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (d as f64).sqrt(), c.sliding_window)?;
+        let y = probs.matmul(&v)?.reshape((b, heads, s, d))?;
+        y.transpose(1, 2)?.reshape((b, s, heads * d))
+    }
+}
+
+/// Which implementation of the model's operations a forward pass uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// The fastest that the tensors' device and dtype have (the default): [`Kernels::Cpu`] for
+    /// f32/f64 on the CPU, [`Kernels::Portable`] for f32/bf16 on CUDA, [`Kernels::Composed`]
+    /// otherwise.
+    #[default]
+    Best,
+    /// Whole-block CPU kernels: packed attention, the output projection fused with the loss, gemm
+    /// for every linear layer.
+    Cpu,
+    /// The fused ops that have both CPU and CUDA kernels (RMSNorm, RoPE, causal softmax, SwiGLU,
+    /// cross-entropy) around candle's matrix products.
+    Portable,
+    /// candle's differentiable ops only: the reference.
+    Composed,
+}
+
+impl Kernels {
+    /// The concrete choice for tensors like `x`.
+    pub fn resolve(self, x: &Tensor) -> Kernels {
+        match self {
+            Kernels::Best if fused::supported(x) => Kernels::Cpu,
+            Kernels::Best if fused::cuda_supported(x) => Kernels::Portable,
+            Kernels::Best => Kernels::Composed,
+            chosen => chosen,
+        }
+    }
+}
+
+impl std::str::FromStr for Kernels {
+    type Err = String;
+    fn from_str(name: &str) -> std::result::Result<Self, String> {
+        match name {
+            "best" => Ok(Kernels::Best),
+            "cpu" => Ok(Kernels::Cpu),
+            "portable" => Ok(Kernels::Portable),
+            "composed" => Ok(Kernels::Composed),
+            other => Err(format!("unknown kernels {other:?}: best, cpu, portable or composed")),
+        }
+    }
+}
+
+impl std::fmt::Display for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kernels::Best => "best",
+            Kernels::Cpu => "cpu",
+            Kernels::Portable => "portable",
+            Kernels::Composed => "composed",
+        })
     }
 }
 

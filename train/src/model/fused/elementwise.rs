@@ -76,6 +76,18 @@ impl CustomOp3 for Rope {
     ) -> Result<(CpuStorage, Shape)> {
         cpu(self, &[(s1, l1), (s2, l2), (s3, l3)], l1.shape().clone())
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::rope((s1, l1), (s2, l2), (s3, l3), self.backward)
+    }
     fn bwd(
         &self,
         _: &Tensor,
@@ -102,6 +114,13 @@ fn sigmoid<T: Real>(x: &[T], out: &mut [T]) {
 /// The two halves of a packed row.
 fn halves<T>(row: &[T]) -> (&[T], &[T]) {
     row.split_at(row.len() / 2)
+}
+
+/// `(.., 2·inter)` → `(.., inter)`.
+fn swiglu_shape(layout: &Layout) -> Result<Shape> {
+    let mut dims = layout.dims().to_vec();
+    *dims.last_mut().expect("a packed width") = packed_width(layout.dims())? / 2;
+    Ok(Shape::from(dims))
 }
 
 fn packed_width(dims: &[usize]) -> Result<usize> {
@@ -132,9 +151,11 @@ impl CustomOp1 for Swiglu {
         Self::NAME
     }
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut dims = layout.dims().to_vec();
-        *dims.last_mut().expect("a packed width") = packed_width(layout.dims())? / 2;
-        cpu(self, &[(storage, layout)], Shape::from(dims))
+        cpu(self, &[(storage, layout)], swiglu_shape(layout)?)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::swiglu(storage, layout, swiglu_shape(layout)?)
     }
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &SwigluGrad)?))
@@ -170,5 +191,15 @@ impl CustomOp2 for SwigluGrad {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         cpu(self, &[(s1, l1), (s2, l2)], l1.shape().clone())
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::swiglu_grad(s1, l1, s2, l2)
     }
 }

@@ -7,6 +7,8 @@
 //! `tests/fused.rs`.
 
 mod attention;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod elementwise;
 mod linear_nll;
 mod norm;
@@ -23,9 +25,15 @@ use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-/// Whether `x` can use the fused kernels.
+/// Whether `x` can use the fused CPU kernels (all of them).
 pub fn supported(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// Whether `x` can use the fused ops that have CUDA kernels: RMSNorm, RoPE, the causal softmax,
+/// SwiGLU and the cross-entropy (the `cuda` feature, f32 or bf16).
+pub fn cuda_supported(x: &Tensor) -> bool {
+    cfg!(feature = "cuda") && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16)
 }
 
 /// The float types the CPU kernels (and the in-place AdamW) run on.

@@ -79,6 +79,10 @@ impl CustomOp1 for CausalSoftmax {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         cpu(self, &[(storage, layout)], layout.shape().clone())
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::causal_softmax(storage, layout, self.scale, self.window)
+    }
     fn bwd(&self, _scores: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let backward = CausalSoftmax { backward: true, ..*self };
         Ok(Some(probs.apply_op2_no_bwd(&grad.contiguous()?, &backward)?))
@@ -91,6 +95,16 @@ impl CustomOp2 for CausalSoftmax {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         cpu(self, &[(s1, l1), (s2, l2)], l1.shape().clone())
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::causal_softmax_grad((s1, l1), (s2, l2), self.scale, self.window)
     }
 }
 
@@ -149,6 +163,16 @@ impl CustomOp2 for TokenNll {
         };
         Ok((storage, Shape::from((n, 2))))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::token_nll(s1, l1, s2, l2)
+    }
     fn bwd(
         &self,
         logits: &Tensor,
@@ -195,5 +219,17 @@ impl CustomOp3 for TokenNllGrad {
             dtype => bail!("token-nll-grad: {dtype:?} has no CPU kernel"),
         };
         Ok((storage, l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::token_nll_grad((s1, l1), (s2, l2), (s3, l3))
     }
 }
