@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/cuda-env.sh)"
-CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}-cuda cargo check --release -p cpt-worker --features cuda
+CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}-cuda13.0 cargo check --release -p cpt-worker --features cuda

@@ -1,10 +1,12 @@
 //! Fused operations with their own backward pass: each reads its inputs once and writes one output,
 //! where the composed ops in [`super::ops`] allocate and traverse several intermediates (the
-//! unfused softmax and log-softmax were ~70% of a CPU step). CPU kernels for f32 and f64 here;
-//! other devices and dtypes use the composed ops (see [`supported`]) until they have kernels.
+//! unfused softmax and log-softmax were ~70% of a CPU step). Every op has CPU kernels for f32 and
+//! f64 (see [`supported`]); RMSNorm, RoPE, the causal softmax, SwiGLU and the cross-entropy also have
+//! CUDA kernels for f32 and bf16 (`cuda.rs`, see [`cuda_supported`]). The whole-block ops (attention
+//! on the packed projections, the output projection with the loss) are CPU-only.
 //!
 //! Each op is checked against finite differences and against the composed ops in
-//! `tests/fused.rs`.
+//! `tests/fused.rs`; `crate::kernel_check` compares a device's kernels with the composed ops.
 
 mod attention;
 #[cfg(feature = "cuda")]
