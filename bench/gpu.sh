@@ -5,14 +5,15 @@
 # and a ~1B Llama.
 #
 # The GPU machine reaches no registry and has no Rust, so the binary is built here:
-#   scripts/build-cuda-worker.sh          (→ .device/cpt-worker, linked against CUDA 13 stubs)
+#   scripts/build-cuda-worker.sh          (→ .device/cpt-worker.gz, linked against CUDA 13 stubs)
 # then run on the device with `.device` carried:  bench/gpu.sh   (results in $OUT, else /tmp/gpu-out)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-worker=${CPT_WORKER:-.device/cpt-worker}
 out=${OUT:-/tmp/gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/gpu.log") 2>&1
+worker=${CPT_WORKER:-/tmp/cpt-worker}
+[ -n "${CPT_WORKER:-}" ] || { gunzip -c .device/cpt-worker.gz >"$worker" && chmod +x "$worker"; }
 
 # The CUDA 13 libraries the binary loads: the machine's Python NVIDIA packages, then the system's.
 libs=$(python3 - <<'PY' 2>/dev/null || true

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prints the environment for compiling and linking cpt's `cuda` feature on a machine without a GPU
-# or a CUDA install: NVIDIA's CUDA 13.0 compiler and headers from PyPI (`cuda-toolkit[nvcc,cccl]`,
-# ≈130 MB of wheels) in ~/.cache/cpt/cuda-13.0, plus link-time stubs of the CUDA libraries.
+# or a CUDA install: NVIDIA's CUDA 13.0 compiler and headers from PyPI (nvcc, nvvm, crt, runtime,
+# cccl: ≈130 MB of wheels) in ~/.cache/cpt/cuda-13.0, plus link-time stubs of the CUDA libraries.
 #   eval "$(scripts/cuda-env.sh)" && cargo check --release -p cpt-worker --features cuda
 #
 # Why 13.0: candle's kernels and ours ship as PTX that the driver compiles when a program starts,
@@ -14,8 +14,11 @@
 set -euo pipefail
 root=${CPT_CUDA_ENV:-$HOME/.cache/cpt/cuda-13.0}
 [ -x "$root/bin/python" ] || python3 -m venv "$root" >&2
-# Pinned as one meta-package: mixing component versions breaks ptxas.
-"$root/bin/python" -c 'import nvidia.cu13' 2>/dev/null || "$root/bin/pip" install -q "cuda-toolkit[nvcc,cccl]==13.0.2" >&2
+# Every component pinned: the meta-package leaves nvvm/crt/runtime free, and a newer nvvm writes PTX
+# that this ptxas refuses ("Unsupported .version 9.5").
+pins=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96
+      nvidia-cuda-cccl==13.0.85)
+"$root/bin/pip" freeze 2>/dev/null | grep -qx "nvidia-nvvm==13.0.88" || "$root/bin/pip" install -q "${pins[@]}" >&2
 cuda=$("$root/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
 # cudarc and candle's build scripts look for the unversioned library name.
 [ -e "$cuda/lib/libcudart.so" ] || ln -s libcudart.so.13 "$cuda/lib/libcudart.so"

@@ -7,10 +7,8 @@ fn main() {
     #[cfg(feature = "cuda")]
     {
         println!("cargo::rerun-if-changed=kernels/fused.cu");
-        let ptx = cudaforge::KernelBuilder::new()
-            .source_files(["kernels/fused.cu"])
-            .args(["-O3", "-std=c++17"])
-            .build_ptx();
+        let ptx =
+            cudaforge::KernelBuilder::new().source_files(["kernels/fused.cu"]).args(["-O3", "-std=c++17"]).build_ptx();
         if let Err(error) = ptx {
             panic!("compiling kernels/fused.cu with nvcc: {error} (see scripts/cuda-env.sh)");
         }

@@ -10,8 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::optim::{AdamW, AdamWConfig};
 use crate::model::Kernels;
+use crate::optim::{AdamW, AdamWConfig};
 use crate::{Llama, ModelConfig, Params};
 
 /// What to run.

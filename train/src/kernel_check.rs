@@ -36,7 +36,12 @@ fn random(shape: &[usize], seed: u64, scale: f64) -> Result<Tensor> {
 type Op<'a> = Box<dyn Fn(&[Tensor]) -> Result<Tensor> + 'a>;
 
 /// The output of `f` and the gradients of `sum(output · projection)`, as f64 on the CPU.
-fn run(inputs: &[Tensor], dtype: DType, device: &Device, f: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> Result<Vec<Vec<f64>>> {
+fn run(
+    inputs: &[Tensor],
+    dtype: DType,
+    device: &Device,
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<Vec<Vec<f64>>> {
     let vars =
         inputs.iter().map(|t| Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)).collect::<Result<Vec<_>>>()?;
     let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();

@@ -285,7 +285,13 @@ impl Cli {
                     println!("{}", serde_json::to_string(check)?);
                 }
                 if let Some(bad) = checks.iter().find(|c| !c.ok) {
-                    anyhow::bail!("{} in {} is off by {:.2e} (tolerance {:.0e})", bad.op, bad.dtype, bad.max_error, bad.tolerance);
+                    anyhow::bail!(
+                        "{} in {} is off by {:.2e} (tolerance {:.0e})",
+                        bad.op,
+                        bad.dtype,
+                        bad.max_error,
+                        bad.tolerance
+                    );
                 }
             }
             Command::Generate { model, prompt, max_new_tokens, temperature, top_k, seed } => {

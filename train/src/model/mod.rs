@@ -148,7 +148,6 @@ impl Llama {
         weight.map(|w| self.w(w)).transpose()
     }
 
-
     /// The config this model was built from.
     pub fn config(&self) -> &ModelConfig {
         &self.config
@@ -167,7 +166,9 @@ impl Llama {
         let targets = targets.flatten_all()?;
         match self.kernels.resolve(&hidden) {
             Kernels::Cpu => fused::linear_nll(&hidden, &self.w(&self.lm_head)?, &targets),
-            Kernels::Portable => fused::token_nll(&self.linear(Kernels::Portable, &hidden, &self.lm_head, None)?, &targets),
+            Kernels::Portable => {
+                fused::token_nll(&self.linear(Kernels::Portable, &hidden, &self.lm_head, None)?, &targets)
+            }
             _ => ops::token_nll(&self.linear(Kernels::Composed, &hidden, &self.lm_head, None)?, &targets),
         }
     }

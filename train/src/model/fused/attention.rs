@@ -117,14 +117,20 @@ fn gemm<T: Real>(
     assert!(covers(dst.len(), m, n, dst_rs, 1), "attention: a gemm destination too small");
     assert!(covers(lhs.0.len(), m, k, lhs.1, lhs.2) && covers(rhs.0.len(), k, n, rhs.1, rhs.2));
     // SAFETY: the assertions above: every strided element of dst, lhs and rhs is in its slice.
-    unsafe {
-        linear::gemm_into((m, n, k), (dst.as_mut_ptr(), dst_rs), lhs, rhs, accumulate, gemm::Parallelism::None)
-    }
+    unsafe { linear::gemm_into((m, n, k), (dst.as_mut_ptr(), dst_rs), lhs, rhs, accumulate, gemm::Parallelism::None) }
 }
 
 /// Copies column head `column` (of `d`) of every position of `batch` from rows of `width` into
 /// `out: (s, d)`, rotated by the tables when given, or with the inverse rotation when `inverse`.
-fn gather<T: Real>(x: &[T], width: usize, n: Dims, batch: usize, column: usize, rope: Option<(&[T], &[T])>, out: &mut [T]) {
+fn gather<T: Real>(
+    x: &[T],
+    width: usize,
+    n: Dims,
+    batch: usize,
+    column: usize,
+    rope: Option<(&[T], &[T])>,
+    out: &mut [T],
+) {
     let d = n.head_dim;
     for (p, out) in out.chunks_mut(d).enumerate() {
         let row = &x[(batch * n.seq + p) * width + column * d..][..d];
@@ -245,11 +251,13 @@ impl CustomOp3 for SelfAttention {
         let shape = Shape::from((n.batch, n.seq, n.heads * n.head_dim));
         let (y, kept) = match s1 {
             CpuStorage::F32(_) => {
-                let (y, tasks) = self.forward(data::<f32>(s1, l1, "qkv")?, data(s2, l2, "cos")?, data(s3, l3, "sin")?, n);
+                let (y, tasks) =
+                    self.forward(data::<f32>(s1, l1, "qkv")?, data(s2, l2, "cos")?, data(s3, l3, "sin")?, n);
                 (CpuStorage::F32(y), Kept::F32(tasks))
             }
             CpuStorage::F64(_) => {
-                let (y, tasks) = self.forward(data::<f64>(s1, l1, "qkv")?, data(s2, l2, "cos")?, data(s3, l3, "sin")?, n);
+                let (y, tasks) =
+                    self.forward(data::<f64>(s1, l1, "qkv")?, data(s2, l2, "cos")?, data(s3, l3, "sin")?, n);
                 (CpuStorage::F64(y), Kept::F64(tasks))
             }
             _ => bail!("self-attention: f32 or f64"),

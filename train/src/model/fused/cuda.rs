@@ -95,7 +95,13 @@ fn int(n: usize, what: &str) -> Result<i32> {
 }
 
 /// RMSNorm forward: `(x, weight)` → `x · r · w`.
-pub(super) fn rms_norm(x: &CudaStorage, lx: &Layout, w: &CudaStorage, lw: &Layout, eps: f64) -> Result<(CudaStorage, Shape)> {
+pub(super) fn rms_norm(
+    x: &CudaStorage,
+    lx: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+    eps: f64,
+) -> Result<(CudaStorage, Shape)> {
     let dev = x.device();
     let (h, n) = (width(lx), lx.shape().elem_count());
     let storage = by_dtype!(x.dtype(), "rms-norm", T => {

@@ -154,7 +154,11 @@ impl CustomOp1 for Swiglu {
         cpu(self, &[(storage, layout)], swiglu_shape(layout)?)
     }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::cuda::swiglu(storage, layout, swiglu_shape(layout)?)
     }
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

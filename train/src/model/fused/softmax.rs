@@ -80,7 +80,11 @@ impl CustomOp1 for CausalSoftmax {
         cpu(self, &[(storage, layout)], layout.shape().clone())
     }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::cuda::causal_softmax(storage, layout, self.scale, self.window)
     }
     fn bwd(&self, _scores: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
