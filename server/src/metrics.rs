@@ -311,13 +311,13 @@ mod tests {
         );
         metrics.observe(&event("started", json!({"plan": {"total_tokens": 1000}})), "a");
         metrics.observe(&event("checkpoint", json!({"step": 2, "path": "x"})), "a");
-        metrics.observe(&event("eval", json!({"set": "domain", "loss": 1.0, "perplexity": 2.718})), "a");
+        metrics.observe(&event("eval", json!({"set": "domain", "loss": 1.0, "perplexity": 2.5})), "a");
         let text = metrics.text();
         assert!(text.contains("cpt_tokens_total{job_id=\"j1\"} 300"), "{text}");
         assert!(text.contains("cpt_model_flops_total{job_id=\"j1\"} 3000000000"), "{text}");
         assert!(text.contains("cpt_train_loss{job_id=\"j1\"} 1.5"), "{text}");
         assert!(text.contains("cpt_step_duration_seconds_count{job_id=\"j1\"} 2"), "{text}");
-        assert!(text.contains("cpt_eval_perplexity{job_id=\"j1\",set=\"domain\"} 2.718"), "{text}");
+        assert!(text.contains("cpt_eval_perplexity{job_id=\"j1\",set=\"domain\"} 2.5"), "{text}");
         assert!(text.contains("cpt_last_step_timestamp_seconds{job_id=\"j1\"} 5"), "{text}");
         assert!(text.contains("cpt_step{job_id=\"j1\"} 2"), "{text}");
         assert!(text.contains("cpt_target_tokens{job_id=\"j1\"} 1000"), "{text}");

@@ -75,11 +75,11 @@ impl Dims {
     fn new(op: &SelfAttention, qkv: &[usize], table: usize) -> Result<Self> {
         let &[batch, seq, width] = qkv else { bail!("self-attention: qkv must be (batch, seq, width), got {qkv:?}") };
         let columns = op.heads + 2 * op.kv_heads;
-        if op.kv_heads == 0 || op.heads % op.kv_heads != 0 || width % columns != 0 {
+        if op.kv_heads == 0 || !op.heads.is_multiple_of(op.kv_heads) || !width.is_multiple_of(columns) {
             bail!("self-attention: width {width} is not ({} + 2·{}) heads", op.heads, op.kv_heads);
         }
         let head_dim = width / columns;
-        if table != seq * head_dim || head_dim % 2 != 0 {
+        if table != seq * head_dim || !head_dim.is_multiple_of(2) {
             bail!("self-attention: rotary tables of {table} for {seq} positions of {head_dim}");
         }
         Ok(Self { batch, seq, head_dim, heads: op.heads, kv_heads: op.kv_heads, window: op.window })
