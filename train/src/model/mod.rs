@@ -182,14 +182,19 @@ impl Llama {
         let embed = self.w(&self.embed)?;
         let k = self.kernels.resolve(&embed);
         let (cos, sin) = ops::rope_tables(&self.inv_freq, seq, dtype, device)?;
+        // Only the composed ops take an additive mask; the fused ones mask inside.
+        let mask = match k {
+            Kernels::Composed => Some(ops::causal_mask(seq, c.sliding_window, dtype, device)?),
+            _ => None,
+        };
         let mut x = embed.index_select(&ids.flatten_all()?, 0)?.reshape((batch, seq, c.hidden_size))?;
         for layer in &self.layers {
             let a = &layer.attention;
             let h = self.rms_norm(k, &x, &layer.input_norm)?;
-            let y = match k {
-                Kernels::Cpu => self.packed_attention(a, &h, (&cos, &sin))?,
-                Kernels::Portable => self.portable_attention(a, &h, (&cos, &sin))?,
-                _ => self.composed_attention(a, &h, (&cos, &sin))?,
+            let y = match (&mask, k) {
+                (Some(mask), _) => self.composed_attention(a, &h, (&cos, &sin), mask)?,
+                (None, Kernels::Cpu) => self.packed_attention(a, &h, (&cos, &sin))?,
+                (None, _) => self.portable_attention(a, &h, (&cos, &sin))?,
             };
             x = (x + self.linear(k, &y, &a.o, a.o_bias.as_ref())?)?;
             let h = self.rms_norm(k, &x, &layer.post_attention_norm)?;
@@ -243,16 +248,21 @@ impl Llama {
     }
 
     /// Attention from the composed ops: three projections, head split, RoPE, masked softmax.
-    fn composed_attention(&self, a: &Attention, h: &Tensor, (cos, sin): (&Tensor, &Tensor)) -> Result<Tensor> {
+    fn composed_attention(
+        &self,
+        a: &Attention,
+        h: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        mask: &Tensor,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (batch, seq, _) = h.dims3()?;
-        let mask = ops::causal_mask(seq, c.sliding_window, h.dtype(), h.device())?;
         let project = |w: &Tensor, b: Option<&Tensor>| self.linear(Kernels::Composed, h, w, b);
         let heads = |x: Tensor, n: usize| x.reshape((batch, seq, n, c.head_dim))?.transpose(1, 2)?.contiguous();
         let q = ops::rope(&heads(project(&a.q, a.q_bias.as_ref())?, c.num_attention_heads)?, cos, sin)?;
         let k = ops::rope(&heads(project(&a.k, a.k_bias.as_ref())?, c.num_key_value_heads)?, cos, sin)?;
         let v = heads(project(&a.v, a.v_bias.as_ref())?, c.num_key_value_heads)?;
-        let y = ops::attention(&q, &k, &v, &mask)?;
+        let y = ops::attention(&q, &k, &v, mask)?;
         y.transpose(1, 2)?.reshape((batch, seq, c.num_attention_heads * c.head_dim))
     }
 
