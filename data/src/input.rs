@@ -30,8 +30,8 @@ fn format_of(path: &Path) -> Option<(Format, bool)> {
     }
 }
 
-/// Expands inputs into readable files, sorted: plain paths, directories (recursively; only files
-/// of known formats are taken from them) and glob patterns (`*`, `?`, `[..]`).
+/// Expands inputs into readable files, sorted: plain paths, directories (recursively, not following
+/// symbolic links; only files of known formats are taken from them) and glob patterns (`*`, `?`, `[..]`).
 pub fn input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for input in inputs {
@@ -54,11 +54,14 @@ pub fn input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 let mut stack = vec![path];
                 while let Some(dir) = stack.pop() {
                     for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-                        let entry = entry?.path();
-                        if entry.is_dir() {
-                            stack.push(entry);
-                        } else if format_of(&entry).is_some() {
-                            files.push(entry);
+                        let entry = entry?;
+                        // Links inside a directory are not followed: a loop would never end, and a
+                        // link could lead out of the directories the server allowed.
+                        let kind = entry.file_type()?;
+                        if kind.is_dir() {
+                            stack.push(entry.path());
+                        } else if kind.is_file() && format_of(&entry.path()).is_some() {
+                            files.push(entry.path());
                         }
                     }
                 }

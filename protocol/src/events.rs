@@ -27,7 +27,9 @@ pub enum Event {
         step: u64,
         set: String,
         /// Mean nats per predicted token.
+        #[serde(deserialize_with = "non_finite_as_null")]
         loss: f64,
+        #[serde(deserialize_with = "non_finite_as_null")]
         perplexity: f64,
         tokens: u64,
     },
@@ -39,6 +41,9 @@ pub enum Event {
     Warning { step: u64, code: WarningCode, message: String },
     /// The run ended: `succeeded`, or `stopped` (interrupted with a checkpoint, resumable).
     Finished { step: u64, tokens_total: u64, outcome: String },
+    /// A dataset preparation finished: where the dataset is and its manifest (counts, checksums
+    /// and the cleaning report, as `cpt-data` writes it).
+    Prepared { path: String, manifest: serde_json::Value },
 }
 
 /// Per-step training metrics.
@@ -47,10 +52,13 @@ pub struct StepMetrics {
     /// 1-based optimizer step.
     pub step: u64,
     /// Mean next-token loss over the step's micro-batches, nats per token.
+    #[serde(deserialize_with = "non_finite_as_null")]
     pub loss: f64,
     /// Learning rate applied at this step.
+    #[serde(deserialize_with = "non_finite_as_null")]
     pub lr: f64,
     /// Global gradient L2 norm before clipping.
+    #[serde(deserialize_with = "non_finite_as_null")]
     pub grad_norm: f64,
     /// Whether the update was skipped (non-finite loss or gradient).
     pub skipped: bool,
@@ -58,17 +66,31 @@ pub struct StepMetrics {
     pub tokens: u64,
     pub tokens_total: u64,
     /// Throughput of this step, tokens per wall-clock second.
+    #[serde(deserialize_with = "non_finite_as_null")]
     pub tokens_per_second: f64,
     /// Model FLOPs of this step and of the run so far (see `plan::flops_per_token`).
+    #[serde(deserialize_with = "non_finite_as_null")]
     pub flops: f64,
+    #[serde(deserialize_with = "non_finite_as_null")]
     pub flops_total: f64,
     /// Achieved model FLOP/s and its ratio to the device's peak (model FLOPs utilisation).
+    #[serde(deserialize_with = "non_finite_as_null")]
     pub flops_per_second: f64,
+    #[serde(deserialize_with = "non_finite_as_null")]
     pub mfu: f64,
     /// Wall time of the step, split into waiting for data and computing.
+    #[serde(deserialize_with = "non_finite_as_null")]
     pub step_seconds: f64,
+    #[serde(deserialize_with = "non_finite_as_null")]
     pub data_seconds: f64,
+    #[serde(deserialize_with = "non_finite_as_null")]
     pub compute_seconds: f64,
+}
+
+/// JSON has no NaN or infinity: serde_json writes them as `null`, read back here as NaN (a skipped
+/// step's loss is NaN, and it must not make its event unreadable).
+fn non_finite_as_null<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
 }
 
 /// Stable codes of warnings.
@@ -86,6 +108,20 @@ pub enum WarningCode {
 }
 
 impl Event {
+    /// The optimizer step the event belongs to, where it has one.
+    pub fn step(&self) -> Option<u64> {
+        match self {
+            Event::Started { from_step, .. } => Some(*from_step),
+            Event::Step(metrics) => Some(metrics.step),
+            Event::Eval { step, .. }
+            | Event::Checkpoint { step, .. }
+            | Event::Sample { step, .. }
+            | Event::Warning { step, .. }
+            | Event::Finished { step, .. } => Some(*step),
+            Event::Prepared { .. } => None,
+        }
+    }
+
     /// The event's `kind` as serialised.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -96,6 +132,7 @@ impl Event {
             Event::Sample { .. } => "sample",
             Event::Warning { .. } => "warning",
             Event::Finished { .. } => "finished",
+            Event::Prepared { .. } => "prepared",
         }
     }
 }

@@ -2,11 +2,14 @@
 //! their validation, resolved plans, and training events. Pure data and arithmetic, no I/O.
 
 pub mod events;
+pub mod jobs;
 pub mod model_config;
 pub mod plan;
 pub mod spec;
+pub mod worker;
 
 pub use events::{Event, StepMetrics, WarningCode};
+pub use jobs::{JobKind, JobState};
 pub use model_config::ModelConfig;
 pub use plan::Plan;
 pub use spec::JobSpec;

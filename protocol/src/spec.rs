@@ -140,6 +140,27 @@ pub enum Precision {
     Bf16,
 }
 
+/// Upper bounds of a spec's sizes: far beyond any real job, and low enough that no arithmetic on
+/// them overflows and no field can make a worker allocate without bound.
+pub mod limits {
+    pub const NAME_BYTES: u64 = 200;
+    pub const PATH_BYTES: u64 = 4096;
+    pub const SOURCES: u64 = 64;
+    pub const SEQ_LEN: u64 = 1 << 20;
+    pub const MICRO_BATCH: u64 = 1 << 16;
+    pub const GRAD_ACCUM: u64 = 1 << 16;
+    /// Tokens in one optimizer step.
+    pub const TOKENS_PER_STEP: u64 = 1 << 32;
+    pub const STEPS: u64 = 1 << 40;
+    /// Tokens of a whole job (2^53: exact in f64 and in JSON numbers everywhere).
+    pub const TOKENS: u64 = 1 << 53;
+    pub const EVAL_BLOCKS: u64 = 1 << 20;
+    pub const KEEP_CHECKPOINTS: u64 = 1000;
+    pub const PROMPTS: u64 = 32;
+    pub const PROMPT_BYTES: u64 = 4096;
+    pub const SAMPLE_TOKENS: u64 = 4096;
+}
+
 mod defaults {
     pub fn one() -> usize {
         1
@@ -228,8 +249,38 @@ impl JobSpec {
     pub fn validate(&self) -> Result<(), FieldError> {
         let positive =
             |value: usize, field: &str| if value == 0 { Err(problem(field, "must be positive")) } else { Ok(()) };
+        let at_most = |value: u64, max: u64, field: &str| {
+            if value > max {
+                Err(problem(field, format!("must be at most {max}")))
+            } else {
+                Ok(())
+            }
+        };
         if self.name.trim().is_empty() {
             return Err(problem("name", "must not be empty"));
+        }
+        at_most(self.name.len() as u64, limits::NAME_BYTES, "name")?;
+        at_most(self.base_model.len() as u64, limits::PATH_BYTES, "base_model")?;
+        at_most(self.train_data.len() as u64, limits::SOURCES, "train_data")?;
+        at_most(self.eval_data.len() as u64, limits::SOURCES, "eval_data")?;
+        at_most(self.seq_len as u64, limits::SEQ_LEN, "seq_len")?;
+        at_most(self.micro_batch_size as u64, limits::MICRO_BATCH, "micro_batch_size")?;
+        at_most(self.grad_accum_steps as u64, limits::GRAD_ACCUM, "grad_accum_steps")?;
+        at_most(self.max_steps.unwrap_or(0), limits::STEPS, "max_steps")?;
+        at_most(self.max_tokens.unwrap_or(0), limits::TOKENS, "max_tokens")?;
+        at_most(self.warmup_steps.unwrap_or(0), limits::STEPS, "warmup_steps")?;
+        at_most(self.eval_blocks as u64, limits::EVAL_BLOCKS, "eval_blocks")?;
+        at_most(self.keep_checkpoints as u64, limits::KEEP_CHECKPOINTS, "keep_checkpoints")?;
+        at_most(self.sample_prompts.len() as u64, limits::PROMPTS, "sample_prompts")?;
+        at_most(self.sample_tokens as u64, limits::SAMPLE_TOKENS, "sample_tokens")?;
+        for (i, prompt) in self.sample_prompts.iter().enumerate() {
+            at_most(prompt.len() as u64, limits::PROMPT_BYTES, &format!("sample_prompts[{i}]"))?;
+        }
+        for (i, source) in self.train_data.iter().enumerate() {
+            at_most(source.dataset.len() as u64, limits::PATH_BYTES, &format!("train_data[{i}].dataset"))?;
+        }
+        for (name, dataset) in &self.eval_data {
+            at_most(dataset.len() as u64, limits::PATH_BYTES, &format!("eval_data.{name}"))?;
         }
         if self.base_model.trim().is_empty() {
             return Err(problem("base_model", "must not be empty"));
@@ -307,6 +358,10 @@ impl JobSpec {
             _ => {}
         }
         positive(self.keep_checkpoints, "keep_checkpoints")?;
+        // Each factor is bounded above, so these products cannot overflow.
+        at_most(self.tokens_per_step(), limits::TOKENS_PER_STEP, "micro_batch_size")?;
+        let total_tokens = self.total_steps().saturating_mul(self.tokens_per_step());
+        at_most(total_tokens, limits::TOKENS, if self.max_steps.is_some() { "max_steps" } else { "max_tokens" })?;
         if self.sample_prompts.iter().any(|p| p.is_empty()) {
             return Err(problem("sample_prompts", "prompts must not be empty"));
         }
@@ -319,7 +374,7 @@ impl JobSpec {
 
     /// Tokens consumed by one optimizer step.
     pub fn tokens_per_step(&self) -> u64 {
-        (self.micro_batch_size * self.grad_accum_steps * self.seq_len) as u64
+        (self.micro_batch_size as u64).saturating_mul(self.grad_accum_steps as u64).saturating_mul(self.seq_len as u64)
     }
 
     /// Optimizer steps the job runs.

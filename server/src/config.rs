@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use clap::Parser;
 
 /// cpt-server: the control plane of continued-pretraining jobs.
-#[derive(Debug, Clone, Parser)]
+#[derive(Clone, Parser)]
 #[command(version, about)]
 pub struct Config {
-    /// Directory of the SQLite database (and, later, runs and datasets).
+    /// Directory of the SQLite database, local workers' runs and prepared datasets.
     #[arg(long, env = "CPT_DATA_DIR", default_value = "cpt-data")]
     pub data_dir: PathBuf,
     /// Address to listen on.
@@ -34,7 +34,7 @@ pub struct Config {
     #[arg(long, env = "CPT_METRICS_RETENTION_SECONDS", default_value_t = 600)]
     pub metrics_retention_seconds: u64,
     /// Directories that paths in job specs must lie inside (default: the data dir).
-    #[arg(long = "data-root", env = "CPT_DATA_ROOTS", value_delimiter = ',')]
+    #[arg(long = "data-roots", alias = "data-root", env = "CPT_DATA_ROOTS", value_delimiter = ',')]
     pub data_roots: Vec<PathBuf>,
     /// Retries of a job whose worker vanished, before it fails.
     #[arg(long, env = "CPT_MAX_ATTEMPTS", default_value_t = 3)]
@@ -42,6 +42,31 @@ pub struct Config {
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "CPT_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Jobs whose plan estimates more memory are refused at submit (default: the most any recently
+    /// seen worker reported).
+    #[arg(long, env = "CPT_MAX_JOB_MEMORY_BYTES")]
+    pub max_job_memory_bytes: Option<u64>,
+}
+
+/// Tokens are secrets: `Debug` says only whether they are set.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |token: &Option<String>| if token.is_some() { "<set>" } else { "<none>" };
+        f.debug_struct("Config")
+            .field("data_dir", &self.data_dir)
+            .field("bind", &self.bind)
+            .field("api_token", &set(&self.api_token))
+            .field("worker_token", &set(&self.worker_token))
+            .field("lease_ttl_seconds", &self.lease_ttl_seconds)
+            .field("local_workers", &self.local_workers)
+            .field("worker_binary", &self.worker_binary)
+            .field("metrics_retention_seconds", &self.metrics_retention_seconds)
+            .field("data_roots", &self.data_roots)
+            .field("max_attempts", &self.max_attempts)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_job_memory_bytes", &self.max_job_memory_bytes)
+            .finish()
+    }
 }
 
 impl Config {
@@ -51,7 +76,11 @@ impl Config {
             self.data_roots = vec![self.data_dir.clone()];
         }
         let missing = |token: &Option<String>| token.as_deref().is_none_or(str::is_empty);
-        if !self.bind.ip().is_loopback() && (missing(&self.api_token) || missing(&self.worker_token)) {
+        // One token alone would leave the other half of the server open to anyone who can reach it.
+        if missing(&self.api_token) != missing(&self.worker_token) {
+            anyhow::bail!("give both --api-token and --worker-token, or neither");
+        }
+        if !self.bind.ip().is_loopback() && missing(&self.api_token) {
             anyhow::bail!("binding {} beyond loopback needs --api-token and --worker-token", self.bind);
         }
         if self.lease_ttl_seconds == 0 {

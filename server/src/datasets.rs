@@ -2,90 +2,107 @@
 //! job's id; its directory is `<data-dir>/datasets/<id>`; its report arrives as a `prepared` event.
 
 use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, State};
-use axum::http::StatusCode;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use cpt_data::prepare::PrepareConfig;
 use cpt_protocol::spec::PrepareSpec;
+use cpt_protocol::{Event, JobKind};
+use serde::Deserialize;
 use serde_json::{json, Value};
-use sqlx::Row;
 
-use crate::app::AppState;
 use crate::error::ApiError;
-use crate::jobs::routes::inside_roots;
+use crate::events::store as events;
+use crate::jobs::paths::{expand_input, inside_roots};
+use crate::jobs::routes::{idempotency, page_query};
 use crate::jobs::store::{self, Job, NewJob};
+use crate::AppState;
 
-/// `POST /v1/datasets`.
-pub async fn create(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let spec: PrepareSpec = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    if spec.name.trim().is_empty() {
-        return Err(ApiError::invalid_field("name", "must not be empty"));
+/// The dataset routes (behind the API token).
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/v1/datasets", post(create).get(list)).route("/v1/datasets/{id}", get(get_dataset))
+}
+
+/// At most this many inputs (each may be a directory or a pattern).
+const MAX_INPUTS: usize = 1000;
+
+/// `POST /v1/datasets`. Paths are resolved and patterns expanded here, inside the data roots; the
+/// stored spec names the resolved paths, so every worker reads the same files.
+pub async fn create(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let mut spec: PrepareSpec = crate::error::parse_json(&body)?;
+    if spec.name.trim().is_empty() || spec.name.len() > 200 {
+        return Err(ApiError::invalid_field("name", "must be 1 to 200 characters"));
     }
-    if spec.inputs.is_empty() {
-        return Err(ApiError::invalid_field("inputs", "needs at least one path"));
+    if spec.inputs.is_empty() || spec.inputs.len() > MAX_INPUTS {
+        return Err(ApiError::invalid_field("inputs", format!("needs 1 to {MAX_INPUTS} paths")));
     }
-    inside_roots(&app.config.data_roots, "tokenizer", &spec.tokenizer)?;
+    let idempotency = idempotency(&headers, &spec)?;
+    spec.tokenizer = inside_roots(&app.config.data_roots, "tokenizer", &spec.tokenizer)?.display().to_string();
+    let mut inputs = Vec::new();
     for (i, input) in spec.inputs.iter().enumerate() {
-        // Glob patterns are checked by their directory part.
-        let fixed = input.split(['*', '?', '[']).next().unwrap_or(input);
-        let dir = if fixed.len() < input.len() { fixed.rsplit_once('/').map_or(".", |(d, _)| d) } else { input };
-        inside_roots(&app.config.data_roots, &format!("inputs[{i}]"), dir)?;
+        let expanded = expand_input(&app.config.data_roots, &format!("inputs[{i}]"), input)?;
+        inputs.extend(expanded.into_iter().map(|p| p.display().to_string()));
     }
+    spec.inputs = inputs;
     let config = if spec.config.is_null() { json!({}) } else { spec.config.clone() };
     serde_json::from_value::<PrepareConfig>(config).map_err(|e| ApiError::invalid_field("config", e.to_string()))?;
     let spec_json = serde_json::to_value(&spec).map_err(ApiError::internal)?;
     let new = NewJob {
-        kind: "prepare",
+        kind: JobKind::Prepare,
         name: &spec.name,
         spec: &spec_json,
         plan: None,
         total_steps: None,
         max_attempts: app.config.max_attempts,
-        idempotency_key: None,
+        idempotency: idempotency.as_ref().map(|(key, hash)| (key.as_str(), hash.clone())),
     };
-    let (job, _) = store::create(&app.pool, new).await?;
+    let (job, created) = store::create(&app.pool, new).await?;
     app.queue.notify_waiters();
-    Ok((StatusCode::CREATED, Json(view(&app, job).await?)).into_response())
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(view(&app, job).await?)).into_response())
 }
 
 /// A dataset: its job, where it lives, and the preparation report once there is one.
 async fn view(app: &AppState, job: Job) -> Result<Value, ApiError> {
-    let report = sqlx::query("SELECT data FROM events WHERE job_id = ? AND kind = 'prepared' ORDER BY id DESC LIMIT 1")
-        .bind(&job.id)
-        .fetch_optional(&app.pool)
-        .await?
-        .and_then(|row| serde_json::from_str::<Value>(&row.get::<String, _>("data")).ok());
-    let path = app.config.data_dir.join("datasets").join(&job.id);
+    let prepared = events::latest_of_kind(&app.pool, &job.id, "prepared").await?.map(|e| e.envelope.event);
+    let (path, manifest) = match prepared {
+        Some(Event::Prepared { path, manifest }) => (path, Some(manifest)),
+        _ => (app.config.data_dir.join("datasets").join(&job.id).display().to_string(), None),
+    };
     Ok(json!({
         "id": job.id,
         "name": job.name,
         "state": job.state,
-        "path": report.as_ref().and_then(|r| r.get("path").cloned()).unwrap_or_else(|| path.display().to_string().into()),
-        "manifest": report.as_ref().and_then(|r| r.get("manifest").cloned()),
+        "path": path,
+        "manifest": manifest,
         "error": job.error,
         "created_at": job.created_at,
         "finished_at": job.finished_at,
     }))
 }
 
-/// `GET /v1/datasets`: newest first.
-pub async fn list(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let rows = sqlx::query("SELECT id FROM jobs WHERE kind = 'prepare' ORDER BY rowid DESC LIMIT 500")
-        .fetch_all(&app.pool)
-        .await?;
-    let mut datasets = Vec::new();
-    for row in rows {
-        if let Some(job) = store::get(&app.pool, &row.get::<String, _>("id")).await? {
-            datasets.push(view(&app, job).await?);
-        }
+#[derive(Deserialize)]
+pub struct ListQuery {
+    cursor: Option<String>,
+    limit: Option<i64>,
+}
+
+/// `GET /v1/datasets`: newest first; `next_cursor` fetches the following page.
+pub async fn list(State(app): State<AppState>, Query(query): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
+    let (cursor, limit) = page_query(query.cursor.as_deref(), query.limit)?;
+    let (jobs, next) = store::list(&app.pool, Some(JobKind::Prepare), None, cursor, limit).await?;
+    let mut datasets = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        datasets.push(view(&app, job).await?);
     }
-    Ok(Json(json!({"datasets": datasets})))
+    Ok(Json(json!({"datasets": datasets, "next_cursor": next.map(|n| n.to_string())})))
 }
 
 /// `GET /v1/datasets/{id}`.
-pub async fn get(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, ApiError> {
-    let job = store::get(&app.pool, &id).await?.filter(|j| j.kind == "prepare");
+pub async fn get_dataset(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, ApiError> {
+    let job = store::get(&app.pool, &id).await?.filter(|j| j.kind == JobKind::Prepare);
     let job = job.ok_or_else(|| ApiError::not_found(format!("no dataset {id}")))?;
     Ok(Json(view(&app, job).await?))
 }

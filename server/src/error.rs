@@ -6,6 +6,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::jobs::store::JobError;
+
 /// An API failure. Client mistakes are 4xx with a stable `code`; only our own faults are 500.
 #[derive(Debug)]
 pub struct ApiError {
@@ -57,6 +59,16 @@ impl ApiError {
         Self::new(status, code, message)
     }
 
+    /// The body must be JSON (`Content-Type: application/json`).
+    pub fn unsupported_media_type() -> Self {
+        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "send the body as application/json")
+    }
+
+    /// The server cannot take writes now (its storage failed a probe or is nearly full).
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+    }
+
     pub fn unauthorized() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
     }
@@ -68,9 +80,48 @@ impl ApiError {
     }
 }
 
+/// SQLite's primary result codes that are not our bug but the storage's state.
+const SQLITE_BUSY: i64 = 5;
+const SQLITE_LOCKED: i64 = 6;
+const SQLITE_IOERR: i64 = 10;
+const SQLITE_FULL: i64 = 13;
+
 impl From<sqlx::Error> for ApiError {
+    /// Storage trouble is a 5xx with a stable code a client can act on (retry later, alert on a full
+    /// disk); anything else is our fault.
     fn from(error: sqlx::Error) -> Self {
-        ApiError::internal(error)
+        let primary_code = match &error {
+            sqlx::Error::Database(e) => e.code().and_then(|c| c.parse::<i64>().ok()).map(|c| c & 0xff),
+            _ => None,
+        };
+        let (status, code, message) = match (&error, primary_code) {
+            (_, Some(SQLITE_FULL)) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "storage_full", "the server's disk is full; nothing was stored")
+            }
+            (_, Some(SQLITE_IOERR)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "storage_error", "the server could not write its database")
+            }
+            (_, Some(SQLITE_BUSY | SQLITE_LOCKED)) | (sqlx::Error::PoolTimedOut, _) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "database_busy", "the database is busy; retry")
+            }
+            _ => return ApiError::internal(error),
+        };
+        tracing::error!(%error, code, "storage error");
+        Self::new(status, code, message)
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(error: JobError) -> Self {
+        match error {
+            JobError::NotFound(_) => ApiError::not_found(error.to_string()),
+            JobError::Illegal { .. } | JobError::NotHolder { .. } => ApiError::conflict(error.to_string()),
+            JobError::KeyReused => Self {
+                field: Some("Idempotency-Key".into()),
+                ..Self::new(StatusCode::CONFLICT, "idempotency_key_reused", error.to_string())
+            },
+            JobError::Database(error) => error.into(),
+        }
     }
 }
 
@@ -79,4 +130,34 @@ impl IntoResponse for ApiError {
         let body = json!({"error": {"code": self.code, "message": self.message, "field": self.field}});
         (self.status, Json(body)).into_response()
     }
+}
+
+/// A JSON body parsed into `T`; a shape error names the offending field (`events[3].step`).
+pub struct Body<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| ApiError::from_rejection(rejection.status(), rejection.body_text()))?;
+        parse_json(&bytes).map(Body)
+    }
+}
+
+/// Parses `bytes` as `T`, naming the field that does not fit.
+pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                ApiError::bad_request(inner.to_string())
+            }
+            _ if path == "." => ApiError::bad_request(inner.to_string()),
+            _ => ApiError::invalid_field(path, inner.to_string()),
+        }
+    })
 }

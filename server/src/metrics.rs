@@ -12,12 +12,11 @@ use axum::response::Response;
 use prometheus::{
     CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
-use serde_json::Value;
+use cpt_protocol::Event;
 use sqlx::{Row, SqlitePool};
 
-use crate::app::AppState;
 use crate::events::StoredEvent;
-use crate::jobs::state::JobState;
+use crate::AppState;
 
 /// Every metric the server exports.
 pub struct Metrics {
@@ -135,60 +134,51 @@ impl Metrics {
     /// Updates the training series from a newly stored event of job `name`.
     pub fn observe(&self, event: &StoredEvent, name: &str) {
         let id = event.job_id.as_str();
-        let number = |key: &str| event.data.get(key).and_then(Value::as_f64);
         self.job_info.with_label_values(&[id, name]).set(1.0);
         let mut seen = self.seen.lock().expect("metrics lock");
         let series = seen.entry(id.to_string()).or_default();
         series.name = name.to_string();
-        match event.kind.as_str() {
-            "step" => {
-                let set = |gauge: &GaugeVec, key: &str| {
-                    if let Some(v) = number(key).filter(|v| v.is_finite()) {
-                        gauge.with_label_values(&[id]).set(v);
+        match &event.envelope.event {
+            Event::Step(m) => {
+                let set = |gauge: &GaugeVec, value: f64| {
+                    if value.is_finite() {
+                        gauge.with_label_values(&[id]).set(value);
                     }
                 };
-                set(&self.train_loss, "loss");
-                set(&self.learning_rate, "lr");
-                set(&self.grad_norm, "grad_norm");
-                set(&self.tokens_per_second, "tokens_per_second");
-                set(&self.mfu, "mfu");
-                if let Some(seconds) = number("step_seconds") {
-                    self.step_duration.with_label_values(&[id]).observe(seconds);
+                set(&self.train_loss, m.loss);
+                set(&self.learning_rate, m.lr);
+                set(&self.grad_norm, m.grad_norm);
+                set(&self.tokens_per_second, m.tokens_per_second);
+                set(&self.mfu, m.mfu);
+                if m.step_seconds.is_finite() && m.step_seconds >= 0.0 {
+                    self.step_duration.with_label_values(&[id]).observe(m.step_seconds);
                 }
-                set(&self.step, "step");
-                self.last_step.with_label_values(&[id]).set(event.time as f64 / 1000.0);
-                for (counter, key) in [(&self.data_seconds, "data_seconds"), (&self.compute_seconds, "compute_seconds")]
+                set(&self.step, m.step as f64);
+                self.last_step.with_label_values(&[id]).set(event.envelope.time as f64 / 1000.0);
+                for (counter, seconds) in [(&self.data_seconds, m.data_seconds), (&self.compute_seconds, m.compute_seconds)]
                 {
-                    if let Some(seconds) = number(key).filter(|v| v.is_finite() && *v >= 0.0) {
+                    if seconds.is_finite() && seconds >= 0.0 {
                         counter.with_label_values(&[id]).inc_by(seconds);
                     }
                 }
-                let tokens = number("tokens_total").unwrap_or(0.0) as u64;
-                let flops = number("flops_total").unwrap_or(0.0);
-                self.tokens.with_label_values(&[id]).inc_by(tokens.saturating_sub(series.tokens));
-                self.model_flops.with_label_values(&[id]).inc_by((flops - series.flops).max(0.0));
-                series.tokens = series.tokens.max(tokens);
-                series.flops = series.flops.max(flops);
-            }
-            "eval" => {
-                let set = event.data.get("set").and_then(Value::as_str).unwrap_or("unknown");
-                if let (Some(loss), Some(ppl)) = (number("loss"), number("perplexity")) {
-                    self.eval_loss.with_label_values(&[id, set]).set(loss);
-                    self.eval_perplexity.with_label_values(&[id, set]).set(ppl);
-                    series.eval_sets.insert(set.to_string());
+                self.tokens.with_label_values(&[id]).inc_by(m.tokens_total.saturating_sub(series.tokens));
+                if m.flops_total.is_finite() {
+                    self.model_flops.with_label_values(&[id]).inc_by((m.flops_total - series.flops).max(0.0));
+                    series.flops = series.flops.max(m.flops_total);
                 }
+                series.tokens = series.tokens.max(m.tokens_total);
             }
-            "started" => {
-                let total = event.data.pointer("/plan/total_tokens").and_then(Value::as_f64);
-                if let Some(total) = total {
-                    self.target_tokens.with_label_values(&[id]).set(total);
-                }
+            Event::Eval { set, loss, perplexity, .. } => {
+                self.eval_loss.with_label_values(&[id, set]).set(*loss);
+                self.eval_perplexity.with_label_values(&[id, set]).set(*perplexity);
+                series.eval_sets.insert(set.clone());
             }
-            "checkpoint" => {
+            Event::Started { plan, .. } => {
+                self.target_tokens.with_label_values(&[id]).set(plan.total_tokens as f64);
+            }
+            Event::Checkpoint { step, .. } => {
                 self.checkpoints.with_label_values(&[id]).inc();
-                if let Some(step) = number("step") {
-                    self.last_checkpoint_step.with_label_values(&[id]).set(step);
-                }
+                self.last_checkpoint_step.with_label_values(&[id]).set(*step as f64);
             }
             _ => {}
         }
@@ -224,13 +214,10 @@ impl Metrics {
 
     /// The text exposition, with job and worker counts read now.
     pub async fn render(&self, pool: &SqlitePool, lease_ttl_seconds: u64) -> sqlx::Result<String> {
-        for state in JobState::ALL {
-            self.jobs.with_label_values(&[state.as_str()]).set(0.0);
+        for (state, count) in crate::jobs::store::counts_by_state(pool).await? {
+            self.jobs.with_label_values(&[state.as_str()]).set(count as f64);
         }
-        for row in sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetch_all(pool).await? {
-            self.jobs.with_label_values(&[row.get::<String, _>("state").as_str()]).set(row.get::<i64, _>("n") as f64);
-        }
-        let cutoff = crate::jobs::store::now_ms() - 2 * lease_ttl_seconds as i64 * 1000;
+        let cutoff = crate::now_ms() - 2 * lease_ttl_seconds as i64 * 1000;
         let row = sqlx::query("SELECT SUM(last_seen_at >= ?) AS active, SUM(last_seen_at < ?) AS stale FROM workers")
             .bind(cutoff)
             .bind(cutoff)
@@ -267,12 +254,16 @@ pub async fn scrape(State(app): State<AppState>) -> Result<Response, crate::erro
 /// Counts and times every request by its matched route (unmatched requests share one label).
 pub async fn track_http(State(app): State<AppState>, request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
-    let method = request.method().as_str().to_string();
+    // Any token is a valid HTTP method: only the ones the API knows become label values.
+    let method = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]
+        .into_iter()
+        .find(|known| request.method().as_str() == *known)
+        .unwrap_or("other");
     let started = Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    app.metrics.http_requests.with_label_values(&[&method, &route, &status]).inc();
-    app.metrics.http_duration.with_label_values(&[&method, &route]).observe(started.elapsed().as_secs_f64());
+    app.metrics.http_requests.with_label_values(&[method, &route, &status]).inc();
+    app.metrics.http_duration.with_label_values(&[method, &route]).observe(started.elapsed().as_secs_f64());
     response
 }
 
@@ -288,10 +279,35 @@ pub fn forget_later(app: &AppState, job_id: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
+    /// A stored event of `kind` with the fields of `data` over zeroed defaults.
     fn event(kind: &str, data: Value) -> StoredEvent {
-        StoredEvent { id: 1, job_id: "j1".into(), attempt: 1, seq: 0, kind: kind.into(), time: 5000, data }
+        let mut full = match kind {
+            "step" => json!({"step": 1, "loss": 0.0, "lr": 0.0, "grad_norm": 0.0, "skipped": false, "tokens": 0,
+                             "tokens_total": 0, "tokens_per_second": 0.0, "flops": 0.0, "flops_total": 0.0,
+                             "flops_per_second": 0.0, "mfu": 0.0, "step_seconds": 0.0, "data_seconds": 0.0,
+                             "compute_seconds": 0.0}),
+            "eval" => json!({"step": 0, "tokens": 0}),
+            "checkpoint" => json!({"tokens_total": 0}),
+            "started" => json!({"from_step": 0, "resumed": false, "device": "cpu", "peak_flops_per_second": 1.0,
+                                "peak_source": "test", "plan": {"total_steps": 1, "tokens_per_step": 1000,
+                                "warmup_steps": 0, "lr": {"peak": 1e-4, "min": 1e-5, "reasoning": ""},
+                                "flops_per_token": 1.0, "total_flops": 1.0, "parameters": 1,
+                                "memory_estimate_bytes": 1}}),
+            _ => json!({}),
+        };
+        for (key, value) in data.as_object().unwrap() {
+            if key == "plan" {
+                full["plan"]["total_tokens"] = value["total_tokens"].clone();
+            } else {
+                full[key] = value.clone();
+            }
+        }
+        full["kind"] = kind.into();
+        full["seq"] = 0.into();
+        full["time"] = 5000.into();
+        StoredEvent { id: 1, job_id: "j1".into(), attempt: 1, envelope: serde_json::from_value(full).unwrap() }
     }
 
     #[test]

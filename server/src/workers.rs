@@ -1,46 +1,77 @@
 //! The worker protocol: register, lease (long-poll), heartbeat (answers with cancel requests),
-//! finish; and the task that requeues jobs whose worker stopped heartbeating.
+//! finish. The bodies are `cpt_protocol::worker`'s types; job rows change only in the jobs store.
 
 use std::time::Duration;
 
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::post;
+use axum::{Json, Router};
+use cpt_protocol::worker::{Finish, Heartbeat, HeartbeatReply, Registered, Registration};
 use serde::Deserialize;
-use serde_json::json;
 use sqlx::Row;
 
-use crate::app::AppState;
-use crate::error::ApiError;
-use crate::jobs::state::JobState;
-use crate::jobs::store::{self, now_ms, TransitionOutcome};
+use crate::error::{ApiError, Body};
+use crate::jobs::store::{self, Job};
+use crate::{now_ms, AppState};
 
-#[derive(Deserialize)]
-pub struct Registration {
-    name: String,
-    #[serde(default)]
-    device: String,
+/// The worker routes (behind the worker token); event batches are in `events`.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/workers", post(register))
+        .route("/v1/workers/{id}/lease", post(lease))
+        .route("/v1/workers/{id}/heartbeat", post(heartbeat))
+        .route("/v1/workers/{id}/finish", post(finish))
 }
 
 /// `POST /v1/workers`: a worker introduces itself and learns the lease timing.
-pub async fn register(State(app): State<AppState>, Json(body): Json<Registration>) -> Result<Response, ApiError> {
+pub async fn register(State(app): State<AppState>, Body(body): Body<Registration>) -> Result<Response, ApiError> {
     if body.name.is_empty() || body.name.len() > 200 {
         return Err(ApiError::invalid_field("name", "must be 1 to 200 characters"));
     }
+    if body.device.len() > 64 {
+        return Err(ApiError::invalid_field("device", "must be at most 64 characters"));
+    }
     let id = uuid::Uuid::new_v4().to_string();
     let now = now_ms();
-    sqlx::query("INSERT INTO workers (id, name, device, registered_at, last_seen_at) VALUES (?, ?, ?, ?, ?)")
-        .bind(&id)
-        .bind(&body.name)
-        .bind(&body.device)
-        .bind(now)
-        .bind(now)
-        .execute(&app.pool)
-        .await?;
+    sqlx::query(
+        "INSERT INTO workers (id, name, device, memory_bytes, registered_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&id)
+    .bind(&body.name)
+    .bind(&body.device)
+    .bind(body.memory_bytes.map(|m| m.min(i64::MAX as u64) as i64))
+    .bind(now)
+    .bind(now)
+    .execute(&app.pool)
+    .await?;
     let ttl = app.config.lease_ttl_seconds;
-    let body = json!({"worker_id": id, "lease_ttl_seconds": ttl, "heartbeat_interval_seconds": (ttl / 3).max(1)});
+    let body = Registered { worker_id: id, lease_ttl_seconds: ttl, heartbeat_interval_seconds: (ttl / 3).max(1) };
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// Refuses a job whose plan needs more memory than `--max-job-memory-bytes`, or, without that
+/// limit, more than every worker seen within two lease periods says it has.
+pub async fn check_memory(app: &AppState, estimate: u64) -> Result<(), ApiError> {
+    let limit = match app.config.max_job_memory_bytes {
+        Some(limit) => Some(limit),
+        None => {
+            let cutoff = now_ms() - 2 * app.lease_ms();
+            let row = sqlx::query("SELECT MAX(memory_bytes) AS most FROM workers WHERE last_seen_at >= ?")
+                .bind(cutoff)
+                .fetch_one(&app.pool)
+                .await?;
+            row.get::<Option<i64>, _>("most").map(|m| m as u64)
+        }
+    };
+    match limit {
+        Some(limit) if estimate > limit => Err(ApiError::invalid_field(
+            "micro_batch_size",
+            format!("the plan needs about {estimate} bytes of memory; the most a worker can give a job is {limit}"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 async fn touch(app: &AppState, worker: &str) -> Result<(), ApiError> {
@@ -62,27 +93,6 @@ pub struct LeaseQuery {
     wait_seconds: u64,
 }
 
-/// Claims the oldest queued job for `worker` in one statement (SQLite has no SKIP LOCKED; the
-/// `AND state = 'queued'` guard makes concurrent claims of one job impossible).
-async fn claim(app: &AppState, worker: &str) -> Result<Option<store::Job>, ApiError> {
-    let expires = now_ms() + app.config.lease_ttl_seconds as i64 * 1000;
-    let row = sqlx::query(
-        "UPDATE jobs SET state = 'running', worker_id = ?1, lease_expires_at = ?2, attempt = attempt + 1,
-                started_at = COALESCE(started_at, ?3), updated_at = ?3
-         WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY rowid LIMIT 1) AND state = 'queued'
-         RETURNING id",
-    )
-    .bind(worker)
-    .bind(expires)
-    .bind(now_ms())
-    .fetch_optional(&app.pool)
-    .await?;
-    match row {
-        Some(row) => Ok(store::get(&app.pool, &row.get::<String, _>("id")).await?),
-        None => Ok(None),
-    }
-}
-
 /// `POST /v1/workers/{id}/lease`: the next queued job (200), or 204 after `wait_seconds`.
 pub async fn lease(
     State(app): State<AppState>,
@@ -94,7 +104,7 @@ pub async fn lease(
     loop {
         // Subscribe before looking, so a job queued in between still wakes us.
         let queued = app.queue.notified();
-        if let Some(job) = claim(&app, &worker).await? {
+        if let Some(job) = store::claim(&app.pool, &worker, app.lease_ms()).await? {
             return Ok(Json(job).into_response());
         }
         if *app.closing.borrow() || tokio::time::timeout_at(deadline, queued).await.is_err() {
@@ -103,112 +113,41 @@ pub async fn lease(
     }
 }
 
-#[derive(Deserialize)]
-pub struct Heartbeat {
-    job_id: String,
-}
-
 /// `POST /v1/workers/{id}/heartbeat`: extends the lease; says whether to stop (cancel requested).
-/// 409 when the job is no longer this worker's (its lease expired and it was requeued).
+/// 409 when the attempt is no longer this worker's (its lease expired and the job moved on).
 pub async fn heartbeat(
     State(app): State<AppState>,
     UrlPath(worker): UrlPath<String>,
-    Json(body): Json<Heartbeat>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+    Body(body): Body<Heartbeat>,
+) -> Result<Json<HeartbeatReply>, ApiError> {
     touch(&app, &worker).await?;
-    let expires = now_ms() + app.config.lease_ttl_seconds as i64 * 1000;
-    let row = sqlx::query(
-        "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND worker_id = ? AND state IN ('running', 'cancelling')
-         RETURNING state",
-    )
-    .bind(expires)
-    .bind(&body.job_id)
-    .bind(&worker)
-    .fetch_optional(&app.pool)
-    .await?;
-    match row {
-        Some(row) => Ok(Json(json!({"cancel": row.get::<String, _>("state") == "cancelling"}))),
-        None => Err(ApiError::conflict(format!("job {} is not leased by worker {worker}", body.job_id))),
-    }
+    let cancel = store::heartbeat(&app.pool, &body.job_id, body.attempt, &worker, app.lease_ms()).await?;
+    Ok(Json(HeartbeatReply { cancel }))
 }
 
-#[derive(Deserialize)]
-pub struct Finish {
-    job_id: String,
-    outcome: JobState,
-    #[serde(default)]
-    error: Option<String>,
-}
-
-/// `POST /v1/workers/{id}/finish`: the job ended as `succeeded`, `failed` or `cancelled`.
+/// `POST /v1/workers/{id}/finish`: the worker's attempt ended as `succeeded`, `failed`,
+/// `cancelled`, or `queued` (released at a checkpoint for another worker to resume at once).
 pub async fn finish(
     State(app): State<AppState>,
     UrlPath(worker): UrlPath<String>,
-    Json(body): Json<Finish>,
-) -> Result<Json<store::Job>, ApiError> {
+    Body(body): Body<Finish>,
+) -> Result<Json<Job>, ApiError> {
     touch(&app, &worker).await?;
-    if !(body.outcome.is_terminal() || body.outcome == JobState::Queued) {
-        return Err(ApiError::invalid_field("outcome", "must be succeeded, failed, cancelled or queued"));
-    }
-    let job = crate::jobs::routes::existing(&app, &body.job_id).await?;
-    if job.worker_id.as_deref() != Some(worker.as_str())
-        || !matches!(job.state, JobState::Running | JobState::Cancelling)
-    {
-        return Err(ApiError::conflict(format!("job {} is not leased by worker {worker}", body.job_id)));
-    }
-    // `queued` releases a running job (its worker is shutting down after a checkpoint): another
-    // worker resumes it at once instead of after the lease expires.
-    let mut also = vec![("error", body.error.clone()), ("lease_expires_at", None)];
-    if body.outcome == JobState::Queued {
-        also.push(("worker_id", None));
-    }
-    let finished =
-        store::transition(&app.pool, &job.id, job.state, body.outcome, &also).await.map_err(|e| match e {
-            TransitionOutcome::Database(e) => ApiError::internal(e),
-            TransitionOutcome::Refused(_) => {
-                ApiError::conflict(format!("job {} cannot become {}", job.id, body.outcome.as_str()))
-            }
-        })?;
-    if finished.state == JobState::Queued {
+    let error = body.error.as_deref().map(|e| truncate(e, 16 * 1024));
+    let job = store::finish(&app.pool, &body.job_id, body.attempt, &worker, body.outcome, error).await?;
+    if job.state == cpt_protocol::JobState::Queued {
         app.queue.notify_waiters();
-    } else {
-        crate::metrics::forget_later(&app, job.id);
+    } else if job.state.is_terminal() {
+        crate::metrics::forget_later(&app, job.id.clone());
     }
-    Ok(Json(finished))
+    Ok(Json(job))
 }
 
-/// Requeues (attempt + 1 on the next lease) or fails the running jobs whose lease expired, and
-/// cancels the cancelling ones. Returns how many jobs it changed.
-pub async fn expire_leases(app: &AppState) -> sqlx::Result<u64> {
-    let now = now_ms();
-    let mut changed = 0;
-    let requeued = sqlx::query(
-        "UPDATE jobs SET state = 'queued', worker_id = NULL, lease_expires_at = NULL, updated_at = ?1
-         WHERE state = 'running' AND lease_expires_at < ?1 AND attempt < max_attempts",
-    )
-    .bind(now)
-    .execute(&app.pool)
-    .await?;
-    changed += requeued.rows_affected();
-    let failed = sqlx::query(
-        "UPDATE jobs SET state = 'failed', finished_at = ?1, updated_at = ?1, lease_expires_at = NULL,
-                error = 'the worker stopped heartbeating on each of ' || attempt || ' attempts (max_attempts)'
-         WHERE state = 'running' AND lease_expires_at < ?1 AND attempt >= max_attempts",
-    )
-    .bind(now)
-    .execute(&app.pool)
-    .await?;
-    changed += failed.rows_affected();
-    let cancelled = sqlx::query(
-        "UPDATE jobs SET state = 'cancelled', finished_at = ?1, updated_at = ?1, lease_expires_at = NULL
-         WHERE state = 'cancelling' AND lease_expires_at < ?1",
-    )
-    .bind(now)
-    .execute(&app.pool)
-    .await?;
-    changed += cancelled.rows_affected();
-    if requeued.rows_affected() > 0 {
-        app.queue.notify_waiters();
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn truncate(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
     }
-    Ok(changed)
+    &text[..end]
 }

@@ -181,6 +181,7 @@ fn binding_beyond_loopback_without_a_token_is_refused() {
         metrics_retention_seconds: 600,
         local_workers: 0,
         worker_binary: None,
+        max_job_memory_bytes: None,
     };
     assert!(config.finish().unwrap_err().to_string().contains("--api-token"));
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{data_root, error_of, spec, Server};
+use common::{checkpoint_event, data_root, error_of, eval_event, spec, started_event, step_event, step_event_with, Server};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -31,10 +31,6 @@ async fn with_leased_job(dir: &std::path::Path) -> (Server, std::path::PathBuf, 
     let id = submit(&server, &root, "j").await;
     lease(&server, &worker, 0).await;
     (server, root, worker, id)
-}
-
-fn step_event(seq: u64, step: u64) -> Value {
-    json!({"seq": seq, "kind": "step", "time": 1000 + seq, "step": step, "loss": 2.5, "tokens_total": step * 64})
 }
 
 #[tokio::test]
@@ -71,16 +67,16 @@ async fn heartbeats_carry_cancel_requests_and_finish_ends_the_job() {
     let tmp = tempfile::tempdir().unwrap();
     let (server, _root, worker, id) = with_leased_job(tmp.path()).await;
     let heartbeat = format!("/v1/workers/{worker}/heartbeat");
-    let beat = || server.call(Method::POST, &heartbeat, Some(json!({"job_id": id})));
+    let beat = || server.call(Method::POST, &heartbeat, Some(json!({"job_id": id, "attempt": 1})));
     assert_eq!(beat().await.1["cancel"], false);
     let (_, job) = server.call(Method::POST, &format!("/v1/jobs/{id}/cancel"), None).await;
     assert_eq!(job["state"], "cancelling");
     assert_eq!(beat().await.1["cancel"], true);
     let other = register(&server).await;
     let (status, _) =
-        server.call(Method::POST, &format!("/v1/workers/{other}/heartbeat"), Some(json!({"job_id": id}))).await;
+        server.call(Method::POST, &format!("/v1/workers/{other}/heartbeat"), Some(json!({"job_id": id, "attempt": 1}))).await;
     assert_eq!(status, StatusCode::CONFLICT, "only the lease holder may heartbeat");
-    let finish = json!({"job_id": id, "outcome": "cancelled"});
+    let finish = json!({"job_id": id, "attempt": 1, "outcome": "cancelled"});
     let (status, job) = server.call(Method::POST, &format!("/v1/workers/{worker}/finish"), Some(finish.clone())).await;
     assert_eq!((status, job["state"].as_str()), (StatusCode::OK, Some("cancelled")));
     let (status, _) = server.call(Method::POST, &format!("/v1/workers/{worker}/finish"), Some(finish)).await;
@@ -93,8 +89,8 @@ async fn event_batches_are_stored_once_in_order_and_update_progress() {
     let tmp = tempfile::tempdir().unwrap();
     let (server, _root, worker, id) = with_leased_job(tmp.path()).await;
     let batch = json!({"job_id": id, "attempt": 1, "events": [
-        {"seq": 0, "kind": "started", "time": 999}, step_event(1, 1), step_event(2, 2),
-        {"seq": 3, "kind": "eval", "time": 1003, "set": "domain", "loss": 2.0}, step_event(4, 3)]});
+        started_event(0), step_event(1, 1), step_event(2, 2),
+        eval_event(3, 2, "domain", 2.0, 7.389), step_event(4, 3)]});
     let url = format!("/v1/workers/{worker}/events");
     let (status, body) = server.call(Method::POST, &url, Some(batch.clone())).await;
     assert_eq!((status, body["stored"].as_u64(), body["duplicates"].as_u64()), (StatusCode::OK, Some(5), Some(0)));
@@ -172,7 +168,7 @@ async fn the_event_stream_resumes_after_last_event_id_and_ends_with_the_job() {
         .call(
             Method::POST,
             &format!("/v1/workers/{worker}/finish"),
-            Some(json!({"job_id": id, "outcome": "succeeded"})),
+            Some(json!({"job_id": id, "attempt": 1, "outcome": "succeeded"})),
         )
         .await;
     let mut text = String::new();
@@ -203,7 +199,7 @@ async fn shutdown_ends_open_event_streams_instead_of_waiting_for_their_jobs() {
 async fn worker_endpoints_need_the_worker_token() {
     let tmp = tempfile::tempdir().unwrap();
     let root = data_root(tmp.path());
-    let server = Server::start_with(&tmp.path().join("data"), &root, None, Some("w0rker"), 30).await;
+    let server = Server::start_with(&tmp.path().join("data"), &root, Some("api"), Some("w0rker"), 30).await;
     let (status, error) = server.call(Method::POST, "/v1/workers", Some(json!({"name": "w"}))).await;
     assert_eq!((status, error_of(&error).0), (StatusCode::UNAUTHORIZED, "unauthorized"));
     let response = server
@@ -223,7 +219,7 @@ async fn metrics_show_training_series_job_and_worker_counts_and_pass_promtool() 
     let tmp = tempfile::tempdir().unwrap();
     let (server, _root, worker, id) = with_leased_job(tmp.path()).await;
     let batch = json!({"job_id": id, "attempt": 1, "events": [step_event(0, 1), step_event(1, 2),
-        {"seq": 2, "kind": "eval", "set": "general", "loss": 3.0, "perplexity": 20.0855}]});
+        eval_event(2, 2, "general", 3.0, 20.0855)]});
     server.call(Method::POST, &format!("/v1/workers/{worker}/events"), Some(batch)).await;
     let text = server.request(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
     for expected in [
@@ -263,16 +259,16 @@ async fn metric_series_and_checkpoints_are_derived_from_events_with_reruns_repla
     let (server, _root, worker, id) = with_leased_job(tmp.path()).await;
     let events = json!({"job_id": id, "attempt": 1, "events": [
         step_event(0, 1), step_event(1, 2),
-        {"seq": 2, "kind": "eval", "step": 2, "set": "domain", "loss": 2.0, "perplexity": 7.389},
-        {"seq": 3, "kind": "checkpoint", "step": 2, "path": "runs/x/checkpoints/step-2", "tokens_total": 128},
-        {"seq": 4, "kind": "step", "step": 3, "loss": 9.0, "tokens_total": 192}]});
+        eval_event(2, 2, "domain", 2.0, 7.389),
+        checkpoint_event(3, 2, "runs/x/checkpoints/step-2"),
+        step_event_with(4, 3, 9.0)]});
     server.call(Method::POST, &format!("/v1/workers/{worker}/events"), Some(events)).await;
     // The worker is released after its checkpoint at step 2; attempt 2 re-runs step 3.
-    let release = json!({"job_id": id, "outcome": "queued"});
+    let release = json!({"job_id": id, "attempt": 1, "outcome": "queued"});
     let (_, job) = server.call(Method::POST, &format!("/v1/workers/{worker}/finish"), Some(release)).await;
     assert_eq!(job["state"], "queued");
     assert_eq!(lease(&server, &worker, 0).await.1["attempt"], 2);
-    let rerun = json!({"job_id": id, "attempt": 2, "events": [{"seq": 0, "kind": "step", "step": 3, "loss": 1.0}]});
+    let rerun = json!({"job_id": id, "attempt": 2, "events": [step_event_with(0, 3, 1.0)]});
     server.call(Method::POST, &format!("/v1/workers/{worker}/events"), Some(rerun)).await;
     let (_, series) = server.call(Method::GET, &format!("/v1/jobs/{id}/metrics"), None).await;
     assert_eq!(series["steps"]["step"], json!([1, 2, 3]));

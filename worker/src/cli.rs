@@ -244,7 +244,7 @@ impl Cli {
                 println!("{}", serde_json::to_string(&result)?);
             }
             Command::Run { server, token, name, data_dir, event_spool_bytes } => {
-                let config = crate::serve::WorkerConfig {
+                let config = crate::run::WorkerConfig {
                     server,
                     token,
                     name,
@@ -255,7 +255,7 @@ impl Cli {
                 tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
                     .build()?
-                    .block_on(crate::serve::run(config))?;
+                    .block_on(crate::run::run(config))?;
             }
             Command::Watch { job, server, token } => {
                 tokio::runtime::Builder::new_current_thread()

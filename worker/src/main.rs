@@ -1,9 +1,11 @@
-//! `cpt-worker`: the standalone CLI over cpt's training core (and, later, the worker process).
+//! `cpt-worker`: the worker process of cpt-server and the standalone CLI over cpt's training core.
 
 mod cli;
+mod client;
+mod leftover;
 mod progress;
+mod run;
 mod run_local;
-mod serve;
 mod spool;
 mod watch;
 

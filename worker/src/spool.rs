@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{Context, Result};
-use serde_json::Value;
+use cpt_protocol::worker::{Envelope, MAX_BATCH_EVENTS};
+use cpt_protocol::Event;
 
 /// The default bound on undelivered events: at a step a second, days of step events.
 pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
@@ -50,8 +51,24 @@ struct State {
 
 /// Undelivered events read from the spool, to be acknowledged once the server stored them.
 pub struct Batch {
-    pub events: Vec<Value>,
+    pub events: Vec<Envelope>,
     end: u64,
+}
+
+/// Locks a spool file for its writer. A crashed worker's lock goes with its process, so a spool
+/// that can be locked by someone else is a leftover (see `leftover`), and one that cannot is live.
+pub fn lock(file: &File) -> std::io::Result<()> {
+    rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(std::io::Error::from)
+}
+
+/// Parses spooled lines (complete ones only).
+pub fn parse_lines(bytes: &[u8], path: &Path) -> Result<Vec<Envelope>> {
+    bytes
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(serde_json::from_slice)
+        .collect::<Result<Vec<Envelope>, _>>()
+        .with_context(|| format!("reading {}", path.display()))
 }
 
 impl Spool {
@@ -67,6 +84,7 @@ impl Spool {
             .truncate(true)
             .open(path)
             .with_context(|| format!("creating the event spool {}", path.display()))?;
+        lock(&file).with_context(|| format!("locking {}", path.display()))?;
         let state = State { file, end: 0, delivered: 0, next_seq: 0, closed: false, abandoned: false };
         let shared = Shared {
             path: path.to_path_buf(),
@@ -78,13 +96,12 @@ impl Spool {
         Ok(Spool { shared: Arc::new(shared) })
     }
 
-    /// Appends one event (a JSON object) with the next sequence number and `time`, waiting while the
-    /// undelivered part is at the bound.
-    pub fn append(&self, mut event: Value, time_ms: u64) -> Result<()> {
+    /// Appends one event with the next sequence number and `time`, waiting while the undelivered
+    /// part is at the bound.
+    pub fn append(&self, event: Event, time_ms: u64) -> Result<()> {
         let mut state = self.lock();
-        event["seq"] = state.next_seq.into();
-        event["time"] = time_ms.into();
-        let mut line = serde_json::to_vec(&event)?;
+        let envelope = Envelope { seq: state.next_seq, time: time_ms, event };
+        let mut line = serde_json::to_vec(&envelope)?;
         line.push(b'\n');
         let mut warned = false;
         while !state.abandoned
@@ -189,12 +206,12 @@ impl Spool {
                 bytes.iter().position(|&b| b == b'\n').context("a spooled event without its newline")? + 1
             }
         };
-        let events = bytes[..complete]
-            .split(|&b| b == b'\n')
-            .filter(|line| !line.is_empty())
-            .map(serde_json::from_slice)
-            .collect::<Result<Vec<Value>, _>>()
-            .with_context(|| format!("reading {}", self.shared.path.display()))?;
+        let mut complete = complete;
+        // At most a batch's worth of events: cut after the MAX_BATCH_EVENTS-th line.
+        if let Some((cut, _)) = bytes[..complete].iter().enumerate().filter(|(_, &b)| b == b'\n').nth(MAX_BATCH_EVENTS - 1) {
+            complete = cut + 1;
+        }
+        let events = parse_lines(&bytes[..complete], &self.shared.path)?;
         Ok(Batch { events, end: start + complete as u64 })
     }
 
@@ -206,7 +223,11 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+
+    /// An event of `step` about `pad` bytes long.
+    fn event(step: u64, pad: usize) -> Event {
+        Event::Sample { step, prompt: "x".repeat(pad), continuation: String::new() }
+    }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_full_spool_holds_the_writer_back_and_delivers_every_event_once_in_order() {
@@ -217,7 +238,7 @@ mod tests {
             let spool = spool.clone();
             std::thread::spawn(move || {
                 for step in 0..200u64 {
-                    spool.append(json!({"kind": "step", "step": step, "pad": "x".repeat(40)}), 7).unwrap();
+                    spool.append(event(step, 40), 7).unwrap();
                     assert!(spool.pending_bytes() <= 2048, "the bound holds");
                 }
                 spool.close();
@@ -229,8 +250,8 @@ mod tests {
             // A slow server: the writer fills the spool and waits.
             on_disk_while_waiting = on_disk_while_waiting.max(std::fs::metadata(&path).unwrap().len());
             for event in &batch.events {
-                assert_eq!(event["seq"], event["step"]);
-                seen.push(event["step"].as_u64().unwrap());
+                assert_eq!(Some(event.seq), event.event.step());
+                seen.push(event.seq);
             }
             spool.acknowledge(&batch).unwrap();
         }
@@ -245,7 +266,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::create(&dir.path().join("s.jsonl"), DEFAULT_MAX_BYTES).unwrap();
         for step in 0..3 {
-            spool.append(json!({"step": step}), 1).unwrap();
+            spool.append(event(step, 0), 1).unwrap();
         }
         let first = spool.next_batch().await.unwrap().unwrap();
         let again = spool.next_batch().await.unwrap().unwrap();
@@ -259,11 +280,11 @@ mod tests {
     #[test]
     fn an_abandoned_spool_never_blocks_the_writer() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::create(&dir.path().join("s.jsonl"), 64).unwrap();
-        spool.append(json!({"pad": "x".repeat(50)}), 1).unwrap();
+        let spool = Spool::create(&dir.path().join("s.jsonl"), 100).unwrap();
+        spool.append(event(0, 20), 1).unwrap();
         let pending = spool.pending_bytes();
         spool.abandon();
-        spool.append(json!({"pad": "x".repeat(50)}), 1).unwrap();
+        spool.append(event(0, 20), 1).unwrap();
         assert_eq!(spool.pending_bytes(), pending, "nothing more is written");
     }
 }

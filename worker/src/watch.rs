@@ -9,32 +9,23 @@ use anyhow::{bail, Context, Result};
 use cpt_protocol::Event;
 use serde_json::Value;
 
+use crate::client::ServerClient;
 use crate::progress::Progress;
 
 /// How long the server may stay unreachable before `watch` gives up.
 const PATIENCE: Duration = Duration::from_secs(120);
 
 struct Api {
-    http: reqwest::Client,
-    server: String,
-    token: Option<String>,
+    client: ServerClient,
 }
 
 impl Api {
     fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        let request = self.http.get(format!("{}{path}", self.server.trim_end_matches('/')));
-        match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
-        }
+        self.client.request(reqwest::Method::GET, path)
     }
 
     async fn job(&self, id: &str) -> Result<Value> {
-        let response = self.get(&format!("/v1/jobs/{id}")).send().await?;
-        if !response.status().is_success() {
-            bail!("GET /v1/jobs/{id}: {} {}", response.status(), response.text().await.unwrap_or_default());
-        }
-        Ok(response.json().await?)
+        self.client.job(id).await
     }
 
     /// Reads the SSE stream after event `last_id` until it ends, handing each event to `on_event`.
@@ -74,7 +65,7 @@ fn is_final(state: &str) -> bool {
 
 /// Follows job `id` until it ends.
 pub async fn watch(server: String, token: Option<String>, id: &str) -> Result<()> {
-    let api = Api { http: reqwest::Client::new(), server, token };
+    let api = Api { client: ServerClient::new(&server, token) };
     let job = api.job(id).await.with_context(|| format!("reading job {id}"))?;
     let progress = Progress::new(job["progress"]["total_steps"].as_u64().unwrap_or(0));
     progress.say(format!("job {id} ({}): {}", job["name"].as_str().unwrap_or(""), job["state"].as_str().unwrap_or("")));

@@ -1,5 +1,6 @@
-//! Jobs: their states, their rows in SQLite and their HTTP routes.
+//! Jobs: their rows in SQLite (the only code that changes them), their HTTP routes, and the paths
+//! their specs may name.
 
+pub mod paths;
 pub mod routes;
-pub mod state;
 pub mod store;

@@ -1,51 +1,59 @@
 //! `/v1/jobs`: submit (with dry runs and idempotency keys), list, inspect, cancel, resume.
 
-use std::path::{Path, PathBuf};
-
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use cpt_protocol::{JobSpec, ModelConfig, Plan};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cpt_protocol::{JobKind, JobSpec, JobState, ModelConfig, Plan};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
-use super::state::JobState;
-use super::store::{self, NewJob, TransitionError, TransitionOutcome};
-use crate::app::AppState;
+use super::paths::inside_roots;
+use super::store::{self, Job, NewJob};
 use crate::error::ApiError;
+use crate::AppState;
 
-/// Resolves a path from a spec inside the configured data roots, or names the field.
-pub fn inside_roots(roots: &[PathBuf], field: &str, path: &str) -> Result<PathBuf, ApiError> {
-    let resolved = Path::new(path)
-        .canonicalize()
-        .map_err(|_| ApiError::invalid_field(field, format!("{path} does not exist on the server")))?;
-    if roots.iter().any(|root| root.canonicalize().is_ok_and(|root| resolved.starts_with(root))) {
-        Ok(resolved)
-    } else {
-        Err(ApiError::invalid_field(field, format!("{path} is outside the server's data roots")))
-    }
+/// The job routes (behind the API token).
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/jobs", post(create).get(list))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/jobs/{id}/resume", post(resume))
 }
 
-/// Checks that the spec's paths exist inside the roots and returns the base model's config.
-fn check_paths(roots: &[PathBuf], spec: &JobSpec) -> Result<ModelConfig, ApiError> {
+/// Resolves the spec's paths inside the data roots (in place) and returns the base model's config.
+fn resolve_paths(roots: &[std::path::PathBuf], spec: &mut JobSpec) -> Result<ModelConfig, ApiError> {
     let base = inside_roots(roots, "base_model", &spec.base_model)?;
     let text = std::fs::read_to_string(base.join("config.json"))
         .map_err(|_| ApiError::invalid_field("base_model", "the directory has no readable config.json"))?;
     let config = ModelConfig::from_json_str(&text).map_err(|e| ApiError::invalid_field("base_model", e.to_string()))?;
-    let datasets = spec.train_data.iter().enumerate().map(|(i, s)| (format!("train_data[{i}].dataset"), &s.dataset));
-    let evals = spec.eval_data.iter().map(|(name, dataset)| (format!("eval_data.{name}"), dataset));
+    spec.base_model = base.display().to_string();
+    let datasets = spec.train_data.iter_mut().enumerate().map(|(i, s)| (format!("train_data[{i}].dataset"), &mut s.dataset));
+    let evals = spec.eval_data.iter_mut().map(|(name, dataset)| (format!("eval_data.{name}"), dataset));
     for (field, dataset) in datasets.chain(evals) {
         let dir = inside_roots(roots, &field, dataset)?;
         if !dir.join("manifest.json").exists() {
-            return Err(ApiError::invalid_field(
-                field,
-                format!("{dataset} is not a prepared dataset (no manifest.json)"),
-            ));
+            return Err(ApiError::invalid_field(field, format!("{dataset} is not a prepared dataset (no manifest.json)")));
         }
+        *dataset = dir.display().to_string();
     }
     Ok(config)
+}
+
+/// The Idempotency-Key header, if given, with the hash of the request it came with.
+pub fn idempotency(headers: &HeaderMap, request: &impl serde::Serialize) -> Result<Option<(String, String)>, ApiError> {
+    let Some(key) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = key.to_str().map_err(|_| ApiError::invalid_field("Idempotency-Key", "must be ASCII"))?;
+    if key.is_empty() || key.len() > 200 {
+        return Err(ApiError::invalid_field("Idempotency-Key", "must be 1 to 200 characters"));
+    }
+    let canonical = serde_json::to_vec(request).map_err(ApiError::internal)?;
+    let hash = Sha256::digest(&canonical).iter().map(|b| format!("{b:02x}")).collect();
+    Ok(Some((key.to_string(), hash)))
 }
 
 #[derive(Deserialize)]
@@ -62,35 +70,30 @@ pub async fn create(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the body is not UTF-8"))?;
-    let spec = JobSpec::from_json_str(body).map_err(|e| {
+    let mut spec = JobSpec::from_json_str(body).map_err(|e| {
         if e.field.is_empty() {
             ApiError::bad_request(e.message)
         } else {
             ApiError::invalid_field(e.field, e.message)
         }
     })?;
-    let config = check_paths(&app.config.data_roots, &spec)?;
+    let idempotency = idempotency(&headers, &spec)?;
+    let config = resolve_paths(&app.config.data_roots, &mut spec)?;
     let plan = Plan::new(&spec, &config);
+    crate::workers::check_memory(&app, plan.memory_estimate_bytes).await?;
     if query.dry_run {
         return Ok(Json(json!({"plan": plan})).into_response());
-    }
-    let key = headers
-        .get("idempotency-key")
-        .map(|v| v.to_str().map_err(|_| ApiError::bad_request("Idempotency-Key must be ASCII")));
-    let key = key.transpose()?;
-    if key.is_some_and(|k| k.is_empty() || k.len() > 200) {
-        return Err(ApiError::invalid_field("Idempotency-Key", "must be 1 to 200 characters"));
     }
     let spec_json = serde_json::to_value(&spec).map_err(ApiError::internal)?;
     let plan_json = serde_json::to_value(&plan).map_err(ApiError::internal)?;
     let new = NewJob {
-        kind: "train",
+        kind: JobKind::Train,
         name: &spec.name,
         spec: &spec_json,
         plan: Some(&plan_json),
         total_steps: Some(plan.total_steps as i64),
         max_attempts: app.config.max_attempts,
-        idempotency_key: key,
+        idempotency: idempotency.as_ref().map(|(key, hash)| (key.as_str(), hash.clone())),
     };
     let (job, created) = store::create(&app.pool, new).await?;
     app.queue.notify_waiters();
@@ -105,6 +108,19 @@ pub struct ListQuery {
     limit: Option<i64>,
 }
 
+/// A validated page request: `(cursor, limit)`.
+pub fn page_query(cursor: Option<&str>, limit: Option<i64>) -> Result<(Option<i64>, i64), ApiError> {
+    let cursor = match cursor {
+        Some(text) => Some(text.parse::<i64>().map_err(|_| ApiError::invalid_field("cursor", "malformed cursor"))?),
+        None => None,
+    };
+    let limit = limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::invalid_field("limit", "must be between 1 and 500"));
+    }
+    Ok((cursor, limit))
+}
+
 /// `GET /v1/jobs`: newest first; `next_cursor` fetches the following page.
 pub async fn list(State(app): State<AppState>, Query(query): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
     let state = match query.state.as_deref() {
@@ -113,64 +129,30 @@ pub async fn list(State(app): State<AppState>, Query(query): Query<ListQuery>) -
         ),
         None => None,
     };
-    let cursor = match query.cursor.as_deref() {
-        Some(text) => Some(text.parse::<i64>().map_err(|_| ApiError::invalid_field("cursor", "malformed cursor"))?),
-        None => None,
-    };
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::invalid_field("limit", "must be between 1 and 500"));
-    }
-    let (jobs, next) = store::list(&app.pool, state, cursor, limit).await?;
+    let (cursor, limit) = page_query(query.cursor.as_deref(), query.limit)?;
+    let (jobs, next) = store::list(&app.pool, None, state, cursor, limit).await?;
     Ok(Json(json!({"jobs": jobs, "next_cursor": next.map(|n| n.to_string())})))
 }
 
 /// `GET /v1/jobs/{id}`.
-pub async fn get(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<store::Job>, ApiError> {
-    existing(&app, &id).await.map(Json)
-}
-
-/// The job `id`, or the API's 404.
-pub async fn existing(app: &AppState, id: &str) -> Result<store::Job, ApiError> {
-    store::get(&app.pool, id).await?.ok_or_else(|| ApiError::not_found(format!("no job {id}")))
-}
-
-fn refused(outcome: TransitionOutcome, id: &str, verb: &str) -> ApiError {
-    match outcome {
-        TransitionOutcome::Refused(TransitionError::NotFound) => ApiError::not_found(format!("no job {id}")),
-        TransitionOutcome::Refused(TransitionError::Illegal { actual }) => {
-            ApiError::conflict(format!("cannot {verb} a job that is {}", actual.as_str()))
-        }
-        TransitionOutcome::Database(e) => ApiError::internal(e),
-    }
+pub async fn get_job(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<Job>, ApiError> {
+    Ok(Json(store::existing(&app.pool, &id).await?))
 }
 
 /// `POST /v1/jobs/{id}/cancel`: a queued job is cancelled at once; a running one becomes
 /// `cancelling` until its worker has checkpointed.
-pub async fn cancel(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<store::Job>, ApiError> {
-    let job = existing(&app, &id).await?;
-    let to = match job.state {
-        JobState::Queued => JobState::Cancelled,
-        JobState::Running => JobState::Cancelling,
-        other => return Err(ApiError::conflict(format!("cannot cancel a job that is {}", other.as_str()))),
-    };
-    store::transition(&app.pool, &id, job.state, to, &[]).await.map(Json).map_err(|e| refused(e, &id, "cancel"))
+pub async fn cancel(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<Job>, ApiError> {
+    let job = store::cancel(&app.pool, &id).await?;
+    if job.state.is_terminal() {
+        crate::metrics::forget_later(&app, job.id.clone());
+    }
+    Ok(Json(job))
 }
 
-/// `POST /v1/jobs/{id}/resume`: a failed or cancelled job is queued again; its worker continues
-/// from the newest valid checkpoint.
-pub async fn resume(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<store::Job>, ApiError> {
-    let job = existing(&app, &id).await?;
-    if !matches!(job.state, JobState::Failed | JobState::Cancelled) {
-        return Err(ApiError::conflict(format!(
-            "only failed or cancelled jobs resume; this one is {}",
-            job.state.as_str()
-        )));
-    }
-    let also = [("error", None), ("attempt", Some("0".to_string()))];
-    let job = store::transition(&app.pool, &id, job.state, JobState::Queued, &also)
-        .await
-        .map_err(|e| refused(e, &id, "resume"))?;
+/// `POST /v1/jobs/{id}/resume`: a failed or cancelled job is queued again; its next attempt
+/// continues from the newest valid checkpoint.
+pub async fn resume(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<Job>, ApiError> {
+    let job = store::resume(&app.pool, &id).await?;
     app.queue.notify_waiters();
     Ok(Json(job))
 }

@@ -1,26 +1,30 @@
-//! Jobs in SQLite. Every state change is one `UPDATE … WHERE id = ? AND state = ?`: two requests
-//! racing on the same job cannot both win.
+//! Every SQL statement that touches `jobs`. Each state change is one `UPDATE … WHERE` guarded by the
+//! states [`can_transition`] allows and, where a worker acts, by its worker id and attempt: two
+//! requests racing on the same job cannot both win, and a stale worker changes nothing.
 
+use cpt_protocol::jobs::{can_transition, sources_of};
+use cpt_protocol::worker::Outcome;
+use cpt_protocol::{JobKind, JobState};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::{Row, SqlitePool};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection, SqlitePool};
 
-use super::state::{can_transition, JobState};
-
-/// Unix milliseconds now.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
+use crate::db::WriteTx;
+use crate::now_ms;
 
 /// A job as the API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Job {
     pub id: String,
-    pub kind: String,
+    pub kind: JobKind,
     pub name: String,
     pub state: JobState,
     pub spec: Value,
+    /// Grows with every lease and never repeats.
     pub attempt: i64,
+    /// Leases since it was submitted or last resumed; it fails when they reach `max_attempts`.
+    pub retries: i64,
     pub max_attempts: i64,
     pub worker_id: Option<String>,
     pub error: Option<String>,
@@ -43,103 +47,144 @@ pub struct Progress {
     pub fraction: Option<f64>,
 }
 
-fn json_column(row: &sqlx::sqlite::SqliteRow, column: &str) -> Option<Value> {
-    row.get::<Option<String>, _>(column).and_then(|text| serde_json::from_str(&text).ok())
+/// Why a job operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("no job {0}")]
+    NotFound(String),
+    #[error("cannot {verb} a job that is {}", actual.as_str())]
+    Illegal { verb: &'static str, actual: JobState },
+    #[error("job {id} attempt {attempt} is not leased by worker {worker}")]
+    NotHolder { id: String, attempt: u64, worker: String },
+    #[error("the Idempotency-Key was used before with a different request")]
+    KeyReused,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
 }
 
-fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Job {
-    let step: i64 = row.get("step");
-    let total_steps: Option<i64> = row.get("total_steps");
-    let state: String = row.get("state");
-    Job {
-        id: row.get("id"),
-        kind: row.get("kind"),
-        name: row.get("name"),
-        state: JobState::parse(&state).unwrap_or(JobState::Failed),
-        spec: json_column(row, "spec").unwrap_or(Value::Null),
-        attempt: row.get("attempt"),
-        max_attempts: row.get("max_attempts"),
-        worker_id: row.get("worker_id"),
-        error: row.get("error"),
-        plan: json_column(row, "plan"),
+fn decode_error(message: String) -> sqlx::Error {
+    sqlx::Error::Decode(message.into())
+}
+
+fn json_column(row: &SqliteRow, column: &str) -> sqlx::Result<Option<Value>> {
+    match row.try_get::<Option<String>, _>(column)? {
+        None => Ok(None),
+        Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| decode_error(format!("jobs.{column}: {e}"))),
+    }
+}
+
+fn job_from_row(row: &SqliteRow) -> sqlx::Result<Job> {
+    let step: i64 = row.try_get("step")?;
+    let total_steps: Option<i64> = row.try_get("total_steps")?;
+    let state: String = row.try_get("state")?;
+    let kind: String = row.try_get("kind")?;
+    Ok(Job {
+        id: row.try_get("id")?,
+        kind: JobKind::parse(&kind).ok_or_else(|| decode_error(format!("unknown job kind `{kind}`")))?,
+        name: row.try_get("name")?,
+        state: JobState::parse(&state).ok_or_else(|| decode_error(format!("unknown job state `{state}`")))?,
+        spec: json_column(row, "spec")?.unwrap_or(Value::Null),
+        attempt: row.try_get("attempt")?,
+        retries: row.try_get("retries")?,
+        max_attempts: row.try_get("max_attempts")?,
+        worker_id: row.try_get("worker_id")?,
+        error: row.try_get("error")?,
+        plan: json_column(row, "plan")?,
         progress: Progress {
             step,
             total_steps,
-            tokens_total: row.get("tokens_total"),
+            tokens_total: row.try_get("tokens_total")?,
             fraction: total_steps.filter(|t| *t > 0).map(|t| (step as f64 / t as f64).min(1.0)),
         },
-        latest_metrics: json_column(row, "latest_metrics"),
-        created_at: row.get("created_at"),
-        updated_at: row.get("updated_at"),
-        started_at: row.get("started_at"),
-        finished_at: row.get("finished_at"),
-    }
+        latest_metrics: json_column(row, "latest_metrics")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+/// `state IN (…)` for the states that may move to `to` (and pass `keep`): the guard of every transition.
+fn from_states(to: JobState, keep: fn(JobState) -> bool) -> String {
+    let states: Vec<String> =
+        sources_of(to).into_iter().filter(|s| keep(*s)).map(|s| format!("'{}'", s.as_str())).collect();
+    format!("state IN ({})", states.join(", "))
 }
 
 /// What a new job is made of.
 pub struct NewJob<'a> {
-    pub kind: &'a str,
+    pub kind: JobKind,
     pub name: &'a str,
     pub spec: &'a Value,
     pub plan: Option<&'a Value>,
     pub total_steps: Option<i64>,
     pub max_attempts: i64,
-    pub idempotency_key: Option<&'a str>,
+    /// The client's Idempotency-Key and a hash of the request it came with.
+    pub idempotency: Option<(&'a str, String)>,
 }
 
-/// Inserts a queued job, or returns the existing one with the same idempotency key (`created` false).
-pub async fn create(pool: &SqlitePool, new: NewJob<'_>) -> sqlx::Result<(Job, bool)> {
-    if let Some(key) = new.idempotency_key {
-        if let Some(row) =
-            sqlx::query("SELECT * FROM jobs WHERE idempotency_key = ?").bind(key).fetch_optional(pool).await?
-        {
-            return Ok((job_from_row(&row), false));
-        }
-    }
+/// Inserts a queued job, or returns the existing one with the same idempotency key (`created`
+/// false); the same key with a different request is [`JobError::KeyReused`].
+pub async fn create(pool: &SqlitePool, new: NewJob<'_>) -> Result<(Job, bool), JobError> {
     let id = uuid::Uuid::new_v4().to_string();
     let now = now_ms();
-    let inserted = sqlx::query(
-        "INSERT INTO jobs (id, kind, name, spec, state, max_attempts, idempotency_key, plan, total_steps, created_at, updated_at)
-         VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
+    let (key, hash) = new.idempotency.map_or((None, None), |(k, h)| (Some(k), Some(h)));
+    let mut tx = WriteTx::begin(pool).await?;
+    if let Some(key) = key {
+        let existing = sqlx::query("SELECT * FROM jobs WHERE idempotency_key = ?").bind(key).fetch_optional(tx.conn()).await?;
+        if let Some(row) = existing {
+            if row.try_get::<Option<String>, _>("request_hash")? != hash {
+                return Err(JobError::KeyReused);
+            }
+            return Ok((job_from_row(&row)?, false));
+        }
+    }
+    let row = sqlx::query(
+        "INSERT INTO jobs (id, kind, name, spec, state, max_attempts, idempotency_key, request_hash, plan, total_steps, created_at, updated_at)
+         VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?) RETURNING *",
     )
     .bind(&id)
-    .bind(new.kind)
+    .bind(new.kind.as_str())
     .bind(new.name)
     .bind(new.spec.to_string())
     .bind(new.max_attempts)
-    .bind(new.idempotency_key)
+    .bind(key)
+    .bind(hash)
     .bind(new.plan.map(Value::to_string))
     .bind(new.total_steps)
     .bind(now)
     .bind(now)
-    .execute(pool)
+    .fetch_one(tx.conn())
     .await?;
-    if inserted.rows_affected() == 0 {
-        // A concurrent request with the same key won the race; return its job.
-        let row = sqlx::query("SELECT * FROM jobs WHERE idempotency_key = ?")
-            .bind(new.idempotency_key)
-            .fetch_one(pool)
-            .await?;
-        return Ok((job_from_row(&row), false));
-    }
-    Ok((get(pool, &id).await?.expect("just inserted"), true))
+    let job = job_from_row(&row)?;
+    tx.commit().await?;
+    Ok((job, true))
 }
 
 pub async fn get(pool: &SqlitePool, id: &str) -> sqlx::Result<Option<Job>> {
-    Ok(sqlx::query("SELECT * FROM jobs WHERE id = ?").bind(id).fetch_optional(pool).await?.as_ref().map(job_from_row))
+    let row = sqlx::query("SELECT * FROM jobs WHERE id = ?").bind(id).fetch_optional(pool).await?;
+    row.as_ref().map(job_from_row).transpose()
 }
 
-/// A page of jobs, newest first (by insertion order), optionally of one state, after `cursor`
-/// (the `next` of the previous page).
+/// The job `id`, or [`JobError::NotFound`].
+pub async fn existing(pool: &SqlitePool, id: &str) -> Result<Job, JobError> {
+    get(pool, id).await?.ok_or_else(|| JobError::NotFound(id.to_string()))
+}
+
+/// A page of jobs, newest first (by insertion order), optionally of one kind and state, after
+/// `cursor` (the `next` of the previous page).
 pub async fn list(
     pool: &SqlitePool,
+    kind: Option<JobKind>,
     state: Option<JobState>,
     cursor: Option<i64>,
     limit: i64,
 ) -> sqlx::Result<(Vec<Job>, Option<i64>)> {
     let rows = sqlx::query(
-        "SELECT rowid, * FROM jobs WHERE (?1 IS NULL OR state = ?1) AND rowid < ?2 ORDER BY rowid DESC LIMIT ?3",
+        "SELECT rowid, * FROM jobs WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR state = ?2) AND rowid < ?3
+         ORDER BY rowid DESC LIMIT ?4",
     )
+    .bind(kind.map(JobKind::as_str))
     .bind(state.map(JobState::as_str))
     .bind(cursor.unwrap_or(i64::MAX))
     .bind(limit + 1)
@@ -148,65 +193,262 @@ pub async fn list(
     let more = rows.len() as i64 > limit;
     let rows = &rows[..rows.len().min(limit as usize)];
     let next = if more { rows.last().map(|r| r.get::<i64, _>("rowid")) } else { None };
-    Ok((rows.iter().map(job_from_row).collect(), next))
+    Ok((rows.iter().map(job_from_row).collect::<sqlx::Result<_>>()?, next))
 }
 
-/// Why a transition did not happen.
-#[derive(Debug, PartialEq)]
-pub enum TransitionError {
-    NotFound,
-    /// The job is in `actual`, from which the transition is not allowed (or it moved meanwhile).
-    Illegal {
-        actual: JobState,
-    },
+/// Jobs per state, every state present.
+pub async fn counts_by_state(pool: &SqlitePool) -> sqlx::Result<Vec<(JobState, i64)>> {
+    let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetch_all(pool).await?;
+    let mut counts: Vec<(JobState, i64)> = JobState::ALL.into_iter().map(|s| (s, 0)).collect();
+    for row in rows {
+        let state: String = row.try_get("state")?;
+        let state = JobState::parse(&state).ok_or_else(|| decode_error(format!("unknown job state `{state}`")))?;
+        counts.iter_mut().filter(|(s, _)| *s == state).for_each(|(_, n)| *n = row.get("n"));
+    }
+    Ok(counts)
 }
 
-/// Moves a job from `from` to `to` if it is still in `from`; `also` adds column assignments
-/// (`("error", value)`, …) applied in the same statement.
-pub async fn transition(
+/// After a refused guarded update: why it was refused.
+async fn refusal(pool: &SqlitePool, id: &str, verb: &'static str) -> JobError {
+    match existing(pool, id).await {
+        Ok(job) => JobError::Illegal { verb, actual: job.state },
+        Err(error) => error,
+    }
+}
+
+/// `queued → cancelled` at once, `running → cancelling` until its worker has checkpointed.
+pub async fn cancel(pool: &SqlitePool, id: &str) -> Result<Job, JobError> {
+    debug_assert!(can_transition(JobState::Queued, JobState::Cancelled));
+    debug_assert!(can_transition(JobState::Running, JobState::Cancelling));
+    let now = now_ms();
+    let row = sqlx::query(
+        "UPDATE jobs SET state = CASE state WHEN 'queued' THEN 'cancelled' ELSE 'cancelling' END, updated_at = ?1,
+                finished_at = CASE state WHEN 'queued' THEN ?1 ELSE finished_at END
+         WHERE id = ?2 AND state IN ('queued', 'running') RETURNING *",
+    )
+    .bind(now)
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        Some(row) => Ok(job_from_row(&row)?),
+        None => Err(refusal(pool, id, "cancel").await),
+    }
+}
+
+/// `failed | cancelled → queued`: a new attempt continues from the newest valid checkpoint, with
+/// its retries counted afresh. The attempt number keeps growing.
+pub async fn resume(pool: &SqlitePool, id: &str) -> Result<Job, JobError> {
+    let sql = format!(
+        "UPDATE jobs SET state = 'queued', error = NULL, retries = 0, worker_id = NULL, lease_expires_at = NULL,
+                finished_at = NULL, updated_at = ? WHERE id = ? AND kind = 'train' AND {} RETURNING *",
+        from_states(JobState::Queued, JobState::is_terminal)
+    );
+    let row = sqlx::query(&sql).bind(now_ms()).bind(id).fetch_optional(pool).await?;
+    match row {
+        Some(row) => Ok(job_from_row(&row)?),
+        None => Err(refusal(pool, id, "resume").await),
+    }
+}
+
+/// Claims the oldest queued job for `worker` (SQLite has no SKIP LOCKED: one `UPDATE … RETURNING`
+/// inside a write transaction) and records who holds the new attempt.
+pub async fn claim(pool: &SqlitePool, worker: &str, lease_ms: i64) -> sqlx::Result<Option<Job>> {
+    let now = now_ms();
+    let mut tx = WriteTx::begin(pool).await?;
+    let row = sqlx::query(
+        "UPDATE jobs SET state = 'running', worker_id = ?1, lease_expires_at = ?2, attempt = attempt + 1,
+                retries = retries + 1, started_at = COALESCE(started_at, ?3), updated_at = ?3
+         WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY rowid LIMIT 1) AND state = 'queued'
+         RETURNING *",
+    )
+    .bind(worker)
+    .bind(now + lease_ms)
+    .bind(now)
+    .fetch_optional(tx.conn())
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let job = job_from_row(&row)?;
+    sqlx::query("INSERT INTO attempts (job_id, attempt, worker_id, started_at) VALUES (?, ?, ?, ?)")
+        .bind(&job.id)
+        .bind(job.attempt)
+        .bind(worker)
+        .bind(now)
+        .execute(tx.conn())
+        .await?;
+    tx.commit().await?;
+    Ok(Some(job))
+}
+
+/// Extends the lease of the worker holding `attempt`; answers whether a cancel was requested.
+pub async fn heartbeat(pool: &SqlitePool, id: &str, attempt: u64, worker: &str, lease_ms: i64) -> Result<bool, JobError> {
+    let row = sqlx::query(
+        "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND attempt = ? AND worker_id = ?
+                AND state IN ('running', 'cancelling') RETURNING state",
+    )
+    .bind(now_ms() + lease_ms)
+    .bind(id)
+    .bind(attempt as i64)
+    .bind(worker)
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        Some(row) => Ok(row.get::<String, _>("state") == JobState::Cancelling.as_str()),
+        None => Err(JobError::NotHolder { id: id.to_string(), attempt, worker: worker.to_string() }),
+    }
+}
+
+/// Ends `worker`'s `attempt` of a job with `outcome`, in one statement guarded by worker, attempt
+/// and state. A job whose cancel was requested while it was being released ends `cancelled`.
+pub async fn finish(
     pool: &SqlitePool,
     id: &str,
-    from: JobState,
-    to: JobState,
-    also: &[(&str, Option<String>)],
-) -> Result<Job, TransitionOutcome> {
-    if !can_transition(from, to) {
-        return Err(TransitionOutcome::Refused(TransitionError::Illegal { actual: from }));
-    }
+    attempt: u64,
+    worker: &str,
+    outcome: Outcome,
+    error: Option<&str>,
+) -> Result<Job, JobError> {
+    let to = match outcome {
+        Outcome::Succeeded => JobState::Succeeded,
+        Outcome::Failed => JobState::Failed,
+        Outcome::Cancelled => JobState::Cancelled,
+        Outcome::Released => JobState::Queued,
+    };
+    let released = outcome == Outcome::Released;
+    let sql = format!(
+        "UPDATE jobs SET state = CASE WHEN ?1 AND state = 'cancelling' THEN 'cancelled' ELSE ?2 END,
+                error = ?3, lease_expires_at = NULL, updated_at = ?4,
+                worker_id = CASE WHEN ?1 AND state = 'running' THEN NULL ELSE worker_id END,
+                retries = CASE WHEN ?1 THEN MAX(retries - 1, 0) ELSE retries END,
+                finished_at = CASE WHEN ?1 AND state = 'running' THEN finished_at ELSE ?4 END
+         WHERE id = ?5 AND attempt = ?6 AND worker_id = ?7 AND ({} OR (?1 AND state = 'cancelling'))
+         RETURNING *",
+        from_states(to, JobState::is_leased)
+    );
     let now = now_ms();
-    let mut sql = String::from("UPDATE jobs SET state = ?, updated_at = ?");
-    for (column, _) in also {
-        sql.push_str(&format!(", {column} = ?"));
-    }
-    if to == JobState::Running {
-        sql.push_str(", started_at = COALESCE(started_at, ?)");
-    }
-    if to.is_terminal() {
-        sql.push_str(", finished_at = ?");
-    }
-    sql.push_str(" WHERE id = ? AND state = ?");
-    let mut query = sqlx::query(&sql).bind(to.as_str()).bind(now);
-    for (_, value) in also {
-        query = query.bind(value.clone());
-    }
-    if to == JobState::Running {
-        query = query.bind(now);
-    }
-    if to.is_terminal() {
-        query = query.bind(now);
-    }
-    let result = query.bind(id).bind(from.as_str()).execute(pool).await.map_err(TransitionOutcome::Database)?;
-    let job = get(pool, id).await.map_err(TransitionOutcome::Database)?;
-    match (result.rows_affected(), job) {
-        (1, Some(job)) => Ok(job),
-        (_, None) => Err(TransitionOutcome::Refused(TransitionError::NotFound)),
-        (_, Some(job)) => Err(TransitionOutcome::Refused(TransitionError::Illegal { actual: job.state })),
-    }
+    let mut tx = WriteTx::begin(pool).await?;
+    let row = sqlx::query(&sql)
+        .bind(released)
+        .bind(to.as_str())
+        .bind(error)
+        .bind(now)
+        .bind(id)
+        .bind(attempt as i64)
+        .bind(worker)
+        .fetch_optional(tx.conn())
+        .await?;
+    let Some(row) = row else {
+        return Err(JobError::NotHolder { id: id.to_string(), attempt, worker: worker.to_string() });
+    };
+    let job = job_from_row(&row)?;
+    sqlx::query("UPDATE attempts SET finished_at = ? WHERE job_id = ? AND attempt = ?")
+        .bind(now)
+        .bind(id)
+        .bind(attempt as i64)
+        .execute(tx.conn())
+        .await?;
+    tx.commit().await?;
+    Ok(job)
 }
 
-/// A transition that did not happen, or a database failure.
-#[derive(Debug)]
-pub enum TransitionOutcome {
-    Refused(TransitionError),
-    Database(sqlx::Error),
+/// The jobs the lease expiry changed.
+#[derive(Debug, Default)]
+pub struct Expired {
+    pub requeued: u64,
+    /// Jobs that reached a final state (failed after their last retry, or cancelled).
+    pub ended: Vec<String>,
+}
+
+/// Requeues the running jobs whose lease expired (or fails them after `max_attempts` leases), and
+/// cancels the cancelling ones.
+pub async fn expire_leases(pool: &SqlitePool) -> sqlx::Result<Expired> {
+    let now = now_ms();
+    let mut tx = WriteTx::begin(pool).await?;
+    let requeued = sqlx::query(
+        "UPDATE jobs SET state = 'queued', worker_id = NULL, lease_expires_at = NULL, updated_at = ?1
+         WHERE state = 'running' AND lease_expires_at < ?1 AND retries < max_attempts",
+    )
+    .bind(now)
+    .execute(tx.conn())
+    .await?
+    .rows_affected();
+    let ended = sqlx::query(
+        "UPDATE jobs SET state = CASE state WHEN 'running' THEN 'failed' ELSE 'cancelled' END,
+                error = CASE state WHEN 'running'
+                    THEN 'the worker stopped heartbeating on each of ' || retries || ' attempts (max_attempts)'
+                    ELSE error END,
+                finished_at = ?1, updated_at = ?1, lease_expires_at = NULL
+         WHERE state IN ('running', 'cancelling') AND lease_expires_at < ?1 RETURNING id",
+    )
+    .bind(now)
+    .fetch_all(tx.conn())
+    .await?;
+    tx.commit().await?;
+    Ok(Expired { requeued, ended: ended.iter().map(|r| r.get("id")).collect() })
+}
+
+/// Gives every lease at least until `until`: after the server was down or stalled, workers that
+/// kept training need a full period to check in before expiry can requeue their jobs.
+pub async fn extend_leases(pool: &SqlitePool, until: i64) -> sqlx::Result<u64> {
+    let result = sqlx::query(
+        "UPDATE jobs SET lease_expires_at = MAX(lease_expires_at, ?) WHERE state IN ('running', 'cancelling')",
+    )
+    .bind(until)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Whose events a batch of `attempt` is, checked inside the transaction that stores them.
+pub enum Sender {
+    /// The holder of the job's running attempt: its events are the job's progress.
+    Current { total_steps: Option<i64> },
+    /// The holder of an attempt that lost its lease: its events are history, stored without
+    /// changing the job.
+    Earlier,
+}
+
+/// Accepts events of `attempt` from `worker` only if it held that attempt and has not reported its
+/// end (nothing is accepted after `finish`).
+pub async fn event_sender(conn: &mut SqliteConnection, id: &str, attempt: u64, worker: &str) -> Result<Sender, JobError> {
+    let row = sqlx::query(
+        "SELECT a.worker_id, a.finished_at, j.attempt AS current, j.worker_id AS holder, j.state, j.total_steps
+         FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE a.job_id = ? AND a.attempt = ?",
+    )
+    .bind(id)
+    .bind(attempt as i64)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let refused = || JobError::NotHolder { id: id.to_string(), attempt, worker: worker.to_string() };
+    let Some(row) = row else { return Err(refused()) };
+    if row.get::<String, _>("worker_id") != worker || row.get::<Option<i64>, _>("finished_at").is_some() {
+        return Err(refused());
+    }
+    let state = JobState::parse(&row.get::<String, _>("state"));
+    let current = row.get::<i64, _>("current") == attempt as i64
+        && row.get::<Option<String>, _>("holder").as_deref() == Some(worker)
+        && state.is_some_and(JobState::is_leased);
+    Ok(if current { Sender::Current { total_steps: row.get("total_steps") } } else { Sender::Earlier })
+}
+
+/// Records a step event's progress, inside the transaction that stored it.
+pub async fn record_progress(
+    conn: &mut SqliteConnection,
+    id: &str,
+    step: u64,
+    tokens_total: u64,
+    latest_metrics: &Value,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET step = MAX(step, ?), tokens_total = MAX(tokens_total, ?), latest_metrics = ?, updated_at = ?
+         WHERE id = ?",
+    )
+    .bind(step as i64)
+    .bind(tokens_total as i64)
+    .bind(latest_metrics.to_string())
+    .bind(now_ms())
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
 }

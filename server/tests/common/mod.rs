@@ -17,7 +17,14 @@ pub struct Server {
 
 impl Server {
     pub async fn start(data_dir: &Path, roots: &Path, token: Option<&str>) -> Server {
-        Self::start_with(data_dir, roots, token, None, 30).await
+        Self::start_with(data_dir, roots, token, token, 30).await
+    }
+
+    /// A server that takes request bodies of up to 16 MiB.
+    pub async fn start_big(data_dir: &Path, roots: &Path) -> Server {
+        let mut config = Self::config(data_dir, roots, None, None, 30);
+        config.max_body_bytes = 16 << 20;
+        Self::start_config(config).await
     }
 
     pub async fn start_with(
@@ -27,9 +34,17 @@ impl Server {
         worker_token: Option<&str>,
         lease_ttl_seconds: u64,
     ) -> Server {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let config = cpt_server::Config {
+        Self::start_config(Self::config(data_dir, roots, token, worker_token, lease_ttl_seconds)).await
+    }
+
+    pub fn config(
+        data_dir: &Path,
+        roots: &Path,
+        token: Option<&str>,
+        worker_token: Option<&str>,
+        lease_ttl_seconds: u64,
+    ) -> cpt_server::Config {
+        cpt_server::Config {
             data_dir: data_dir.to_path_buf(),
             bind: "127.0.0.1:0".parse().unwrap(),
             api_token: token.map(str::to_string),
@@ -41,13 +56,21 @@ impl Server {
             metrics_retention_seconds: 600,
             local_workers: 0,
             worker_binary: None,
-        };
+            max_job_memory_bytes: None,
+        }
+    }
+
+    /// Serves `config` on a fresh loopback port.
+    pub async fn start_config(config: cpt_server::Config) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let token = config.api_token.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(cpt_server::launch(config, listener, async move {
             let _ = stopped.await;
         }));
         let server =
-            Server { base, stop: Some(stop), task, client: reqwest::Client::new(), token: token.map(str::to_string) };
+            Server { base, stop: Some(stop), task, client: reqwest::Client::new(), token };
         // The listener is bound before launch, so this first request waits in its backlog until
         // the database is migrated and the server serves: no polling needed.
         let ready = server.client.get(format!("{}/readyz", server.base)).send().await.unwrap();
@@ -102,4 +125,33 @@ pub fn spec(root: &Path, name: &str) -> Value {
 
 pub fn error_of(body: &Value) -> (&str, Option<&str>) {
     (body["error"]["code"].as_str().unwrap(), body["error"]["field"].as_str())
+}
+
+/// A step event as a worker sends it: loss 2.5 (or `loss`), 64 tokens a step.
+pub fn step_event_with(seq: u64, step: u64, loss: f64) -> Value {
+    json!({"seq": seq, "kind": "step", "time": 1000 + seq, "step": step, "loss": loss, "lr": 1e-4, "grad_norm": 1.0,
+           "skipped": false, "tokens": 64, "tokens_total": step * 64, "tokens_per_second": 100.0, "flops": 1e6,
+           "flops_total": step as f64 * 1e6, "flops_per_second": 1e8, "mfu": 0.1, "step_seconds": 0.5,
+           "data_seconds": 0.1, "compute_seconds": 0.4})
+}
+
+pub fn step_event(seq: u64, step: u64) -> Value {
+    step_event_with(seq, step, 2.5)
+}
+
+pub fn eval_event(seq: u64, step: u64, set: &str, loss: f64, perplexity: f64) -> Value {
+    json!({"seq": seq, "kind": "eval", "time": 1000 + seq, "step": step, "set": set, "loss": loss,
+           "perplexity": perplexity, "tokens": 64})
+}
+
+pub fn checkpoint_event(seq: u64, step: u64, path: &str) -> Value {
+    json!({"seq": seq, "kind": "checkpoint", "time": 1000 + seq, "step": step, "path": path, "tokens_total": step * 64})
+}
+
+pub fn started_event(seq: u64) -> Value {
+    json!({"seq": seq, "kind": "started", "time": 1000 + seq, "from_step": 0, "resumed": false, "device": "cpu",
+           "peak_flops_per_second": 1e9, "peak_source": "test",
+           "plan": {"total_steps": 20, "tokens_per_step": 64, "total_tokens": 1280, "warmup_steps": 2,
+                    "lr": {"peak": 1e-4, "min": 1e-5, "reasoning": "test"}, "flops_per_token": 1.0,
+                    "total_flops": 1280.0, "parameters": 1, "memory_estimate_bytes": 1}})
 }

@@ -101,6 +101,7 @@ pub fn serve_with(
         metrics_retention_seconds: 600,
         local_workers,
         worker_binary: Some(env!("CARGO_BIN_EXE_cpt-worker").into()),
+        max_job_memory_bytes: None,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(cpt_server::launch(config, listener, async move {

@@ -1,0 +1,71 @@
+//! Views derived from a job's events: metric series for plotting and the list of checkpoints.
+//! The series is the union over attempts; when a later attempt re-ran steps (after a crash), its
+//! values replace the earlier attempt's.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::Json;
+use cpt_protocol::{Event, StepMetrics};
+use serde_json::{json, Value};
+
+use super::store::{self, StoredEvent};
+use crate::error::ApiError;
+use crate::jobs::store as jobs;
+use crate::AppState;
+
+/// A job's events of `kind`, oldest attempt first, in order.
+async fn events_of(app: &AppState, id: &str, kind: &str) -> Result<Vec<StoredEvent>, ApiError> {
+    jobs::existing(&app.pool, id).await?;
+    Ok(store::all_of_kind(&app.pool, id, kind).await?)
+}
+
+/// `GET /v1/jobs/{id}/metrics`: per-step training series and per-set eval series, as columns.
+pub async fn metrics(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, ApiError> {
+    let mut steps: BTreeMap<u64, StepMetrics> = BTreeMap::new();
+    for event in events_of(&app, &id, "step").await? {
+        if let Event::Step(metrics) = event.envelope.event {
+            steps.insert(metrics.step, metrics);
+        }
+    }
+    let column = |value: fn(&StepMetrics) -> f64| steps.values().map(value).collect::<Vec<f64>>();
+    let columns = json!({
+        "step": steps.keys().copied().collect::<Vec<_>>(),
+        "loss": column(|m| m.loss),
+        "lr": column(|m| m.lr),
+        "grad_norm": column(|m| m.grad_norm),
+        "tokens_total": steps.values().map(|m| m.tokens_total).collect::<Vec<_>>(),
+        "tokens_per_second": column(|m| m.tokens_per_second),
+        "mfu": column(|m| m.mfu),
+        "step_seconds": column(|m| m.step_seconds),
+    });
+    let mut evals: BTreeMap<String, BTreeMap<u64, (f64, f64)>> = BTreeMap::new();
+    for event in events_of(&app, &id, "eval").await? {
+        if let Event::Eval { step, set, loss, perplexity, .. } = event.envelope.event {
+            evals.entry(set).or_default().insert(step, (loss, perplexity));
+        }
+    }
+    let evals: serde_json::Map<String, Value> = evals
+        .into_iter()
+        .map(|(set, points)| {
+            let series = json!({
+                "step": points.keys().copied().collect::<Vec<_>>(),
+                "loss": points.values().map(|p| p.0).collect::<Vec<_>>(),
+                "perplexity": points.values().map(|p| p.1).collect::<Vec<_>>(),
+            });
+            (set, series)
+        })
+        .collect();
+    Ok(Json(json!({"steps": columns, "evals": evals})))
+}
+
+/// `GET /v1/jobs/{id}/checkpoints`: every checkpoint reported, by step.
+pub async fn checkpoints(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, ApiError> {
+    let mut by_step: BTreeMap<u64, Value> = BTreeMap::new();
+    for event in events_of(&app, &id, "checkpoint").await? {
+        if let Event::Checkpoint { step, path, tokens_total } = event.envelope.event {
+            by_step.insert(step, json!({"step": step, "path": path, "tokens_total": tokens_total}));
+        }
+    }
+    Ok(Json(json!({"checkpoints": by_step.into_values().collect::<Vec<_>>()})))
+}
