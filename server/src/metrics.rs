@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
+use cpt_protocol::Event;
 use prometheus::{
     CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
-use cpt_protocol::Event;
 use sqlx::{Row, SqlitePool};
 
 use crate::events::StoredEvent;
@@ -155,7 +155,8 @@ impl Metrics {
                 }
                 set(&self.step, m.step as f64);
                 self.last_step.with_label_values(&[id]).set(event.envelope.time as f64 / 1000.0);
-                for (counter, seconds) in [(&self.data_seconds, m.data_seconds), (&self.compute_seconds, m.compute_seconds)]
+                for (counter, seconds) in
+                    [(&self.data_seconds, m.data_seconds), (&self.compute_seconds, m.compute_seconds)]
                 {
                     if seconds.is_finite() && seconds >= 0.0 {
                         counter.with_label_values(&[id]).inc_by(seconds);

@@ -17,7 +17,8 @@ struct SmallDisk(PathBuf);
 impl SmallDisk {
     fn mount(at: &Path, size: &str) -> SmallDisk {
         std::fs::create_dir_all(at).unwrap();
-        let status = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).status();
+        let status =
+            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).status();
         assert!(status.is_ok_and(|s| s.success()), "mounting a tmpfs needs root (CI runs as root)");
         SmallDisk(at.to_path_buf())
     }
@@ -69,7 +70,9 @@ async fn a_full_disk_answers_with_storage_codes_and_loses_nothing_acknowledged()
     assert_eq!((status, error_of(&error).0), (StatusCode::SERVICE_UNAVAILABLE, "storage_low"));
     let mut refusals = std::collections::BTreeMap::new();
     for _ in 0..100 {
-        let (status, body) = server.call(Method::POST, &url, Some(json!({"job_id": id, "attempt": 1, "events": big_events(seq, 10)}))).await;
+        let (status, body) = server
+            .call(Method::POST, &url, Some(json!({"job_id": id, "attempt": 1, "events": big_events(seq, 10)})))
+            .await;
         if status == StatusCode::OK {
             acknowledged += body["stored"].as_u64().unwrap();
             seq += 10;
@@ -87,10 +90,13 @@ async fn a_full_disk_answers_with_storage_codes_and_loses_nothing_acknowledged()
 
     std::fs::remove_file(filler).unwrap();
     assert_eq!(server.call(Method::GET, "/readyz", None).await.0, StatusCode::OK, "ready again once space is back");
-    let (status, body) = server.call(Method::POST, &url, Some(json!({"job_id": id, "attempt": 1, "events": big_events(seq, 10)}))).await;
+    let (status, body) =
+        server.call(Method::POST, &url, Some(json!({"job_id": id, "attempt": 1, "events": big_events(seq, 10)}))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     acknowledged += body["stored"].as_u64().unwrap();
-    let (status, _) = server.call(Method::POST, &url, Some(json!({"job_id": id, "attempt": 1, "events": [step_event(seq + 10, 1)]}))).await;
+    let (status, _) = server
+        .call(Method::POST, &url, Some(json!({"job_id": id, "attempt": 1, "events": [step_event(seq + 10, 1)]})))
+        .await;
     assert_eq!(status, StatusCode::OK, "every pooled connection writes again");
     server.stop().await;
 
@@ -98,7 +104,8 @@ async fn a_full_disk_answers_with_storage_codes_and_loses_nothing_acknowledged()
     let mut stored = 0;
     let mut after = 0;
     loop {
-        let (_, page) = server.call(Method::GET, &format!("/v1/jobs/{id}/events?kind=sample&limit=1000&after={after}"), None).await;
+        let (_, page) =
+            server.call(Method::GET, &format!("/v1/jobs/{id}/events?kind=sample&limit=1000&after={after}"), None).await;
         let events = page["events"].as_array().unwrap();
         stored += events.len() as u64;
         match page["next_cursor"].as_i64() {

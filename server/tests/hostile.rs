@@ -33,7 +33,11 @@ async fn numeric_fields_are_bounded_and_a_job_no_worker_can_hold_is_refused() {
         (json!({"seq_len": 4096, "micro_batch_size": 64}), "micro_batch_size"),
     ] {
         let (status, error) = submit_changed(&server, &root, change.clone()).await;
-        assert_eq!((status, error_of(&error)), (StatusCode::UNPROCESSABLE_ENTITY, ("invalid_field", Some(field))), "{change}: {error}");
+        assert_eq!(
+            (status, error_of(&error)),
+            (StatusCode::UNPROCESSABLE_ENTITY, ("invalid_field", Some(field))),
+            "{change}: {error}"
+        );
     }
     let (_, list) = server.call(Method::GET, "/v1/jobs", None).await;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 0);
@@ -46,7 +50,8 @@ async fn the_largest_registered_worker_bounds_the_memory_a_job_may_need() {
     let root = data_root(tmp.path());
     let server = Server::start(&tmp.path().join("data"), &root, None).await;
     let big = json!({"seq_len": 4096, "micro_batch_size": 64});
-    let (status, _) = submit_changed(&server, &root, json!({"seq_len": 4096, "micro_batch_size": 64, "name": "dry"})).await;
+    let (status, _) =
+        submit_changed(&server, &root, json!({"seq_len": 4096, "micro_batch_size": 64, "name": "dry"})).await;
     assert_eq!(status, StatusCode::CREATED, "no worker said what it holds: nothing to check against");
     let small = json!({"name": "small", "device": "cpu", "memory_bytes": 256u64 << 20});
     server.call(Method::POST, "/v1/workers", Some(small)).await;
@@ -63,8 +68,10 @@ async fn paths_are_checked_without_revealing_what_exists_outside_the_roots_and_s
     std::fs::write(tmp.path().join("secret.txt"), "the secret").unwrap();
     let server = Server::start(&tmp.path().join("data"), &root, None).await;
     let outside = |path: &str| json!({"base_model": path});
-    let (_, exists) = submit_changed(&server, &root, outside(&tmp.path().join("secret.txt").display().to_string())).await;
-    let (_, missing) = submit_changed(&server, &root, outside(&tmp.path().join("nothing.txt").display().to_string())).await;
+    let (_, exists) =
+        submit_changed(&server, &root, outside(&tmp.path().join("secret.txt").display().to_string())).await;
+    let (_, missing) =
+        submit_changed(&server, &root, outside(&tmp.path().join("nothing.txt").display().to_string())).await;
     let message = |e: &Value, p: &str| e["error"]["message"].as_str().unwrap().replace(p, "PATH");
     assert_eq!(
         message(&exists, &tmp.path().join("secret.txt").display().to_string()),
@@ -156,7 +163,9 @@ async fn a_reused_idempotency_key_with_another_body_is_a_conflict() {
     let tmp = tempfile::tempdir().unwrap();
     let root = data_root(tmp.path());
     let server = Server::start(&tmp.path().join("data"), &root, None).await;
-    let send = |name: &str| server.request(Method::POST, "/v1/jobs").header("Idempotency-Key", "k").json(&spec(&root, name)).send();
+    let send = |name: &str| {
+        server.request(Method::POST, "/v1/jobs").header("Idempotency-Key", "k").json(&spec(&root, name)).send()
+    };
     assert_eq!(send("a").await.unwrap().status(), StatusCode::CREATED);
     assert_eq!(send("a").await.unwrap().status(), StatusCode::OK);
     let reused = send("b").await.unwrap();
@@ -176,10 +185,16 @@ async fn events_beyond_the_plan_and_oversized_batches_are_refused() {
     let id = job["id"].as_str().unwrap().to_string();
     server.call(Method::POST, &format!("/v1/workers/{worker}/lease"), None).await;
     let url = format!("/v1/workers/{worker}/events");
-    let (status, error) = server.call(Method::POST, &url, Some(json!({"job_id": id, "attempt": 1, "events": [step_event(0, 999)]}))).await;
-    assert_eq!((status, error_of(&error)), (StatusCode::UNPROCESSABLE_ENTITY, ("invalid_field", Some("events[0].step"))));
+    let (status, error) = server
+        .call(Method::POST, &url, Some(json!({"job_id": id, "attempt": 1, "events": [step_event(0, 999)]})))
+        .await;
+    assert_eq!(
+        (status, error_of(&error)),
+        (StatusCode::UNPROCESSABLE_ENTITY, ("invalid_field", Some("events[0].step")))
+    );
     let many: Vec<Value> = (0..1001).map(|i| step_event(i, 1)).collect();
-    let (status, error) = server.call(Method::POST, &url, Some(json!({"job_id": id, "attempt": 1, "events": many}))).await;
+    let (status, error) =
+        server.call(Method::POST, &url, Some(json!({"job_id": id, "attempt": 1, "events": many}))).await;
     assert_eq!((status, error_of(&error).1), (StatusCode::UNPROCESSABLE_ENTITY, Some("events")));
     let (_, events) = server.call(Method::GET, &format!("/v1/jobs/{id}/events"), None).await;
     assert_eq!(events["events"].as_array().unwrap().len(), 0, "nothing of a refused batch is stored");

@@ -21,7 +21,8 @@ async fn submit(server: &Server, root: &std::path::Path) -> String {
 }
 
 async fn lease(server: &Server, worker: &str, wait: u64) -> Value {
-    let (status, job) = server.call(Method::POST, &format!("/v1/workers/{worker}/lease?wait_seconds={wait}"), None).await;
+    let (status, job) =
+        server.call(Method::POST, &format!("/v1/workers/{worker}/lease?wait_seconds={wait}"), None).await;
     assert_eq!(status, StatusCode::OK, "{job}");
     job
 }
@@ -57,8 +58,14 @@ async fn a_resumed_job_runs_a_new_attempt_whose_events_are_all_stored() {
         assert_eq!((status, job["retries"].as_i64()), (StatusCode::OK, Some(0)), "{job}");
         let attempt = 2 + round;
         assert_eq!(lease(&server, &worker, 0).await["attempt"], attempt, "attempt never repeats");
-        let (status, reply) =
-            post_events(&server, &worker, &id, attempt, vec![step_event(0, 3 + round), eval_event(1, 3 + round, "domain", 2.0, 7.4)]).await;
+        let (status, reply) = post_events(
+            &server,
+            &worker,
+            &id,
+            attempt,
+            vec![step_event(0, 3 + round), eval_event(1, 3 + round, "domain", 2.0, 7.4)],
+        )
+        .await;
         assert_eq!((status, reply["stored"].as_u64()), (StatusCode::OK, Some(2)), "{reply}");
         server.call(Method::POST, &format!("/v1/jobs/{id}/cancel"), None).await;
         finish(&server, &worker, &id, attempt, "cancelled").await;
@@ -82,16 +89,22 @@ async fn an_attempt_that_lost_its_lease_still_delivers_its_events_as_history() {
     let job = lease(&server, &fast, 30).await;
     assert_eq!((job["id"].as_str(), job["attempt"].as_u64()), (Some(id.as_str()), Some(2)));
     post_events(&server, &fast, &id, 2, vec![step_event(0, 2), step_event(1, 3)]).await;
-    let (status, _) =
-        server.call(Method::POST, &format!("/v1/workers/{slow}/heartbeat"), Some(json!({"job_id": id, "attempt": 1}))).await;
+    let (status, _) = server
+        .call(Method::POST, &format!("/v1/workers/{slow}/heartbeat"), Some(json!({"job_id": id, "attempt": 1})))
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "the lease is gone");
     // What the slow worker recorded before it noticed still reaches the history.
-    let (status, reply) = post_events(&server, &slow, &id, 1, vec![step_event(1, 2), eval_event(2, 2, "domain", 2.5, 12.2)]).await;
+    let (status, reply) =
+        post_events(&server, &slow, &id, 1, vec![step_event(1, 2), eval_event(2, 2, "domain", 2.5, 12.2)]).await;
     assert_eq!((status, reply["stored"].as_u64()), (StatusCode::OK, Some(2)), "{reply}");
     let (_, again) = post_events(&server, &slow, &id, 1, vec![step_event(1, 2)]).await;
     assert_eq!(again["duplicates"], 1, "stored once");
     let (_, job) = server.call(Method::GET, &format!("/v1/jobs/{id}"), None).await;
-    assert_eq!((job["state"].as_str(), job["progress"]["step"].as_i64()), (Some("running"), Some(3)), "history changes no state");
+    assert_eq!(
+        (job["state"].as_str(), job["progress"]["step"].as_i64()),
+        (Some("running"), Some(3)),
+        "history changes no state"
+    );
     let (_, series) = server.call(Method::GET, &format!("/v1/jobs/{id}/metrics"), None).await;
     assert_eq!(series["evals"]["domain"]["step"], json!([2]));
     // Nobody else may write the slow worker's history, and nothing is taken after a finish.
@@ -182,8 +195,10 @@ async fn concurrent_megabyte_batches_and_many_streams_cause_no_server_error() {
     let batches: Vec<_> = (0..8u64)
         .map(|b| {
             let events: Vec<Value> = (0..100u64)
-                .map(|i| json!({"seq": b * 100 + i, "kind": "warning", "time": 1, "step": 1, "code": "loss_spike",
-                                "message": "x".repeat(10_000)}))
+                .map(|i| {
+                    json!({"seq": b * 100 + i, "kind": "warning", "time": 1, "step": 1, "code": "loss_spike",
+                                "message": "x".repeat(10_000)})
+                })
                 .collect();
             let batch = json!({"job_id": id, "attempt": 1, "events": events});
             let request = server.request(Method::POST, &format!("/v1/workers/{worker}/events")).json(&batch).send();
@@ -205,7 +220,9 @@ async fn concurrent_megabyte_batches_and_many_streams_cause_no_server_error() {
 }
 
 /// Runs futures concurrently on the test's runtime and returns their outputs in order.
-async fn futures_join<T: Send + 'static>(futures: Vec<impl std::future::Future<Output = T> + Send + 'static>) -> Vec<T> {
+async fn futures_join<T: Send + 'static>(
+    futures: Vec<impl std::future::Future<Output = T> + Send + 'static>,
+) -> Vec<T> {
     let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
     let mut out = Vec::with_capacity(handles.len());
     for handle in handles {

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{checkpoint_event, data_root, error_of, eval_event, spec, started_event, step_event, step_event_with, Server};
+use common::{
+    checkpoint_event, data_root, error_of, eval_event, spec, started_event, step_event, step_event_with, Server,
+};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -73,8 +75,9 @@ async fn heartbeats_carry_cancel_requests_and_finish_ends_the_job() {
     assert_eq!(job["state"], "cancelling");
     assert_eq!(beat().await.1["cancel"], true);
     let other = register(&server).await;
-    let (status, _) =
-        server.call(Method::POST, &format!("/v1/workers/{other}/heartbeat"), Some(json!({"job_id": id, "attempt": 1}))).await;
+    let (status, _) = server
+        .call(Method::POST, &format!("/v1/workers/{other}/heartbeat"), Some(json!({"job_id": id, "attempt": 1})))
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "only the lease holder may heartbeat");
     let finish = json!({"job_id": id, "attempt": 1, "outcome": "cancelled"});
     let (status, job) = server.call(Method::POST, &format!("/v1/workers/{worker}/finish"), Some(finish.clone())).await;

@@ -252,10 +252,7 @@ impl Cli {
                     spool_max_bytes: event_spool_bytes,
                     device,
                 };
-                tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()?
-                    .block_on(crate::run::run(config))?;
+                tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(crate::run::run(config))?;
             }
             Command::Watch { job, server, token } => {
                 tokio::runtime::Builder::new_current_thread()

@@ -54,7 +54,8 @@ fn read(path: &Path) -> Result<Option<(String, Vec<Envelope>)>> {
     if lock(&file).is_err() {
         return Ok(None);
     }
-    let worker = std::fs::read_to_string(sender_path(path)).with_context(|| format!("reading {}", sender_path(path).display()))?;
+    let worker = std::fs::read_to_string(sender_path(path))
+        .with_context(|| format!("reading {}", sender_path(path).display()))?;
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     // A crash may have cut the last line short: it was never acknowledged, and never will be.
     let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |last| last + 1);

@@ -82,5 +82,6 @@ fn describe(event: &Event) -> String {
         Event::Warning { message, .. } => format!("warning: {message}"),
         Event::Finished { step, outcome, .. } => format!("{outcome} at step {step}"),
         Event::Step(m) => format!("step {} loss {:.4}", m.step, m.loss),
+        Event::Prepared { path, .. } => format!("dataset prepared in {path}"),
     }
 }

@@ -18,9 +18,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use cpt_protocol::worker::{
-    EventBatch, Finish, Heartbeat, HeartbeatReply, Lease, Outcome, Registered, Registration,
-};
+use cpt_protocol::worker::{EventBatch, Finish, Heartbeat, HeartbeatReply, Lease, Outcome, Registered, Registration};
 use cpt_protocol::{Event, JobKind, JobSpec};
 use cpt_train::{train, RunOptions, StopFlag};
 use reqwest::StatusCode;
@@ -114,7 +112,8 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
         current,
     };
     while !worker.draining.load(Ordering::SeqCst) {
-        let lease = worker.client.post_retrying(&format!("/v1/workers/{}/lease?wait_seconds=30", worker.id), &());
+        let path = format!("/v1/workers/{}/lease?wait_seconds=30", worker.id);
+        let lease = worker.client.post_retrying(&path, &());
         let response = tokio::select! {
             response = lease => response,
             // Draining while idle: nothing to checkpoint.

@@ -178,11 +178,6 @@ impl Spool {
         Ok(())
     }
 
-    /// Removes the spool file (after everything was delivered).
-    pub fn remove(&self) {
-        let _ = std::fs::remove_file(&self.shared.path);
-    }
-
     /// Undelivered bytes.
     #[cfg(test)]
     fn pending_bytes(&self) -> u64 {
@@ -208,7 +203,9 @@ impl Spool {
         };
         let mut complete = complete;
         // At most a batch's worth of events: cut after the MAX_BATCH_EVENTS-th line.
-        if let Some((cut, _)) = bytes[..complete].iter().enumerate().filter(|(_, &b)| b == b'\n').nth(MAX_BATCH_EVENTS - 1) {
+        if let Some((cut, _)) =
+            bytes[..complete].iter().enumerate().filter(|(_, &b)| b == b'\n').nth(MAX_BATCH_EVENTS - 1)
+        {
             complete = cut + 1;
         }
         let events = parse_lines(&bytes[..complete], &self.shared.path)?;

@@ -83,8 +83,7 @@ pub async fn watch(server: String, token: Option<String>, id: &str) -> Result<()
                     }
                     progress.show(&event);
                 }
-                Err(_) if kind == "prepared" => progress.say("dataset prepared".into()),
-                Err(_) => {}
+                Err(error) => progress.say(format!("an unreadable {kind} event: {error}")),
             })
             .await;
         // The stream ends with the job, or broke: ask the job itself.

@@ -64,7 +64,11 @@ async fn seeded_kills_restarts_and_curl_resumes_lose_no_event_and_change_no_byte
     let plan = ["kill", "cancel-resume", "restart", "kill", "cancel-resume", "kill", "cancel-resume", "restart"];
     for fault in plan {
         let wait_steps = 3 + random.below(12) as usize;
-        let text = harness.follow(&id, |text| text.rsplit("event: started").next().unwrap().matches("event: step").count() >= wait_steps).await;
+        let text = harness
+            .follow(&id, |text| {
+                text.rsplit("event: started").next().unwrap().matches("event: step").count() >= wait_steps
+            })
+            .await;
         if state_of(&harness, &id).await == "succeeded" || text.contains("\"outcome\":\"succeeded\"") {
             break;
         }
@@ -103,7 +107,10 @@ async fn seeded_kills_restarts_and_curl_resumes_lose_no_event_and_change_no_byte
         let step = data["step"].as_u64();
         match event["kind"].as_str().unwrap() {
             "step" => {
-                assert!(per_attempt.insert((attempt, step.unwrap())), "step {step:?} stored twice in attempt {attempt}");
+                assert!(
+                    per_attempt.insert((attempt, step.unwrap())),
+                    "step {step:?} stored twice in attempt {attempt}"
+                );
                 steps.insert(step.unwrap());
             }
             "eval" => {
@@ -130,7 +137,13 @@ async fn seeded_kills_restarts_and_curl_resumes_lose_no_event_and_change_no_byte
     std::fs::write(root.join("spec.json"), spec.to_string()).unwrap();
     let reference = root.join("reference");
     tokio::task::block_in_place(|| {
-        succeed(&["train", "--spec", root.join("spec.json").to_str().unwrap(), "--run-dir", reference.to_str().unwrap()])
+        succeed(&[
+            "train",
+            "--spec",
+            root.join("spec.json").to_str().unwrap(),
+            "--run-dir",
+            reference.to_str().unwrap(),
+        ])
     });
     let run = root.join(format!("worker/runs/{id}"));
     for file in ["model.safetensors", "optimizer.safetensors"] {

@@ -32,8 +32,7 @@ impl StoredEvent {
 
 fn from_row(row: &SqliteRow) -> sqlx::Result<StoredEvent> {
     let data: String = row.try_get("data")?;
-    let envelope =
-        serde_json::from_str(&data).map_err(|e| sqlx::Error::Decode(format!("stored event: {e}").into()))?;
+    let envelope = serde_json::from_str(&data).map_err(|e| sqlx::Error::Decode(format!("stored event: {e}").into()))?;
     Ok(StoredEvent {
         id: row.try_get("id")?,
         job_id: row.try_get("job_id")?,
@@ -52,7 +51,8 @@ pub async fn insert(
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let mut insert: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO events (job_id, attempt, seq, kind, time, data) ");
+    let mut insert: QueryBuilder<Sqlite> =
+        QueryBuilder::new("INSERT INTO events (job_id, attempt, seq, kind, time, data) ");
     insert.push_values(events, |mut row, envelope| {
         row.push_bind(job_id)
             .push_bind(attempt as i64)

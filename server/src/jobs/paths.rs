@@ -77,14 +77,23 @@ mod tests {
         let message = |path: &Path| inside_roots(&roots, "f", &path.display().to_string()).unwrap_err().message;
         let secret = tmp.path().join("secret.txt");
         let missing = tmp.path().join("missing.txt");
-        assert_eq!(message(&secret).replace(&secret.display().to_string(), "P"), message(&missing).replace(&missing.display().to_string(), "P"));
+        assert_eq!(
+            message(&secret).replace(&secret.display().to_string(), "P"),
+            message(&missing).replace(&missing.display().to_string(), "P")
+        );
         assert!(message(&root.join("link.txt")).contains("outside"), "a link out of the roots");
         assert!(message(&root.join("models/../../secret.txt")).contains("`..`"));
         assert!(message(&root.join("nothing")).contains("does not exist"));
-        assert_eq!(inside_roots(&roots, "f", &root.join("models").display().to_string()).unwrap(), root.join("models").canonicalize().unwrap());
+        assert_eq!(
+            inside_roots(&roots, "f", &root.join("models").display().to_string()).unwrap(),
+            root.join("models").canonicalize().unwrap()
+        );
         let pattern = format!("{}/[m]odels/../../secret.txt", root.display());
         assert!(expand_input(&roots, "inputs[0]", &pattern).is_err(), "a glob cannot climb out");
         let pattern = format!("{}/*.txt", root.display());
-        assert!(expand_input(&roots, "inputs[0]", &pattern).unwrap_err().message.contains("outside"), "a matched link is checked");
+        assert!(
+            expand_input(&roots, "inputs[0]", &pattern).unwrap_err().message.contains("outside"),
+            "a matched link is checked"
+        );
     }
 }

@@ -32,12 +32,16 @@ fn resolve_paths(roots: &[std::path::PathBuf], spec: &mut JobSpec) -> Result<Mod
         .map_err(|_| ApiError::invalid_field("base_model", "the directory has no readable config.json"))?;
     let config = ModelConfig::from_json_str(&text).map_err(|e| ApiError::invalid_field("base_model", e.to_string()))?;
     spec.base_model = base.display().to_string();
-    let datasets = spec.train_data.iter_mut().enumerate().map(|(i, s)| (format!("train_data[{i}].dataset"), &mut s.dataset));
+    let datasets =
+        spec.train_data.iter_mut().enumerate().map(|(i, s)| (format!("train_data[{i}].dataset"), &mut s.dataset));
     let evals = spec.eval_data.iter_mut().map(|(name, dataset)| (format!("eval_data.{name}"), dataset));
     for (field, dataset) in datasets.chain(evals) {
         let dir = inside_roots(roots, &field, dataset)?;
         if !dir.join("manifest.json").exists() {
-            return Err(ApiError::invalid_field(field, format!("{dataset} is not a prepared dataset (no manifest.json)")));
+            return Err(ApiError::invalid_field(
+                field,
+                format!("{dataset} is not a prepared dataset (no manifest.json)"),
+            ));
         }
         *dataset = dir.display().to_string();
     }

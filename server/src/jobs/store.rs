@@ -131,7 +131,8 @@ pub async fn create(pool: &SqlitePool, new: NewJob<'_>) -> Result<(Job, bool), J
     let (key, hash) = new.idempotency.map_or((None, None), |(k, h)| (Some(k), Some(h)));
     let mut tx = WriteTx::begin(pool).await?;
     if let Some(key) = key {
-        let existing = sqlx::query("SELECT * FROM jobs WHERE idempotency_key = ?").bind(key).fetch_optional(tx.conn()).await?;
+        let existing =
+            sqlx::query("SELECT * FROM jobs WHERE idempotency_key = ?").bind(key).fetch_optional(tx.conn()).await?;
         if let Some(row) = existing {
             if row.try_get::<Option<String>, _>("request_hash")? != hash {
                 return Err(JobError::KeyReused);
@@ -281,7 +282,13 @@ pub async fn claim(pool: &SqlitePool, worker: &str, lease_ms: i64) -> sqlx::Resu
 }
 
 /// Extends the lease of the worker holding `attempt`; answers whether a cancel was requested.
-pub async fn heartbeat(pool: &SqlitePool, id: &str, attempt: u64, worker: &str, lease_ms: i64) -> Result<bool, JobError> {
+pub async fn heartbeat(
+    pool: &SqlitePool,
+    id: &str,
+    attempt: u64,
+    worker: &str,
+    lease_ms: i64,
+) -> Result<bool, JobError> {
     let row = sqlx::query(
         "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND attempt = ? AND worker_id = ?
                 AND state IN ('running', 'cancelling') RETURNING state",
@@ -410,7 +417,12 @@ pub enum Sender {
 
 /// Accepts events of `attempt` from `worker` only if it held that attempt and has not reported its
 /// end (nothing is accepted after `finish`).
-pub async fn event_sender(conn: &mut SqliteConnection, id: &str, attempt: u64, worker: &str) -> Result<Sender, JobError> {
+pub async fn event_sender(
+    conn: &mut SqliteConnection,
+    id: &str,
+    attempt: u64,
+    worker: &str,
+) -> Result<Sender, JobError> {
     let row = sqlx::query(
         "SELECT a.worker_id, a.finished_at, j.attempt AS current, j.worker_id AS holder, j.state, j.total_steps
          FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE a.job_id = ? AND a.attempt = ?",

@@ -69,8 +69,7 @@ impl Server {
         let task = tokio::spawn(cpt_server::launch(config, listener, async move {
             let _ = stopped.await;
         }));
-        let server =
-            Server { base, stop: Some(stop), task, client: reqwest::Client::new(), token };
+        let server = Server { base, stop: Some(stop), task, client: reqwest::Client::new(), token };
         // The listener is bound before launch, so this first request waits in its backlog until
         // the database is migrated and the server serves: no polling needed.
         let ready = server.client.get(format!("{}/readyz", server.base)).send().await.unwrap();
