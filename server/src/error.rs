@@ -132,13 +132,20 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A JSON body parsed into `T`; a shape error names the offending field (`events[3].step`).
+/// A JSON body (`Content-Type: application/json` required) parsed into `T`; a shape error names the
+/// offending field (`events[3].step`).
 pub struct Body<T>(pub T);
 
 impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let content_type = request.headers().get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        if !content_type
+            .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")))
+        {
+            return Err(ApiError::unsupported_media_type());
+        }
         let bytes = axum::body::Bytes::from_request(request, state)
             .await
             .map_err(|rejection| ApiError::from_rejection(rejection.status(), rejection.body_text()))?;

@@ -106,14 +106,17 @@ def test_responses_match_their_documented_schemas(server):
     wid = worker["worker_id"]
     status, leased = call(base, "POST", f"/v1/workers/{wid}/lease")
     check("/v1/workers/{id}/lease", "post", status, leased)
-    check("/v1/workers/{id}/heartbeat", "post", *call(base, "POST", f"/v1/workers/{wid}/heartbeat", {"job_id": job["id"]}))
-    batch = {"job_id": job["id"], "attempt": 1, "events": [{"seq": 0, "kind": "step", "step": 1, "loss": 2.0}]}
+    check("/v1/workers/{id}/heartbeat", "post", *call(base, "POST", f"/v1/workers/{wid}/heartbeat", {"job_id": job["id"], "attempt": 1}))
+    step = {"seq": 0, "time": 1, "kind": "step", "step": 1, "loss": 2.0, "lr": 1e-4, "grad_norm": 1.0, "skipped": False,
+            "tokens": 32, "tokens_total": 32, "tokens_per_second": 10.0, "flops": 1.0, "flops_total": 1.0,
+            "flops_per_second": 1.0, "mfu": 0.1, "step_seconds": 1.0, "data_seconds": 0.1, "compute_seconds": 0.9}
+    batch = {"job_id": job["id"], "attempt": 1, "events": [step]}
     check("/v1/workers/{id}/events", "post", *call(base, "POST", f"/v1/workers/{wid}/events", batch))
     check("/v1/jobs/{id}/events", "get", *call(base, "GET", f"/v1/jobs/{job['id']}/events"))
     check("/v1/jobs/{id}/metrics", "get", *call(base, "GET", f"/v1/jobs/{job['id']}/metrics"))
     check("/v1/jobs/{id}/checkpoints", "get", *call(base, "GET", f"/v1/jobs/{job['id']}/checkpoints"))
     check("/v1/jobs/{id}/cancel", "post", *call(base, "POST", f"/v1/jobs/{job['id']}/cancel"))
-    status, done = call(base, "POST", f"/v1/workers/{wid}/finish", {"job_id": job["id"], "outcome": "cancelled"})
+    status, done = call(base, "POST", f"/v1/workers/{wid}/finish", {"job_id": job["id"], "attempt": 1, "outcome": "cancelled"})
     assert done["state"] == "cancelled"
     check("/v1/workers/{id}/finish", "post", status, done)
     check("/v1/jobs/{id}/resume", "post", *call(base, "POST", f"/v1/jobs/{job['id']}/resume"))
