@@ -194,3 +194,21 @@ impl Iterator for DocumentReader {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_walks_do_not_follow_links_so_a_loop_ends_and_nothing_outside_is_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let corpus = tmp.path().join("corpus");
+        std::fs::create_dir_all(corpus.join("sub")).unwrap();
+        std::fs::write(corpus.join("sub/a.txt"), "a").unwrap();
+        std::fs::write(tmp.path().join("outside.txt"), "secret").unwrap();
+        std::os::unix::fs::symlink(&corpus, corpus.join("sub/loop")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("outside.txt"), corpus.join("link.txt")).unwrap();
+        let files = input_files(std::slice::from_ref(&corpus)).unwrap();
+        assert_eq!(files, vec![corpus.join("sub/a.txt")]);
+    }
+}
