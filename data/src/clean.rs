@@ -4,102 +4,11 @@
 
 use aho_corasick::AhoCorasick;
 use rustc_hash::{FxHashMap, FxHashSet};
-use serde::{Deserialize, Serialize};
 use unicode_normalization::UnicodeNormalization;
 
 use crate::hash::{hash_str, mix};
 
-/// Unicode normalisation form. NFKC folds full-width CJK punctuation (，→ ,), so NFC is the default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Normalization {
-    None,
-    Nfc,
-    Nfkc,
-}
-
-/// Every cleaning rule's setting; `Default` gives sensible values for English and Chinese.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CleanConfig {
-    pub normalization: Normalization,
-    /// Remove control characters other than newline and tab.
-    pub strip_control_chars: bool,
-    /// Lines at most `boilerplate_max_line_chars` long containing one of these (ASCII case-insensitive) go.
-    pub boilerplate_patterns: Vec<String>,
-    pub boilerplate_max_line_chars: usize,
-    /// Lines whose characters are mostly URLs go.
-    pub max_url_line_ratio: f64,
-    /// Lines of at least 4 visible characters that are mostly symbols (not letters, digits or spaces) go.
-    pub max_symbol_line_ratio: f64,
-    pub min_chars: usize,
-    pub max_chars: usize,
-    /// Non-CJK documents: mean word length bounds (Gopher: 3–10).
-    pub min_mean_word_length: f64,
-    pub max_mean_word_length: f64,
-    /// `#` and `…` per word (Gopher: 0.1).
-    pub max_symbol_word_ratio: f64,
-    /// Fraction of lines starting with a bullet (Gopher: 0.9).
-    pub max_bullet_line_ratio: f64,
-    /// Fraction of lines ending with an ellipsis (Gopher: 0.3).
-    pub max_ellipsis_line_ratio: f64,
-    /// Fraction of characters in lines that repeat an earlier line (Gopher: 0.2).
-    pub max_duplicate_line_char_fraction: f64,
-    /// For n = 2, 3, 4: the most frequent n-gram's share of characters (Gopher: 0.2, 0.18, 0.16).
-    /// Words for most text, characters for CJK; only for documents of at least 64 such units, where
-    /// repetition means spam rather than style (refrains in poems).
-    pub max_top_ngram_char_fraction: [f64; 3],
-    /// Keep only documents detected as one of these ISO 639-3 codes (e.g. `eng`, `cmn`); empty keeps all.
-    pub languages: Vec<String>,
-}
-
-impl Default for CleanConfig {
-    fn default() -> Self {
-        let patterns = [
-            "subscribe to our newsletter",
-            "accept all cookies",
-            "we use cookies",
-            "cookie policy",
-            "click here to",
-            "all rights reserved",
-            "sign up for our",
-            "follow us on",
-            "share this article",
-            "privacy policy",
-            "terms of service",
-            "enable javascript",
-            "点击关注",
-            "扫码",
-            "扫一扫",
-            "广告",
-            "版权所有",
-            "关注公众号",
-            "长按识别",
-            "免责声明",
-            "转载请注明",
-            "未经授权",
-            "点击阅读原文",
-        ];
-        Self {
-            normalization: Normalization::Nfc,
-            strip_control_chars: true,
-            boilerplate_patterns: patterns.iter().map(|p| p.to_string()).collect(),
-            boilerplate_max_line_chars: 80,
-            max_url_line_ratio: 0.5,
-            max_symbol_line_ratio: 0.5,
-            min_chars: 16,
-            max_chars: 1_000_000,
-            min_mean_word_length: 3.0,
-            max_mean_word_length: 10.0,
-            max_symbol_word_ratio: 0.1,
-            max_bullet_line_ratio: 0.9,
-            max_ellipsis_line_ratio: 0.3,
-            max_duplicate_line_char_fraction: 0.2,
-            max_top_ngram_char_fraction: [0.2, 0.18, 0.16],
-            languages: vec![],
-        }
-    }
-}
+pub use cpt_protocol::prepare::{CleanConfig, Normalization};
 
 /// A line removed from a kept or dropped document, and the rule that removed it.
 pub type RemovedLine = (&'static str, String);

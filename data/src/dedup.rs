@@ -3,33 +3,12 @@
 //! document order, so the first occurrence is the one kept.
 
 use rustc_hash::FxHashSet;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clean::is_cjk;
 use crate::hash::{hash_str, mix};
 
-/// Deduplication settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DedupConfig {
-    pub exact: bool,
-    pub near: bool,
-    /// Estimated Jaccard similarity above which two documents are near-duplicates.
-    pub threshold: f64,
-    /// MinHash permutations (signature length).
-    pub num_perm: usize,
-    /// Shingle size in words, for text that is not mostly CJK.
-    pub word_shingle: usize,
-    /// Shingle size in characters, for CJK text.
-    pub char_shingle: usize,
-}
-
-impl Default for DedupConfig {
-    fn default() -> Self {
-        Self { exact: true, near: true, threshold: 0.8, num_perm: 112, word_shingle: 5, char_shingle: 3 }
-    }
-}
+pub use cpt_protocol::prepare::DedupConfig;
 
 /// The LSH banding `(bands, rows)` that uses at least 90% of `num_perm` and whose S-curve
 /// threshold `(1/bands)^(1/rows)` is closest to `threshold`. Using (nearly) all permutations keeps

@@ -44,14 +44,7 @@ impl TokenWidth {
     }
 }
 
-/// What happens to the tokens after the last full block of a split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TailPolicy {
-    #[default]
-    Drop,
-    Pad,
-}
+pub use cpt_protocol::prepare::TailPolicy;
 
 /// The two splits every dataset has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -5,56 +5,18 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
-use crate::clean::{CleanConfig, Cleaner};
-use crate::dedup::{DedupConfig, Deduplicator, Verdict};
-use crate::format::{Manifest, Split, TailPolicy};
+use crate::clean::Cleaner;
+use crate::dedup::{Deduplicator, Verdict};
+use crate::format::{Manifest, Split};
 use crate::input::{input_files, DocumentReader, Item, ReadOptions};
 use crate::reader::mix;
 use crate::report::Report;
 use crate::writer::{DatasetWriter, TokenizerInfo};
 
-/// How text becomes a dataset; every part has a default (`{}` is a valid config file).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PrepareConfig {
-    pub seq_len: usize,
-    /// Fraction of documents held out for validation, chosen by a hash of the document's text.
-    pub validation_fraction: f64,
-    /// `.txt` files: one document per blank-line-separated paragraph group (true) or per file.
-    pub txt_split_on_blank_lines: bool,
-    /// `.jsonl` files: the field holding the text.
-    pub jsonl_text_field: String,
-    /// The end-of-document token joining documents; by default the tokenizer's own
-    /// (`<|endoftext|>`, `</s>`, `<|end_of_text|>` or `<eos>`).
-    pub eos_token: Option<String>,
-    pub clean: CleanConfig,
-    pub dedup: DedupConfig,
-    /// Documents processed together (cleaned and tokenized in parallel).
-    pub batch_documents: usize,
-    /// The incomplete last block of each split: `drop` it, or `pad` it with EOS (masked in training;
-    /// useful when a validation split is smaller than a block).
-    pub tail: TailPolicy,
-}
-
-impl Default for PrepareConfig {
-    fn default() -> Self {
-        Self {
-            seq_len: 2048,
-            validation_fraction: 0.005,
-            txt_split_on_blank_lines: true,
-            jsonl_text_field: "text".into(),
-            eos_token: None,
-            clean: CleanConfig::default(),
-            dedup: DedupConfig::default(),
-            batch_documents: 1024,
-            tail: TailPolicy::Drop,
-        }
-    }
-}
+pub use cpt_protocol::prepare::PrepareConfig;
 
 /// The split a document belongs to, decided by its text alone.
 pub fn split_of(text: &str, validation_fraction: f64) -> Split {

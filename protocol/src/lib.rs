@@ -5,6 +5,7 @@ pub mod events;
 pub mod jobs;
 pub mod model_config;
 pub mod plan;
+pub mod prepare;
 pub mod spec;
 pub mod worker;
 

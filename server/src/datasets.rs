@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cpt_data::prepare::PrepareConfig;
+use cpt_protocol::prepare::PrepareConfig;
 use cpt_protocol::spec::PrepareSpec;
 use cpt_protocol::{Event, JobKind};
 use serde::Deserialize;
