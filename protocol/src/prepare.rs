@@ -165,3 +165,25 @@ impl Default for PrepareConfig {
         }
     }
 }
+
+/// What a job's submission checks of a dataset's `manifest.json` (the whole format is `cpt-data`'s).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ManifestSummary {
+    pub seq_len: usize,
+    pub vocab_size: usize,
+    pub splits: std::collections::BTreeMap<String, SplitSummary>,
+}
+
+/// The counts of one split.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct SplitSummary {
+    pub documents: u64,
+    pub blocks: u64,
+}
+
+impl ManifestSummary {
+    /// The counts of split `name` (`train` or `validation`), zero when it is absent.
+    pub fn split(&self, name: &str) -> SplitSummary {
+        self.splits.get(name).cloned().unwrap_or_default()
+    }
+}

@@ -30,7 +30,7 @@ async fn numeric_fields_are_bounded_and_a_job_no_worker_can_hold_is_refused() {
         (json!({"name": "n".repeat(900)}), "name"),
         (json!({"sample_prompts": vec!["p"; 100]}), "sample_prompts"),
         // Fits every bound but needs ~4 GB of activations.
-        (json!({"seq_len": 4096, "micro_batch_size": 64}), "micro_batch_size"),
+        (json!({"micro_batch_size": 4096}), "micro_batch_size"),
     ] {
         let (status, error) = submit_changed(&server, &root, change.clone()).await;
         assert_eq!(
@@ -49,9 +49,8 @@ async fn the_largest_registered_worker_bounds_the_memory_a_job_may_need() {
     let tmp = tempfile::tempdir().unwrap();
     let root = data_root(tmp.path());
     let server = Server::start(&tmp.path().join("data"), &root, None).await;
-    let big = json!({"seq_len": 4096, "micro_batch_size": 64});
-    let (status, _) =
-        submit_changed(&server, &root, json!({"seq_len": 4096, "micro_batch_size": 64, "name": "dry"})).await;
+    let big = json!({"micro_batch_size": 4096});
+    let (status, _) = submit_changed(&server, &root, json!({"micro_batch_size": 4096, "name": "dry"})).await;
     assert_eq!(status, StatusCode::CREATED, "no worker said what it holds: nothing to check against");
     let small = json!({"name": "small", "device": "cpu", "memory_bytes": 256u64 << 20});
     server.call(Method::POST, "/v1/workers", Some(small)).await;
@@ -220,5 +219,31 @@ async fn datasets_are_listed_page_by_page() {
     let names: Vec<&str> = rest["datasets"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["d1", "d0"]);
     assert!(rest["next_cursor"].is_null());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn datasets_that_would_fail_the_job_are_refused_at_submit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = data_root(tmp.path());
+    for (name, manifest) in [("short", common::manifest(32, 10, 2)), ("no-validation", common::manifest(64, 10, 0))] {
+        std::fs::create_dir_all(root.join(name)).unwrap();
+        std::fs::write(root.join(name).join("manifest.json"), manifest.to_string()).unwrap();
+    }
+    let server = Server::start(&tmp.path().join("data"), &root, None).await;
+    let path = |name: &str| root.join(name).display().to_string();
+    let (status, error) = submit_changed(&server, &root, json!({"train_data": [{"dataset": path("short")}]})).await;
+    assert_eq!(
+        (status, error_of(&error).1),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("train_data[0].dataset")),
+        "{error}"
+    );
+    assert!(error["error"]["message"].as_str().unwrap().contains("seq_len"), "{error}");
+    let (status, error) =
+        submit_changed(&server, &root, json!({"eval_data": {"general": path("no-validation")}})).await;
+    assert_eq!((status, error_of(&error).1), (StatusCode::UNPROCESSABLE_ENTITY, Some("eval_data.general")), "{error}");
+    assert!(error["error"]["message"].as_str().unwrap().contains("validation_fraction"), "{error}");
+    let (status, _) = server.call(Method::POST, "/v1/jobs?dry_run=true", Some(spec(&root, "fine"))).await;
+    assert_eq!(status, StatusCode::OK);
     server.stop().await;
 }

@@ -61,7 +61,8 @@ def server(tmp_path):
         "architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 32, "intermediate_size": 48,
         "num_hidden_layers": 2, "num_attention_heads": 4, "tie_word_embeddings": True}))
     (root / "data").mkdir()
-    (root / "data/manifest.json").write_text("{}")
+    split = {"documents": 4, "tokens": 128, "blocks": 4, "dropped_tail_tokens": 0, "shards": []}
+    (root / "data/manifest.json").write_text(json.dumps({"seq_len": 32, "vocab_size": 256, "splits": {"train": split, "validation": split}}))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -6,6 +6,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use std::path::Path;
+
+use cpt_protocol::prepare::ManifestSummary;
 use cpt_protocol::{JobKind, JobSpec, JobState, ModelConfig, Plan};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -48,6 +51,43 @@ fn resolve_paths(roots: &[std::path::PathBuf], spec: &mut JobSpec) -> Result<Mod
     Ok(config)
 }
 
+/// Refuses now what would fail on the worker later: datasets cut into blocks of another length,
+/// tokens the model has no embedding for, and splits with nothing in them.
+fn check_datasets(spec: &JobSpec, config: &ModelConfig) -> Result<(), ApiError> {
+    let train =
+        spec.train_data.iter().enumerate().map(|(i, s)| (format!("train_data[{i}].dataset"), &s.dataset, "train"));
+    let evals = spec.eval_data.iter().map(|(name, dataset)| (format!("eval_data.{name}"), dataset, "validation"));
+    for (field, dataset, split) in train.chain(evals) {
+        let text = std::fs::read_to_string(Path::new(dataset).join("manifest.json"))
+            .map_err(|e| ApiError::invalid_field(&field, format!("{dataset}/manifest.json: {e}")))?;
+        let manifest: ManifestSummary = serde_json::from_str(&text)
+            .map_err(|e| ApiError::invalid_field(&field, format!("{dataset}/manifest.json: {e}")))?;
+        if manifest.seq_len != spec.seq_len {
+            let message =
+                format!("{dataset} has blocks of {} tokens; the spec's seq_len is {}", manifest.seq_len, spec.seq_len);
+            return Err(ApiError::invalid_field(field, message));
+        }
+        if manifest.vocab_size > config.vocab_size {
+            let message = format!(
+                "{dataset}'s tokenizer has {} tokens; the model embeds {}",
+                manifest.vocab_size, config.vocab_size
+            );
+            return Err(ApiError::invalid_field(field, message));
+        }
+        let counts = manifest.split(split);
+        if counts.blocks == 0 {
+            let hint = if split == "validation" {
+                " (prepare it with a larger validation_fraction, or \"tail\": \"pad\")"
+            } else {
+                ""
+            };
+            let message = format!("{dataset} has no {split} blocks ({} documents){hint}", counts.documents);
+            return Err(ApiError::invalid_field(field, message));
+        }
+    }
+    Ok(())
+}
+
 /// The Idempotency-Key header, if given, with the hash of the request it came with.
 pub fn idempotency(headers: &HeaderMap, request: &impl serde::Serialize) -> Result<Option<(String, String)>, ApiError> {
     let Some(key) = headers.get("idempotency-key") else { return Ok(None) };
@@ -85,6 +125,7 @@ pub async fn create(
     let config = resolve_paths(&app.config.data_roots, &mut spec)?;
     let plan = Plan::new(&spec, &config);
     crate::workers::check_memory(&app, plan.memory_estimate_bytes).await?;
+    check_datasets(&spec, &config)?;
     if query.dry_run {
         return Ok(Json(json!({"plan": plan})).into_response());
     }

@@ -111,9 +111,16 @@ pub fn data_root(dir: &Path) -> PathBuf {
     std::fs::write(root.join("model/config.json"), config.to_string()).unwrap();
     for name in ["domain", "general"] {
         std::fs::create_dir_all(root.join(name)).unwrap();
-        std::fs::write(root.join(name).join("manifest.json"), "{}").unwrap();
+        std::fs::write(root.join(name).join("manifest.json"), manifest(64, 10, 2).to_string()).unwrap();
     }
     root
+}
+
+/// The parts of a dataset's manifest that a submission checks.
+pub fn manifest(seq_len: u64, train_blocks: u64, validation_blocks: u64) -> Value {
+    let split = |blocks: u64| json!({"documents": blocks, "tokens": 0, "blocks": blocks, "dropped_tail_tokens": 0, "shards": []});
+    json!({"format_version": 1, "seq_len": seq_len, "token_width": "u16", "tokenizer_sha256": "0", "vocab_size": 256,
+           "eos_token_id": 0, "sources": [], "splits": {"train": split(train_blocks), "validation": split(validation_blocks)}})
 }
 
 pub fn spec(root: &Path, name: &str) -> Value {
