@@ -38,6 +38,18 @@ pub fn name(device: &Device) -> String {
     }
 }
 
+/// Memory a job on `device` can use at most: the machine's RAM on the CPU (`MemTotal`), unknown
+/// elsewhere.
+pub fn memory_bytes(device: &Device) -> Option<u64> {
+    if !device.is_cpu() {
+        return None;
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

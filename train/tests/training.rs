@@ -215,3 +215,15 @@ fn retention_keeps_the_newest_checkpoints() {
     assert_eq!(checkpoint::to_delete(&[10], 3), Vec::<u64>::new());
     assert_eq!(checkpoint::to_delete(&[], 1), Vec::<u64>::new());
 }
+
+#[test]
+fn a_job_too_large_for_the_machine_is_refused_before_it_allocates() {
+    let fixture = fixture(false);
+    // Attention scores of 4096 sequences of 8192 tokens: terabytes. Allocating any of it would take
+    // the test down with it (the refusal comes before the datasets' seq_len is even compared).
+    let spec = spec(&fixture.root, json!({"micro_batch_size": 4096, "seq_len": 8192, "grad_accum_steps": 1}));
+    let (result, events) = run(&spec, &fixture.root.join("run"), false, None);
+    let error = format!("{:#}", result.unwrap_err());
+    assert!(error.contains("micro_batch_size") && error.contains("GiB"), "{error}");
+    assert!(events.is_empty(), "nothing started");
+}

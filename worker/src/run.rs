@@ -74,17 +74,6 @@ async fn handle_signals(draining: Arc<AtomicBool>, current: Arc<Mutex<Option<Sto
     }
 }
 
-/// Memory this worker offers one job: the machine's RAM on a CPU (unknown on a GPU).
-fn memory_bytes(device: &Device) -> Option<u64> {
-    if !device.is_cpu() {
-        return None;
-    }
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 /// Registers, delivers any spool a crashed worker left, then leases and runs jobs until stopped.
 pub async fn run(config: WorkerConfig) -> Result<()> {
     let client = ServerClient::new(&config.server, config.token.clone());
@@ -94,7 +83,7 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
     let registration = Registration {
         name: config.name.clone(),
         device: cpt_train::device::name(&config.device),
-        memory_bytes: memory_bytes(&config.device),
+        memory_bytes: cpt_train::device::memory_bytes(&config.device),
     };
     let response = client.post_retrying("/v1/workers", &registration).await;
     if !response.status().is_success() {

@@ -51,17 +51,32 @@ async fn seeded_kills_restarts_and_curl_resumes_lose_no_event_and_change_no_byte
     let root = tmp.path();
     tokio::task::block_in_place(|| prepare_inputs(root));
     let mut harness = Harness::start(root).await;
-    let steps_total = 150;
+    let steps_total = 200;
     let mut spec = spec(root, steps_total);
     spec["checkpoint_every"] = json!(10);
     spec["eval_every"] = json!(10);
+    spec["max_steps"] = json!(steps_total);
     spec["eval_data"] = json!({"domain": root.join("heldout").display().to_string()});
     let job = harness.post("/v1/jobs", spec.clone()).await;
     let id = job["id"].as_str().unwrap().to_string();
     let mut faults = Vec::new();
+    let mut kills_in_checkpoint = 0;
 
     // Each round waits a seeded number of steps into the current attempt, then injects a fault.
-    let plan = ["kill", "cancel-resume", "restart", "kill", "cancel-resume", "kill", "cancel-resume", "restart"];
+    // Never two kills without a resume between them: three lost leases in a row fail a job (max_attempts).
+    let plan = [
+        "kill-in-checkpoint",
+        "cancel-resume",
+        "restart",
+        "kill",
+        "cancel-resume",
+        "kill-in-checkpoint",
+        "restart",
+        "cancel-resume",
+        "kill",
+        "cancel-resume",
+        "kill-in-checkpoint",
+    ];
     for fault in plan {
         let wait_steps = 3 + random.below(12) as usize;
         let text = harness
@@ -74,6 +89,24 @@ async fn seeded_kills_restarts_and_curl_resumes_lose_no_event_and_change_no_byte
         }
         match fault {
             "kill" => harness.crash_worker(root),
+            "kill-in-checkpoint" => {
+                // Waits for a checkpoint being staged (`.step-N.partial-PID`), then kills the worker in it.
+                let checkpoints = root.join(format!("worker/runs/{id}/checkpoints"));
+                let staging = || {
+                    std::fs::read_dir(&checkpoints)
+                        .map(|dir| dir.flatten().any(|e| e.file_name().to_string_lossy().starts_with(".step-")))
+                        .unwrap_or(false)
+                };
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while !staging() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+                let caught = staging();
+                harness.crash_worker(root);
+                if caught {
+                    kills_in_checkpoint += 1;
+                }
+            }
             "restart" => {
                 harness.stop_server().await;
                 harness.start_server(root).await;
@@ -95,7 +128,8 @@ async fn seeded_kills_restarts_and_curl_resumes_lose_no_event_and_change_no_byte
     harness.follow(&id, |_| false).await;
     let job = harness.get(&format!("/v1/jobs/{id}")).await;
     assert_eq!(job["state"], "succeeded", "{job}");
-    assert!(faults.len() >= 6, "the job ended before the faults were injected: {faults:?}");
+    assert!(faults.len() >= 9, "the job ended before the faults were injected: {faults:?}");
+    assert!(kills_in_checkpoint >= 1, "no kill landed inside a checkpoint write: {faults:?}");
 
     // The whole history: every step, every eval and every checkpoint of the final run.
     let events = all_events(&harness, &id).await;
@@ -150,5 +184,73 @@ async fn seeded_kills_restarts_and_curl_resumes_lose_no_event_and_change_no_byte
         let path = format!("checkpoints/step-{steps_total}/{file}");
         assert!(read(&run.join(&path)) == read(&reference.join(&path)), "{file} differs from the uninterrupted run's");
     }
-    eprintln!("chaos seed {seed}: faults {faults:?}, {} events, 0 lost, 0 bytes differing", events.len());
+    eprintln!(
+        "chaos seed {seed}: faults {faults:?} ({kills_in_checkpoint} kills inside a checkpoint write), {} events, \
+         0 lost, 0 bytes differing",
+        events.len()
+    );
+}
+
+/// Sends `signal` to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    assert!(std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_frozen_past_the_lease_ttl_requeues_nothing_when_it_thaws() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    tokio::task::block_in_place(|| prepare_inputs(root));
+    let server_bin = Path::new(env!("CARGO_BIN_EXE_cpt-worker")).with_file_name("cpt-server");
+    assert!(server_bin.exists(), "{} is built by `cargo test --workspace`", server_bin.display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut server = std::process::Command::new(&server_bin)
+        .args(["--bind", &format!("127.0.0.1:{port}"), "--lease-ttl-seconds", "2", "--local-workers", "0"])
+        .arg("--data-dir")
+        .arg(root.join("server"))
+        .arg("--data-roots")
+        .arg(root)
+        .env("CPT_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    // The server binds before it answers: retry only the connection, never past 30 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while http.get(format!("{base}/readyz")).send().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "cpt-server did not start");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut worker = common::spawn_worker(root, &base);
+    let steps_total = 1500;
+    let job: Value =
+        http.post(format!("{base}/v1/jobs")).json(&spec(root, steps_total)).send().await.unwrap().json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    let progress = |job: &Value| job["progress"]["step"].as_u64().unwrap_or(0);
+    let get_job =
+        || async { http.get(format!("{base}/v1/jobs/{id}")).send().await.unwrap().json::<Value>().await.unwrap() };
+    while progress(&get_job().await) < 20 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let before = get_job().await;
+    assert!(progress(&before) < steps_total / 2, "the job must outlast the freeze: {before}");
+    // Frozen for three lease periods: the worker's heartbeats wait in the socket backlog.
+    signal(server.id(), "-STOP");
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    signal(server.id(), "-CONT");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let job = loop {
+        let job = get_job().await;
+        if job["state"] != "running" && job["state"] != "queued" {
+            break job;
+        }
+        assert!(std::time::Instant::now() < deadline, "the job did not end: {job}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let _ = worker.kill();
+    let _ = worker.wait();
+    signal(server.id(), "-TERM");
+    let _ = server.wait();
+    assert_eq!((job["state"].as_str(), job["attempt"].as_u64()), (Some("succeeded"), Some(1)), "never requeued: {job}");
+    assert_eq!(progress(&job), steps_total);
 }

@@ -116,6 +116,18 @@ pub fn train(
     let tokenizer = base.tokenizer()?;
     let tokenizer_sha256 = cpt_data::sha256_file(&base.tokenizer_path())?;
     let plan = Plan::new(spec, &config);
+    // Refuse before allocating: a spec too large for this machine would otherwise grow the process
+    // until the kernel kills it (and every worker that leases it after).
+    if let Some(memory) = crate::device::memory_bytes(device) {
+        if plan.memory_estimate_bytes > memory {
+            bail!(
+                "`micro_batch_size`: the plan needs about {:.1} GiB of memory and this machine has {:.1} GiB; \
+                 lower micro_batch_size or seq_len (grad_accum_steps keeps the batch)",
+                plan.memory_estimate_bytes as f64 / (1u64 << 30) as f64,
+                memory as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
     let spec_hash = spec_sha256(spec);
     let adamw =
         AdamWConfig { beta1: spec.betas[0], beta2: spec.betas[1], eps: spec.eps, weight_decay: spec.weight_decay };
