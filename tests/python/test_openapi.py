@@ -52,8 +52,9 @@ def call(base, method, path, body=None):
         return error.code, json.loads(error.read())
 
 
-@pytest.fixture
-def server(tmp_path):
+def serve(tmp_path, token=None):
+    """A real cpt-server on a free loopback port with a data root holding a model config and a
+    dataset manifest; with `token`, both tokens are set to it. Yields (base URL, data root)."""
     assert SERVER.exists(), f"{SERVER} is missing: cargo build --release"
     root = tmp_path / "root"
     (root / "model").mkdir(parents=True)
@@ -66,8 +67,9 @@ def server(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    tokens = ["--api-token", token, "--worker-token", token] if token else []
     process = subprocess.Popen([str(SERVER), "--data-dir", str(tmp_path / "db"), "--bind", f"127.0.0.1:{port}",
-                                "--data-root", str(root), "--local-workers", "0"], stderr=subprocess.DEVNULL)
+                                "--data-roots", str(root), "--local-workers", "0", *tokens], stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(500):
         try:
@@ -79,6 +81,11 @@ def server(tmp_path):
     yield base, root
     process.terminate()
     assert process.wait(timeout=30) == 0, "cpt-server shuts down cleanly on SIGTERM"
+
+
+@pytest.fixture
+def server(tmp_path):
+    yield from serve(tmp_path)
 
 
 def test_responses_match_their_documented_schemas(server):
