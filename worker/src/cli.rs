@@ -1,12 +1,12 @@
-//! Command-line interface: one subcommand per model operation.
+//! Command-line interface: the subcommands and their flags; each runs a function of its module
+//! (`model_tools`, `run`, `watch`, `run_local`, `bench`).
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use anyhow::Result;
+use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
-use cpt_train::text::{self, Decoding};
-use cpt_train::{gguf, hf, Llama, ModelDir};
+use cpt_train::text::Decoding;
 
 /// cpt worker and model tools.
 #[derive(Parser)]
@@ -194,54 +194,23 @@ enum Command {
     },
 }
 
-fn load_model(dir: &std::path::Path, device: &Device) -> Result<(ModelDir, Llama)> {
-    let model_dir = ModelDir::open(dir)?;
-    let params = model_dir.load_params(DType::F32, device)?;
-    let model = Llama::new(&model_dir.config, &params)?;
-    Ok((model_dir, model))
-}
-
 impl Cli {
-    /// Runs the chosen subcommand.
+    /// Runs the chosen subcommand: each is a function in the module of its kind.
     pub fn run(self) -> Result<()> {
         let device = cpt_train::device::parse(&self.device)?;
         match self.command {
-            Command::Import { gguf: path, out, dtype } => {
-                let config = gguf::import(&path, &out, dtype.into())?;
-                println!(
-                    "imported {} ({} layers, hidden {}, vocab {}) into {}",
-                    path.display(),
-                    config.num_hidden_layers,
-                    config.hidden_size,
-                    config.vocab_size,
-                    out.display()
-                );
+            Command::Import { gguf, out, dtype } => crate::model_tools::import(&gguf, &out, dtype.into()),
+            Command::Export { source, out, dtype } => crate::model_tools::export(&source, &out, dtype.into()),
+            Command::Init { config, tokenizer, out, seed } => crate::model_tools::init(&config, &tokenizer, &out, seed),
+            Command::Eval { model, text, seq_len, save_logits } => {
+                crate::model_tools::eval(&model, &text, seq_len, save_logits.as_deref(), &device)
             }
-            Command::Export { source, out, dtype } => {
-                hf::export(&source, &out, dtype.into())?;
-                println!("exported {} to {}", source.display(), out.display());
-            }
-            Command::Init { config, tokenizer, out, seed } => {
-                let config = hf::init_model_dir(&config, &tokenizer, &out, seed)?;
-                println!("initialised a {}-parameter model in {}", config.total_parameters(), out.display());
-            }
-            Command::Eval { model, text: text_path, seq_len, save_logits } => {
-                let (model_dir, model) = load_model(&model, &device)?;
-                let text =
-                    std::fs::read_to_string(&text_path).with_context(|| format!("reading {}", text_path.display()))?;
-                let ids = text::encode(&model_dir.tokenizer()?, &text)?;
-                let result = text::perplexity(&model, &ids, seq_len, &device)?;
-                if let Some(path) = save_logits {
-                    let window = text::windows(&ids, seq_len).next().expect("perplexity checked the length");
-                    let input = Tensor::new(window, &device)?.unsqueeze(0)?;
-                    let logits = model.forward(&input)?.squeeze(0)?;
-                    let tensors = [
-                        ("input_ids".to_string(), input.squeeze(0)?.to_dtype(DType::I64)?),
-                        ("logits".to_string(), logits),
-                    ];
-                    cpt_train::params::write_safetensors(&path, &tensors)?;
-                }
-                println!("{}", serde_json::to_string(&result)?);
+            Command::Generate { model, prompt, max_new_tokens, temperature, top_k, seed } => {
+                let decoding = match temperature {
+                    Some(temperature) => Decoding::Sample { temperature, top_k, seed },
+                    None => Decoding::Greedy,
+                };
+                crate::model_tools::generate(&model, &prompt, max_new_tokens, decoding, &device)
             }
             Command::Run { server, token, name, data_dir, event_spool_bytes } => {
                 let config = crate::run::WorkerConfig {
@@ -252,56 +221,25 @@ impl Cli {
                     spool_max_bytes: event_spool_bytes,
                     device,
                 };
-                tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(crate::run::run(config))?;
+                tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(crate::run::run(config))
             }
-            Command::Watch { job, server, token } => {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?
-                    .block_on(crate::watch::watch(server, token, &job))?;
-            }
+            Command::Watch { job, server, token } => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(crate::watch::watch(server, token, &job)),
             Command::Train { spec, run_dir, resume, stop_after_steps } => {
-                crate::run_local::train_command(&spec, &run_dir, resume, stop_after_steps, device)?;
+                crate::run_local::train_command(&spec, &run_dir, resume, stop_after_steps, device)
             }
             Command::Prepare { tokenizer, input, out, seq_len, config } => {
-                crate::run_local::prepare_command(&tokenizer, &input, &out, seq_len, config.as_deref())?;
+                crate::run_local::prepare_command(&tokenizer, &input, &out, seq_len, config.as_deref())
             }
             Command::Bench { config, seq_len, batch, steps, warmup, kernels, bf16 } => {
-                let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
-                let model_config = cpt_train::ModelConfig::from_json_str(&text)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
                 let compute = if bf16 { DType::BF16 } else { DType::F32 };
                 let options =
                     cpt_train::bench::BenchOptions { seq_len, batch, steps, warmup, kernels, device, compute };
-                let report = cpt_train::bench::bench(&model_config, &options)?;
-                println!("{}", serde_json::to_string(&report)?);
+                crate::bench::bench(&config, &options)
             }
-            Command::CheckKernels => {
-                let checks = cpt_train::kernel_check::check_kernels(&device)?;
-                for check in &checks {
-                    println!("{}", serde_json::to_string(check)?);
-                }
-                if let Some(bad) = checks.iter().find(|c| !c.ok) {
-                    anyhow::bail!(
-                        "{} in {} is off by {:.2e} (tolerance {:.0e})",
-                        bad.op,
-                        bad.dtype,
-                        bad.max_error,
-                        bad.tolerance
-                    );
-                }
-            }
-            Command::Generate { model, prompt, max_new_tokens, temperature, top_k, seed } => {
-                let (model_dir, model) = load_model(&model, &device)?;
-                let decoding = match temperature {
-                    Some(temperature) => Decoding::Sample { temperature, top_k, seed },
-                    None => Decoding::Greedy,
-                };
-                let tokenizer = model_dir.tokenizer()?;
-                let continuation = text::generate(&model, &tokenizer, &prompt, max_new_tokens, decoding, &device)?;
-                println!("{prompt}{continuation}");
-            }
+            Command::CheckKernels => crate::bench::check_kernels(&device),
         }
-        Ok(())
     }
 }

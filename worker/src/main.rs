@@ -1,8 +1,10 @@
 //! `cpt-worker`: the worker process of cpt-server and the standalone CLI over cpt's training core.
 
+mod bench;
 mod cli;
 mod client;
 mod leftover;
+mod model_tools;
 mod progress;
 mod run;
 mod run_local;

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use cpt_data::reader::{mix, read_manifest};
 use cpt_data::{Block, BlockStream, Cursor, Mixture, MixtureState, Split, SplitReader};
-use cpt_protocol::JobSpec;
+use cpt_protocol::{JobSpec, WarningCode};
 
 use crate::config::ModelConfig;
 
@@ -47,7 +47,7 @@ pub struct TrainData {
     pub mixture: Mixture,
     pub eval_sets: Vec<EvalSet>,
     /// Notes worth a warning (e.g. a tokenizer that differs from the model's).
-    pub notes: Vec<String>,
+    pub notes: Vec<(WarningCode, String)>,
 }
 
 fn check_dataset(
@@ -55,7 +55,7 @@ fn check_dataset(
     spec: &JobSpec,
     config: &ModelConfig,
     tokenizer_sha256: &str,
-    notes: &mut Vec<String>,
+    notes: &mut Vec<(WarningCode, String)>,
 ) -> Result<()> {
     let manifest = read_manifest(dir)?;
     if manifest.seq_len != spec.seq_len {
@@ -70,10 +70,13 @@ fn check_dataset(
         );
     }
     if manifest.tokenizer_sha256 != tokenizer_sha256 {
-        notes.push(format!(
-            "{} was tokenized with a tokenizer.json (sha256 {}) that differs from the model's ({tokenizer_sha256})",
-            dir.display(),
-            manifest.tokenizer_sha256
+        notes.push((
+            WarningCode::TokenizerMismatch,
+            format!(
+                "{} was tokenized with a tokenizer.json (sha256 {}) that differs from the model's ({tokenizer_sha256})",
+                dir.display(),
+                manifest.tokenizer_sha256
+            ),
         ));
     }
     Ok(())

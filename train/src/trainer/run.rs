@@ -1,0 +1,348 @@
+//! One run's state and its named steps: open (fresh or resumed), one optimizer step, and what
+//! follows a step (evaluation, samples, checkpoints). `train` strings them together.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use cpt_protocol::spec::Precision;
+use cpt_protocol::{Event, JobSpec, Plan, StepMetrics, WarningCode};
+use tokenizers::Tokenizer;
+
+use super::data::TrainData;
+use super::{batch_loss, evaluate, spec_sha256, Outcome};
+use crate::checkpoint::{self, TrainerState};
+use crate::hf::{passthrough_files, ModelDir, ModelFiles};
+use crate::model::Llama;
+use crate::optim::{clip, global_norm, AdamW, AdamWConfig};
+use crate::params::Params;
+use crate::schedule::LrSchedule;
+use crate::text::{self, Decoding};
+
+/// Everything a run holds between steps.
+pub(super) struct Run<'a> {
+    spec: &'a JobSpec,
+    run_dir: &'a Path,
+    device: Device,
+    base: ModelDir,
+    tokenizer: Tokenizer,
+    pub plan: Plan,
+    params: Params,
+    optimizer: AdamW,
+    pub state: TrainerState,
+    data: TrainData,
+    model: Llama,
+    /// Peak FLOP/s of the device for MFU, and where that number came from.
+    peak: (f64, String),
+    /// Files of the base model directory that every checkpoint carries along.
+    extra: Vec<(String, String)>,
+    /// Found while opening, reported once the run has started.
+    warnings: Vec<(WarningCode, String)>,
+    last_checkpoint: Option<PathBuf>,
+}
+
+impl<'a> Run<'a> {
+    /// Loads the base model, or the newest valid checkpoint in `run_dir` when resuming, and opens
+    /// the data where that checkpoint left it.
+    pub fn open(spec: &'a JobSpec, run_dir: &'a Path, resume: bool, device: &Device) -> Result<Self> {
+        spec.validate()?;
+        if spec.precision == Precision::Bf16 && device.is_cpu() {
+            bail!("`precision`: bf16 training needs a CUDA device; use f32 on the CPU");
+        }
+        // bf16 compute over f32 master weights and optimizer state.
+        let compute = if spec.precision == Precision::Bf16 { DType::BF16 } else { DType::F32 };
+        let base = ModelDir::open(Path::new(&spec.base_model)).context("base_model")?;
+        let config = base.config.clone();
+        let tokenizer = base.tokenizer()?;
+        let tokenizer_sha256 = cpt_data::sha256_file(&base.tokenizer_path())?;
+        let plan = Plan::new(spec, &config);
+        // Refuse before allocating: a spec too large for this machine would otherwise grow the
+        // process until the kernel kills it (and every worker that leases it after).
+        if let Some(memory) = crate::device::memory_bytes(device) {
+            if plan.memory_estimate_bytes > memory {
+                bail!(
+                    "`micro_batch_size`: the plan needs about {:.1} GiB of memory and this machine has {:.1} GiB; \
+                     lower micro_batch_size or seq_len (grad_accum_steps keeps the batch)",
+                    plan.memory_estimate_bytes as f64 / (1u64 << 30) as f64,
+                    memory as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
+        let spec_hash = spec_sha256(spec);
+        let adamw =
+            AdamWConfig { beta1: spec.betas[0], beta2: spec.betas[1], eps: spec.eps, weight_decay: spec.weight_decay };
+
+        let mut warnings = Vec::new();
+        let resumed = if resume {
+            checkpoint::latest_valid(run_dir, device, |dir, error| {
+                let message = format!("skipping checkpoint {}: {error:#}", dir.display());
+                warnings.push((WarningCode::CorruptCheckpoint, message));
+            })?
+        } else {
+            None
+        };
+        let (params, optimizer, state) = match resumed {
+            Some(loaded) => {
+                if loaded.state.spec_sha256 != spec_hash {
+                    bail!(
+                        "the spec differs from the one {} was trained with; start a new run to continue from it",
+                        loaded.dir.display()
+                    );
+                }
+                let params = ModelDir::open(&loaded.dir)?.load_params(DType::F32, device)?;
+                let optimizer =
+                    AdamW::restore(&params, adamw, loaded.optimizer_tensors, loaded.state.optimizer_updates)?;
+                (params, optimizer, loaded.state)
+            }
+            None => {
+                let params = base.load_params(DType::F32, device)?;
+                let optimizer = AdamW::new(&params, adamw)?;
+                (params, optimizer, fresh_state(spec, &plan, spec_hash))
+            }
+        };
+        let data_state = (state.step > 0).then(|| state.data.clone());
+        let mut data = TrainData::open(spec, &config, &tokenizer_sha256, data_state.as_ref())?;
+        warnings.append(&mut data.notes);
+        let mut model = Llama::new(&config, &params)?;
+        model.set_compute_dtype(compute);
+        let peak = match device.location() {
+            candle_core::DeviceLocation::Cpu => crate::peak::cpu_peak(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => crate::peak::cuda_peak(gpu_id, compute == DType::BF16),
+            _ => (f64::NAN, "unknown device".to_string()),
+        };
+        let extra = passthrough_files(&base.path)?;
+        Ok(Run {
+            spec,
+            run_dir,
+            device: device.clone(),
+            base,
+            tokenizer,
+            plan,
+            params,
+            optimizer,
+            state,
+            data,
+            model,
+            peak,
+            extra,
+            warnings,
+            last_checkpoint: None,
+        })
+    }
+
+    /// Reports the start (with the plan) and what opening found worth a warning.
+    pub fn announce(&mut self, on_event: &mut impl FnMut(Event)) {
+        let from_step = self.state.step;
+        on_event(Event::Started {
+            plan: self.plan.clone(),
+            from_step,
+            resumed: from_step > 0,
+            device: crate::device::name(&self.device),
+            peak_flops_per_second: self.peak.0,
+            peak_source: self.peak.1.clone(),
+        });
+        for (code, message) in self.warnings.drain(..) {
+            on_event(Event::Warning { step: from_step, code, message });
+        }
+    }
+
+    /// The held-out loss of every eval set at `step`.
+    pub fn evaluate(&self, step: u64, on_event: &mut impl FnMut(Event)) -> Result<()> {
+        evaluate(&self.model, &self.data, self.spec, step, &self.device, on_event)
+    }
+
+    /// One optimizer step over `grad_accum_steps` micro-batches: gradients summed, the update
+    /// skipped when the loss or gradient is not finite (failing after `max_bad_steps` in a row),
+    /// clipped, applied; a loss spike is reported.
+    pub fn step(&mut self, on_event: &mut impl FnMut(Event)) -> Result<StepMetrics> {
+        let (spec, plan) = (self.spec, &self.plan);
+        let step = self.state.step + 1;
+        let started = Instant::now();
+        let (mut data_seconds, mut loss_sum) = (0.0, 0.0f64);
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        for _ in 0..spec.grad_accum_steps {
+            let fetch = Instant::now();
+            let batch = self.data.next_batch(spec.micro_batch_size, &self.device)?;
+            data_seconds += fetch.elapsed().as_secs_f64();
+            let loss = batch_loss(&self.model, &batch)?;
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let store = (loss / spec.grad_accum_steps as f64)?.backward()?;
+            for (name, var) in self.params.iter() {
+                let grad = store.get(var).with_context(|| format!("`{name}` received no gradient"))?;
+                let summed = match grads.remove(name) {
+                    Some(previous) => (previous + grad)?,
+                    None => grad.clone(),
+                };
+                grads.insert(name.to_string(), summed);
+            }
+        }
+        let loss = loss_sum / spec.grad_accum_steps as f64;
+        let grad_norm = global_norm(&grads)?;
+        let lr = self.state.schedule.lr_at(step);
+        let skipped = !(loss.is_finite() && grad_norm.is_finite());
+        let state = &mut self.state;
+        if skipped {
+            state.consecutive_bad_steps += 1;
+            let message = format!("step {step}: loss {loss}, gradient norm {grad_norm}; update skipped");
+            on_event(Event::Warning { step, code: WarningCode::NonFiniteStep, message });
+            if state.consecutive_bad_steps >= spec.max_bad_steps {
+                bail!(
+                    "{} consecutive steps had a non-finite loss or gradient (max_bad_steps)",
+                    state.consecutive_bad_steps
+                );
+            }
+        } else {
+            state.consecutive_bad_steps = 0;
+            if let Some(max_norm) = spec.grad_clip {
+                clip(&mut grads, grad_norm, max_norm)?;
+            }
+            self.optimizer.step(&self.params, &grads, lr)?;
+            state.optimizer_updates = self.optimizer.updates;
+            if let Some(average) = state.loss_average.filter(|_| step > 10) {
+                if loss > spec.spike_factor * average {
+                    let message = format!(
+                        "step {step}: loss {loss:.4} is {:.1}× its moving average {average:.4}",
+                        loss / average
+                    );
+                    on_event(Event::Warning { step, code: WarningCode::LossSpike, message });
+                }
+            }
+            state.loss_average = Some(state.loss_average.map_or(loss, |a| 0.9 * a + 0.1 * loss));
+        }
+        let flops_per_step = plan.flops_per_token * plan.tokens_per_step as f64;
+        let step_seconds = started.elapsed().as_secs_f64();
+        state.step = step;
+        state.tokens_total += plan.tokens_per_step;
+        state.flops_total += flops_per_step;
+        state.elapsed_seconds += step_seconds;
+        state.data = self.data.mixture.state();
+        let flops_per_second = flops_per_step / step_seconds;
+        Ok(StepMetrics {
+            step,
+            loss,
+            lr,
+            grad_norm,
+            skipped,
+            tokens: plan.tokens_per_step,
+            tokens_total: state.tokens_total,
+            tokens_per_second: plan.tokens_per_step as f64 / step_seconds,
+            flops: flops_per_step,
+            flops_total: state.flops_total,
+            flops_per_second,
+            mfu: flops_per_second / self.peak.0,
+            step_seconds,
+            data_seconds,
+            compute_seconds: step_seconds - data_seconds,
+        })
+    }
+
+    /// What is due after the step just taken: an evaluation, samples, a checkpoint; `Some` when
+    /// the run stops here (`stop_after_steps`).
+    pub fn after_step(
+        &mut self,
+        stop_after_steps: Option<u64>,
+        on_event: &mut impl FnMut(Event),
+    ) -> Result<Option<Outcome>> {
+        let (spec, step) = (self.spec, self.state.step);
+        let due = |every: u64| every > 0 && step.is_multiple_of(every);
+        let last = step == self.plan.total_steps;
+        if last || due(spec.eval_every) {
+            self.evaluate(step, on_event)?;
+        }
+        if !spec.sample_prompts.is_empty() && (last || due(spec.sample_every)) {
+            self.sample(on_event)?;
+        }
+        let stop_here = stop_after_steps == Some(step) && !last;
+        if last || stop_here || due(spec.checkpoint_every) {
+            self.save(on_event)?;
+        }
+        if !stop_here {
+            return Ok(None);
+        }
+        on_event(Event::Finished { step, tokens_total: self.state.tokens_total, outcome: "stopped".into() });
+        let checkpoint = self.last_checkpoint.clone().expect("saved above");
+        Ok(Some(Outcome { step, tokens_total: self.state.tokens_total, stopped: true, checkpoint }))
+    }
+
+    /// Asked to stop between steps: checkpoint, then report the run as stopped (resumable).
+    pub fn stop(&mut self, on_event: &mut impl FnMut(Event)) -> Result<Outcome> {
+        let checkpoint = self.save(on_event)?;
+        let (step, tokens_total) = (self.state.step, self.state.tokens_total);
+        on_event(Event::Finished { step, tokens_total, outcome: "stopped".into() });
+        Ok(Outcome { step, tokens_total, stopped: true, checkpoint })
+    }
+
+    /// Every planned step is done.
+    pub fn finish(self, on_event: &mut impl FnMut(Event)) -> Result<Outcome> {
+        let checkpoint = match self.last_checkpoint {
+            Some(path) => path,
+            // Resumed a run whose last step was already checkpointed.
+            None => checkpoint::checkpoints_dir(self.run_dir).join(format!("step-{}", self.state.step)),
+        };
+        let (step, tokens_total) = (self.state.step, self.state.tokens_total);
+        on_event(Event::Finished { step, tokens_total, outcome: "succeeded".into() });
+        Ok(Outcome { step, tokens_total, stopped: false, checkpoint })
+    }
+
+    /// Writes a checkpoint of the current state (keeping the newest `keep_checkpoints`).
+    fn save(&mut self, on_event: &mut impl FnMut(Event)) -> Result<PathBuf> {
+        let files = ModelFiles {
+            config_json: self.base.config_json.clone(),
+            params: &self.params,
+            dtype: DType::F32,
+            tokenizer: &self.tokenizer,
+            extra: self.extra.clone(),
+        };
+        let path = checkpoint::save(self.run_dir, files, &self.optimizer, &self.state, self.spec.keep_checkpoints)?;
+        on_event(Event::Checkpoint {
+            step: self.state.step,
+            path: path.display().to_string(),
+            tokens_total: self.state.tokens_total,
+        });
+        self.last_checkpoint = Some(path.clone());
+        Ok(path)
+    }
+
+    /// A greedy continuation of every sample prompt, on detached weights.
+    fn sample(&self, on_event: &mut impl FnMut(Event)) -> Result<()> {
+        let model = self.model.detached();
+        for prompt in &self.spec.sample_prompts {
+            let continuation = text::generate(
+                &model,
+                &self.tokenizer,
+                prompt,
+                self.spec.sample_tokens,
+                Decoding::Greedy,
+                &self.device,
+            )?;
+            on_event(Event::Sample { step: self.state.step, prompt: prompt.clone(), continuation });
+        }
+        Ok(())
+    }
+}
+
+/// The state of a run that starts at step 0.
+fn fresh_state(spec: &JobSpec, plan: &Plan, spec_sha256: String) -> TrainerState {
+    let schedule = LrSchedule {
+        kind: spec.schedule,
+        peak: plan.lr.peak,
+        min: plan.lr.min,
+        warmup_steps: plan.warmup_steps,
+        total_steps: plan.total_steps,
+        decay_steps: ((spec.decay_ratio * plan.total_steps as f64).round() as u64).max(1),
+    };
+    TrainerState {
+        step: 0,
+        optimizer_updates: 0,
+        tokens_total: 0,
+        flops_total: 0.0,
+        data: Default::default(),
+        schedule,
+        loss_average: None,
+        consecutive_bad_steps: 0,
+        spec_sha256,
+        elapsed_seconds: 0.0,
+    }
+}
