@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use common::{prepare_inputs, spec, succeed, Harness};
+use common::{assert_same_bytes_as_uninterrupted, prepare_inputs, spec, Harness};
 use serde_json::{json, Value};
 
 /// A small seeded generator (xorshift64*), so a failing run can be replayed.
@@ -37,10 +37,6 @@ async fn all_events(harness: &Harness, id: &str) -> Vec<Value> {
 
 async fn state_of(harness: &Harness, id: &str) -> String {
     harness.get(&format!("/v1/jobs/{id}")).await["state"].as_str().unwrap().to_string()
-}
-
-fn read(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -168,22 +164,8 @@ async fn seeded_kills_restarts_and_curl_resumes_lose_no_event_and_change_no_byte
     harness.stop().await;
 
     // Byte-identical to a run nobody disturbed.
-    std::fs::write(root.join("spec.json"), spec.to_string()).unwrap();
-    let reference = root.join("reference");
-    tokio::task::block_in_place(|| {
-        succeed(&[
-            "train",
-            "--spec",
-            root.join("spec.json").to_str().unwrap(),
-            "--run-dir",
-            reference.to_str().unwrap(),
-        ])
-    });
     let run = root.join(format!("worker/runs/{id}"));
-    for file in ["model.safetensors", "optimizer.safetensors"] {
-        let path = format!("checkpoints/step-{steps_total}/{file}");
-        assert!(read(&run.join(&path)) == read(&reference.join(&path)), "{file} differs from the uninterrupted run's");
-    }
+    assert_same_bytes_as_uninterrupted(root, &spec, &run, steps_total, &["model.safetensors", "optimizer.safetensors"]);
     eprintln!(
         "chaos seed {seed}: faults {faults:?} ({kills_in_checkpoint} kills inside a checkpoint write), {} events, \
          0 lost, 0 bytes differing",

@@ -72,28 +72,7 @@ async fn a_job_runs_on_a_worker_and_a_cancelled_one_resumes_to_identical_weights
     assert_eq!(harness.get(&format!("/v1/jobs/{long}")).await["state"], "succeeded");
     harness.stop().await;
 
-    assert_same_weights_as_uninterrupted(root, &spec(root, steps_total), &run, steps_total);
-}
-
-/// Runs `spec` with `cpt-worker train`, uninterrupted, and compares its final weights with `run`'s.
-fn assert_same_weights_as_uninterrupted(root: &Path, spec: &Value, run: &Path, steps_total: u64) {
-    std::fs::write(root.join("spec.json"), spec.to_string()).unwrap();
-    let reference = root.join("reference");
-    tokio::task::block_in_place(|| {
-        succeed(&[
-            "train",
-            "--spec",
-            root.join("spec.json").to_str().unwrap(),
-            "--run-dir",
-            reference.to_str().unwrap(),
-        ])
-    });
-    let final_step = format!("checkpoints/step-{steps_total}/model.safetensors");
-    assert_eq!(
-        std::fs::read(run.join(&final_step)).unwrap(),
-        std::fs::read(reference.join(&final_step)).unwrap(),
-        "an interrupted run must end with the uninterrupted run's weights"
-    );
+    assert_same_bytes_as_uninterrupted(root, &spec(root, steps_total), &run, steps_total, &["model.safetensors"]);
 }
 
 fn steps_by_attempt(events: &Value) -> Vec<(i64, u64)> {
@@ -150,7 +129,8 @@ async fn a_killed_worker_and_a_restarted_server_lose_nothing_and_change_no_weigh
     assert_eq!(second, (resumed_from + 1..=steps_total).collect::<Vec<_>>(), "attempt 2: every step once, none lost");
     harness.stop().await;
 
-    assert_same_weights_as_uninterrupted(root, &spec, &root.join(format!("worker/runs/{id}")), steps_total);
+    let run = root.join(format!("worker/runs/{id}"));
+    assert_same_bytes_as_uninterrupted(root, &spec, &run, steps_total, &["model.safetensors"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

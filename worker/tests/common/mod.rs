@@ -209,3 +209,21 @@ impl Drop for Harness {
         let _ = self.worker.wait();
     }
 }
+
+/// Runs `spec` with `cpt-worker train`, uninterrupted, in `<root>/reference`, and asserts that the
+/// final checkpoint's `files` in `run` are byte for byte the same.
+pub fn assert_same_bytes_as_uninterrupted(root: &Path, spec: &Value, run: &Path, steps_total: u64, files: &[&str]) {
+    std::fs::write(root.join("spec.json"), spec.to_string()).unwrap();
+    let reference = root.join("reference");
+    let (spec_path, reference_dir) = (root.join("spec.json"), reference.display().to_string());
+    tokio::task::block_in_place(|| {
+        succeed(&["train", "--spec", spec_path.to_str().unwrap(), "--run-dir", &reference_dir])
+    });
+    for file in files {
+        let path = format!("checkpoints/step-{steps_total}/{file}");
+        let read = |dir: &Path| {
+            std::fs::read(dir.join(&path)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(&path).display()))
+        };
+        assert!(read(run) == read(&reference), "an interrupted run must end with the uninterrupted run's {file}");
+    }
+}
