@@ -137,7 +137,7 @@ fn every_step_metric_is_documented_with_the_events() {
             assert!(events.contains(&format!("`{field}`")), "the events table does not document `{field}`");
         }
     }
-    for kind in ["started", "step", "eval", "checkpoint", "sample", "warning", "finished"] {
+    for kind in ["started", "step", "eval", "checkpoint", "sample", "warning", "finished", "prepared"] {
         assert!(events.contains(&format!("| `{kind}` |")), "the events table lacks `{kind}`");
     }
 }
