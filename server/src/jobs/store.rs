@@ -134,7 +134,9 @@ pub async fn create(pool: &SqlitePool, new: NewJob<'_>) -> Result<(Job, bool), J
         let existing =
             sqlx::query("SELECT * FROM jobs WHERE idempotency_key = ?").bind(key).fetch_optional(tx.conn()).await?;
         if let Some(row) = existing {
-            if row.try_get::<Option<String>, _>("request_hash")? != hash {
+            // Jobs created before hashes were kept (NULL) match any request, as they always did.
+            let stored: Option<String> = row.try_get("request_hash")?;
+            if stored.is_some() && stored != hash {
                 return Err(JobError::KeyReused);
             }
             return Ok((job_from_row(&row)?, false));
