@@ -230,3 +230,30 @@ async fn futures_join<T: Send + 'static>(
     }
     out
 }
+
+#[tokio::test]
+async fn a_job_failed_by_lease_expiry_leaves_no_series_behind_after_the_retention() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = data_root(tmp.path());
+    let mut config = Server::config(&tmp.path().join("data"), &root, None, None, 1);
+    config.metrics_retention_seconds = 0;
+    config.max_attempts = 1;
+    let server = Server::start_config(config).await;
+    let worker = register(&server).await;
+    let id = submit(&server, &root).await;
+    lease(&server, &worker, 0).await;
+    post_events(&server, &worker, &id, 1, vec![step_event(0, 1)]).await;
+    let scrape = || async { server.request(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap() };
+    assert!(scrape().await.contains(&format!("cpt_train_loss{{job_id=\"{id}\"}}")));
+    // No heartbeat: the only lease expires and the job fails; its series go once retention (0 s) passes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, job) = server.call(Method::GET, &format!("/v1/jobs/{id}"), None).await;
+        if job["state"] == "failed" && !scrape().await.contains(&id) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still there: {job}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    server.stop().await;
+}
