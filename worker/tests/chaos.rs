@@ -243,3 +243,32 @@ async fn a_server_frozen_past_the_lease_ttl_requeues_nothing_when_it_thaws() {
     assert_eq!((job["state"].as_str(), job["attempt"].as_u64()), (Some("succeeded"), Some(1)), "never requeued: {job}");
     assert_eq!(progress(&job), steps_total);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_preparation_slower_than_the_lease_keeps_its_lease() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    tokio::task::block_in_place(|| prepare_inputs(root));
+    // The preparation reads a named pipe: it cannot finish before the test writes the text.
+    let pipe = root.join("slow.txt");
+    assert!(std::process::Command::new("mkfifo").arg(&pipe).status().unwrap().success());
+    let harness = Harness::start(root).await;
+    let p = |name: &str| root.join(name).display().to_string();
+    let request = json!({"name": "slow", "tokenizer": p("smollm2/tokenizer.json"), "inputs": [p("slow.txt")],
+                         "config": {"seq_len": 16, "validation_fraction": 0.0}});
+    let dataset = harness.post("/v1/datasets", request).await;
+    let id = dataset["id"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while harness.get(&format!("/v1/jobs/{id}")).await["state"] != "running" {
+        assert!(std::time::Instant::now() < deadline, "the preparation was never leased");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Three lease periods (TTL 3 s) of preparing, then the text arrives.
+    tokio::time::sleep(std::time::Duration::from_secs(9)).await;
+    let text = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/english.txt")).unwrap();
+    tokio::task::spawn_blocking(move || std::fs::write(pipe, text).unwrap()).await.unwrap();
+    harness.follow(&id, |_| false).await;
+    let job = harness.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!((job["state"].as_str(), job["attempt"].as_u64()), (Some("succeeded"), Some(1)), "never requeued: {job}");
+    harness.stop().await;
+}
