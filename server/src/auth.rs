@@ -43,12 +43,13 @@ pub async fn require_worker_token(State(app): State<AppState>, request: Request,
 /// type but JSON refuses them all; a body without a type (scripts) is read as JSON.
 pub async fn require_json(request: Request, next: Next) -> Response {
     let content_type = request.headers().get(CONTENT_TYPE).map(|v| v.to_str().unwrap_or("invalid"));
-    let is_json = |value: &str| {
-        let essence = value.split(';').next().unwrap_or_default().trim();
-        essence.eq_ignore_ascii_case("application/json")
-    };
     if request.method() == Method::POST && content_type.is_some_and(|v| !is_json(v)) {
         return ApiError::unsupported_media_type().into_response();
     }
     next.run(request).await
+}
+
+/// Whether a Content-Type value names JSON (`application/json`, parameters and case aside).
+pub fn is_json(content_type: &str) -> bool {
+    content_type.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("application/json")
 }

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cpt_protocol::prepare::PrepareConfig;
+use cpt_protocol::spec::limits::NAME_BYTES;
 use cpt_protocol::spec::PrepareSpec;
 use cpt_protocol::{Event, JobKind};
 use serde::Deserialize;
@@ -32,8 +33,8 @@ const MAX_INPUTS: usize = 1000;
 /// stored spec names the resolved paths, so every worker reads the same files.
 pub async fn create(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let mut spec: PrepareSpec = crate::error::parse_json(&body)?;
-    if spec.name.trim().is_empty() || spec.name.len() > 200 {
-        return Err(ApiError::invalid_field("name", "must be 1 to 200 characters"));
+    if spec.name.trim().is_empty() || spec.name.len() as u64 > NAME_BYTES {
+        return Err(ApiError::invalid_field("name", format!("must be 1 to {NAME_BYTES} characters")));
     }
     if spec.inputs.is_empty() || spec.inputs.len() > MAX_INPUTS {
         return Err(ApiError::invalid_field("inputs", format!("needs 1 to {MAX_INPUTS} paths")));

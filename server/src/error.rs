@@ -141,9 +141,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
 
     async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
         let content_type = request.headers().get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-        if !content_type
-            .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")))
-        {
+        if !content_type.is_some_and(crate::auth::is_json) {
             return Err(ApiError::unsupported_media_type());
         }
         let bytes = axum::body::Bytes::from_request(request, state)

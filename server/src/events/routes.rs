@@ -29,14 +29,11 @@ pub fn worker_routes() -> Router<AppState> {
     Router::new().route("/v1/workers/{id}/events", post(ingest))
 }
 
-/// Refuses events a worker cannot have produced for this job.
-fn check(batch: &EventBatch, total_steps: Option<i64>) -> Result<(), ApiError> {
-    if batch.events.len() > MAX_BATCH_EVENTS {
-        return Err(ApiError::invalid_field("events", format!("at most {MAX_BATCH_EVENTS} events per batch")));
-    }
+/// Refuses events a worker cannot have produced for a job of `total_steps` steps.
+fn check_steps(batch: &EventBatch, total_steps: Option<i64>) -> Result<(), ApiError> {
+    let Some(total) = total_steps else { return Ok(()) };
     for (i, envelope) in batch.events.iter().enumerate() {
-        let beyond = |step: u64| total_steps.is_some_and(|total| step > total as u64);
-        if envelope.event.step().is_some_and(beyond) {
+        if envelope.event.step().is_some_and(|step| step > total as u64) {
             return Err(ApiError::invalid_field(format!("events[{i}].step"), "beyond the job's total steps"));
         }
     }
@@ -51,13 +48,15 @@ pub async fn ingest(
     UrlPath(worker): UrlPath<String>,
     Body(batch): Body<EventBatch>,
 ) -> Result<Json<BatchReply>, ApiError> {
-    check(&batch, None)?;
+    if batch.events.len() > MAX_BATCH_EVENTS {
+        return Err(ApiError::invalid_field("events", format!("at most {MAX_BATCH_EVENTS} events per batch")));
+    }
     let job = jobs::existing(&app.pool, &batch.job_id).await?;
     let mut tx = WriteTx::begin(&app.pool).await?;
     let sender = jobs::event_sender(tx.conn(), &job.id, batch.attempt, &worker).await?;
     let current = matches!(sender, Sender::Current { .. });
     if let Sender::Current { total_steps } = sender {
-        check(&batch, total_steps)?;
+        check_steps(&batch, total_steps)?;
     }
     let stored = store::insert(tx.conn(), &job.id, batch.attempt, &batch.events).await?;
     let last_step = stored.iter().rev().find_map(|e| match &e.envelope.event {

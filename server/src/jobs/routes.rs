@@ -28,62 +28,53 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/jobs/{id}/resume", post(resume))
 }
 
-/// Resolves the spec's paths inside the data roots (in place) and returns the base model's config.
+/// Resolves the spec's paths inside the data roots (in place), checks each dataset's manifest, and
+/// returns the base model's config.
 fn resolve_paths(roots: &[std::path::PathBuf], spec: &mut JobSpec) -> Result<ModelConfig, ApiError> {
     let base = inside_roots(roots, "base_model", &spec.base_model)?;
     let text = std::fs::read_to_string(base.join("config.json"))
         .map_err(|_| ApiError::invalid_field("base_model", "the directory has no readable config.json"))?;
     let config = ModelConfig::from_json_str(&text).map_err(|e| ApiError::invalid_field("base_model", e.to_string()))?;
     spec.base_model = base.display().to_string();
-    let datasets =
-        spec.train_data.iter_mut().enumerate().map(|(i, s)| (format!("train_data[{i}].dataset"), &mut s.dataset));
-    let evals = spec.eval_data.iter_mut().map(|(name, dataset)| (format!("eval_data.{name}"), dataset));
-    for (field, dataset) in datasets.chain(evals) {
+    let seq_len = spec.seq_len;
+    let train = spec
+        .train_data
+        .iter_mut()
+        .enumerate()
+        .map(|(i, s)| (format!("train_data[{i}].dataset"), &mut s.dataset, "train"));
+    let evals = spec.eval_data.iter_mut().map(|(name, dataset)| (format!("eval_data.{name}"), dataset, "validation"));
+    for (field, dataset, split) in train.chain(evals) {
         let dir = inside_roots(roots, &field, dataset)?;
-        if !dir.join("manifest.json").exists() {
-            return Err(ApiError::invalid_field(
-                field,
-                format!("{dataset} is not a prepared dataset (no manifest.json)"),
-            ));
-        }
+        check_manifest(&dir, dataset, split, seq_len, &config)
+            .map_err(|message| ApiError::invalid_field(field, message))?;
         *dataset = dir.display().to_string();
     }
     Ok(config)
 }
 
-/// Refuses now what would fail on the worker later: datasets cut into blocks of another length,
-/// tokens the model has no embedding for, and splits with nothing in them.
-fn check_datasets(spec: &JobSpec, config: &ModelConfig) -> Result<(), ApiError> {
-    let train =
-        spec.train_data.iter().enumerate().map(|(i, s)| (format!("train_data[{i}].dataset"), &s.dataset, "train"));
-    let evals = spec.eval_data.iter().map(|(name, dataset)| (format!("eval_data.{name}"), dataset, "validation"));
-    for (field, dataset, split) in train.chain(evals) {
-        let text = std::fs::read_to_string(Path::new(dataset).join("manifest.json"))
-            .map_err(|e| ApiError::invalid_field(&field, format!("{dataset}/manifest.json: {e}")))?;
-        let manifest: ManifestSummary = serde_json::from_str(&text)
-            .map_err(|e| ApiError::invalid_field(&field, format!("{dataset}/manifest.json: {e}")))?;
-        if manifest.seq_len != spec.seq_len {
-            let message =
-                format!("{dataset} has blocks of {} tokens; the spec's seq_len is {}", manifest.seq_len, spec.seq_len);
-            return Err(ApiError::invalid_field(field, message));
-        }
-        if manifest.vocab_size > config.vocab_size {
-            let message = format!(
-                "{dataset}'s tokenizer has {} tokens; the model embeds {}",
-                manifest.vocab_size, config.vocab_size
-            );
-            return Err(ApiError::invalid_field(field, message));
-        }
-        let counts = manifest.split(split);
-        if counts.blocks == 0 {
-            let hint = if split == "validation" {
-                " (prepare it with a larger validation_fraction, or \"tail\": \"pad\")"
-            } else {
-                ""
-            };
-            let message = format!("{dataset} has no {split} blocks ({} documents){hint}", counts.documents);
-            return Err(ApiError::invalid_field(field, message));
-        }
+/// Refuses now what would fail on the worker later: a directory that is no prepared dataset, blocks
+/// of another length, tokens the model has no embedding for, and a `split` with nothing in it.
+fn check_manifest(dir: &Path, dataset: &str, split: &str, seq_len: usize, config: &ModelConfig) -> Result<(), String> {
+    let text = std::fs::read_to_string(dir.join("manifest.json"))
+        .map_err(|_| format!("{dataset} is not a prepared dataset (no manifest.json)"))?;
+    let manifest: ManifestSummary = serde_json::from_str(&text).map_err(|e| format!("{dataset}/manifest.json: {e}"))?;
+    if manifest.seq_len != seq_len {
+        return Err(format!("{dataset} has blocks of {} tokens; the spec's seq_len is {seq_len}", manifest.seq_len));
+    }
+    if manifest.vocab_size > config.vocab_size {
+        return Err(format!(
+            "{dataset}'s tokenizer has {} tokens; the model embeds {}",
+            manifest.vocab_size, config.vocab_size
+        ));
+    }
+    let counts = manifest.split(split);
+    if counts.blocks == 0 {
+        let hint = if split == "validation" {
+            " (prepare it with a larger validation_fraction, or \"tail\": \"pad\")"
+        } else {
+            ""
+        };
+        return Err(format!("{dataset} has no {split} blocks ({} documents){hint}", counts.documents));
     }
     Ok(())
 }
@@ -125,7 +116,6 @@ pub async fn create(
     let config = resolve_paths(&app.config.data_roots, &mut spec)?;
     let plan = Plan::new(&spec, &config);
     crate::workers::check_memory(&app, plan.memory_estimate_bytes).await?;
-    check_datasets(&spec, &config)?;
     if query.dry_run {
         return Ok(Json(json!({"plan": plan})).into_response());
     }
