@@ -1,6 +1,7 @@
 //! Types that cross cpt's process boundaries (server ↔ worker ↔ user): model shapes, job specs and
 //! their validation, resolved plans, and training events. Pure data and arithmetic, no I/O.
 
+pub mod adapter;
 pub mod events;
 pub mod jobs;
 pub mod model_config;

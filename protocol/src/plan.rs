@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::adapter::AdapterSpec;
 use crate::model_config::ModelConfig;
 use crate::spec::{JobSpec, LearningRate, Precision};
 
@@ -51,11 +52,72 @@ pub fn flops_per_token(config: &ModelConfig, seq_len: usize) -> f64 {
     6.0 * n + 12.0 * attention
 }
 
-/// A rough upper bound of training memory in bytes: f32 weights, gradients and two AdamW moments,
-/// plus activations kept for the backward pass and the logits.
+/// [`flops_per_token`] of a job: a frozen matrix costs `4·N` (forward and input gradient, no weight
+/// gradient), adapters `6·` their own size, a trained output layer its weight gradient on top.
+pub fn job_flops_per_token(config: &ModelConfig, spec: &JobSpec) -> f64 {
+    let full = flops_per_token(config, spec.seq_len);
+    let Some(adapter) = &spec.adapter else { return full };
+    let n = config.non_embedding_parameters() as f64;
+    let output = (config.vocab_size * config.hidden_size) as f64;
+    let output_trained = adapter.saves("lm_head") || (config.tie_word_embeddings && adapter.saves("embed_tokens"));
+    full - 2.0 * n + 6.0 * lora_parameters(config, adapter) as f64 + if output_trained { 2.0 * output } else { 0.0 }
+}
+
+/// The (out, in) shape of each LoRA-adaptable projection of one layer, by module name.
+fn projection_shapes(config: &ModelConfig) -> [(&'static str, usize, usize); 7] {
+    let (h, i) = (config.hidden_size, config.intermediate_size);
+    let q = config.num_attention_heads * config.head_dim;
+    let kv = config.num_key_value_heads * config.head_dim;
+    [
+        ("q_proj", q, h),
+        ("k_proj", kv, h),
+        ("v_proj", kv, h),
+        ("o_proj", h, q),
+        ("gate_proj", i, h),
+        ("up_proj", i, h),
+        ("down_proj", h, i),
+    ]
+}
+
+/// Scalars in the LoRA adapters of `adapter` on a model of shape `config`.
+pub fn lora_parameters(config: &ModelConfig, adapter: &AdapterSpec) -> u64 {
+    let Some(lora) = &adapter.lora else { return 0 };
+    let per_layer: usize = projection_shapes(config)
+        .iter()
+        .filter(|(name, _, _)| adapter.adapts(name))
+        .map(|(_, out, inp)| lora.rank * (out + inp))
+        .sum();
+    (per_layer * config.num_hidden_layers) as u64
+}
+
+/// Scalars a job trains: every parameter, or the adapters and the modules saved in full.
+pub fn trainable_parameters(config: &ModelConfig, spec: &JobSpec) -> u64 {
+    let Some(adapter) = &spec.adapter else { return config.total_parameters() as u64 };
+    let embedding = (config.vocab_size * config.hidden_size) as u64;
+    let saved = match (adapter.saves("embed_tokens"), adapter.saves("lm_head"), config.tie_word_embeddings) {
+        (false, false, _) => 0,
+        (true, true, false) => 2 * embedding,
+        _ => embedding,
+    };
+    lora_parameters(config, adapter) + saved
+}
+
+/// A rough upper bound of training memory in bytes: trained tensors in f32 with their gradients
+/// and two AdamW moments (16 bytes each), frozen ones in the adapter's base dtype, plus activations
+/// kept for the backward pass and the logits.
 pub fn memory_estimate_bytes(config: &ModelConfig, spec: &JobSpec) -> u64 {
-    let params = config.total_parameters() as f64;
-    let state = params * 4.0 * 4.0;
+    let trainable = trainable_parameters(config, spec) as f64;
+    let frozen = match &spec.adapter {
+        None => 0.0,
+        Some(adapter) => {
+            let frozen = config.total_parameters() as f64 - (trainable - lora_parameters(config, adapter) as f64);
+            // One frozen matrix at a time is widened to f32 for its product: the output layer at most.
+            let widened =
+                if adapter.base_dtype.size() < 4 { 4.0 * (config.vocab_size * config.hidden_size) as f64 } else { 0.0 };
+            frozen * adapter.base_dtype.size() as f64 + widened
+        }
+    };
+    let state = trainable * 4.0 * 4.0 + frozen;
     let act_bytes = match spec.precision {
         Precision::F32 => 4.0,
         Precision::Bf16 => 2.0,
@@ -82,13 +144,16 @@ pub struct Plan {
     pub flops_per_token: f64,
     pub total_flops: f64,
     pub parameters: u64,
+    /// Scalars trained (all of `parameters` unless the job trains an adapter).
+    #[serde(default)]
+    pub trainable_parameters: u64,
     pub memory_estimate_bytes: u64,
 }
 
 impl Plan {
     /// The plan of `spec` on a model of shape `config`.
     pub fn new(spec: &JobSpec, config: &ModelConfig) -> Self {
-        let flops_per_token = flops_per_token(config, spec.seq_len);
+        let flops_per_token = job_flops_per_token(config, spec);
         let total_tokens = spec.total_steps() * spec.tokens_per_step();
         Plan {
             total_steps: spec.total_steps(),
@@ -99,6 +164,7 @@ impl Plan {
             flops_per_token,
             total_flops: flops_per_token * total_tokens as f64,
             parameters: config.total_parameters() as u64,
+            trainable_parameters: trainable_parameters(config, spec),
             memory_estimate_bytes: memory_estimate_bytes(config, spec),
         }
     }

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::adapter::AdapterSpec;
+
 /// A continued-pretraining job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,6 +87,9 @@ pub struct JobSpec {
     /// Warn when a step's loss exceeds its moving average by this factor.
     #[serde(default = "defaults::spike_factor")]
     pub spike_factor: f64,
+    /// Train adapters (and optionally the embeddings) over a frozen base instead of every weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterSpec>,
 }
 
 /// One training source.
@@ -369,7 +374,7 @@ impl JobSpec {
         if !(self.spike_factor > 1.0) {
             return Err(problem("spike_factor", "must be greater than 1"));
         }
-        Ok(())
+        self.adapter.as_ref().map_or(Ok(()), AdapterSpec::validate)
     }
 
     /// Tokens consumed by one optimizer step.

@@ -71,7 +71,7 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
             .iter()
             .map(|(name, var)| Ok((name.to_string(), store.get(var).context("a parameter without gradient")?.clone())))
             .collect::<Result<_>>()?;
-        optimizer.step(&params, &grads, 1e-3)?;
+        optimizer.step(&params, &grads, |_| 1e-3)?;
         losses.push(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?);
         if step >= options.warmup {
             seconds.push(started.elapsed().as_secs_f64());

@@ -13,7 +13,7 @@ use candle_core::{DType, Device};
 use cpt_data::{sha256_file, MixtureState, StagedDir};
 use serde::{Deserialize, Serialize};
 
-use crate::hf::{write_model_files, ModelFiles};
+use crate::adapter;
 use crate::optim::AdamW;
 use crate::params::write_safetensors;
 use crate::schedule::LrSchedule;
@@ -70,10 +70,11 @@ pub fn to_delete(steps: &[u64], keep: usize) -> Vec<u64> {
     sorted
 }
 
-/// Writes the checkpoint of `state.step`, then prunes old ones down to `keep`.
+/// Writes the checkpoint of `state.step` (its weights through `write_weights`: a model directory's
+/// files, or an adapter's), then prunes old ones down to `keep`.
 pub fn save(
     run_dir: &Path,
-    model: ModelFiles<'_>,
+    write_weights: impl FnOnce(&StagedDir) -> Result<()>,
     optimizer: &AdamW,
     state: &TrainerState,
     keep: usize,
@@ -84,7 +85,7 @@ pub fn save(
         std::fs::remove_dir_all(&out)?;
     }
     let staged = StagedDir::begin(&out)?;
-    write_model_files(&staged, model)?;
+    write_weights(&staged)?;
     write_safetensors(&staged.path().join("optimizer.safetensors"), &optimizer.state_tensors())?;
     staged.write("trainer_state.json", serde_json::to_string_pretty(state)?)?;
     let mut checksums = BTreeMap::new();
@@ -107,7 +108,12 @@ pub fn verify(dir: &Path) -> Result<()> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let checksums: BTreeMap<String, String> =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    for required in ["model.safetensors", "optimizer.safetensors", "trainer_state.json", "config.json"] {
+    let weights = if checksums.contains_key(adapter::CONFIG_FILE) {
+        [adapter::WEIGHTS_FILE, adapter::CONFIG_FILE]
+    } else {
+        ["model.safetensors", "config.json"]
+    };
+    for required in weights.into_iter().chain(["optimizer.safetensors", "trainer_state.json"]) {
         if !checksums.contains_key(required) {
             bail!("{}: no checksum for {required}", dir.display());
         }

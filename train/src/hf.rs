@@ -123,8 +123,7 @@ pub fn write_model_files(staged: &StagedDir, files: ModelFiles<'_>) -> Result<()
     object.entry("architectures").or_insert(serde_json::json!([class]));
 
     staged.write("config.json", serde_json::to_string_pretty(&config_json)?)?;
-    let tokenizer_json = files.tokenizer.to_string(true).map_err(|e| anyhow::anyhow!("serialising tokenizer: {e}"))?;
-    staged.write("tokenizer.json", tokenizer_json)?;
+    write_tokenizer(staged, files.tokenizer)?;
     let generated = [
         ("tokenizer_config.json", tokenizer_config(&config, files.tokenizer)),
         ("generation_config.json", generation_config(&config)),
@@ -138,6 +137,12 @@ pub fn write_model_files(staged: &StagedDir, files: ModelFiles<'_>) -> Result<()
         staged.write(file, text)?;
     }
     files.params.save(&staged.path().join("model.safetensors"), files.dtype)
+}
+
+/// Writes `tokenizer.json` into `staged`.
+pub fn write_tokenizer(staged: &StagedDir, tokenizer: &Tokenizer) -> Result<()> {
+    let json = tokenizer.to_string(true).map_err(|e| anyhow::anyhow!("serialising tokenizer: {e}"))?;
+    staged.write("tokenizer.json", json)
 }
 
 /// Passthrough files of a model directory that exist, as `(name, contents)`.

@@ -5,6 +5,7 @@
 //! it on a dedicated thread and tests can call it directly.
 
 pub use cpt_protocol::model_config as config;
+pub mod adapter;
 pub mod bench;
 pub mod checkpoint;
 pub mod device;

@@ -48,14 +48,16 @@ impl AdamW {
         Ok(Self { config, updates: 0, moments })
     }
 
-    /// Applies one update with learning rate `lr`; `grads` holds every parameter's gradient.
-    pub fn step(&mut self, params: &Params, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
+    /// Applies one update, each parameter with its learning rate `lr(name)`; `grads` holds every
+    /// trained parameter's gradient.
+    pub fn step(&mut self, params: &Params, grads: &BTreeMap<String, Tensor>, lr: impl Fn(&str) -> f64) -> Result<()> {
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
         self.updates += 1;
         let t = self.updates as i32;
         for (name, var) in params.iter() {
             let grad = grads.get(name).with_context(|| format!("no gradient for `{name}`"))?;
             let (m, v) = self.moments.get_mut(name).expect("moments exist for every parameter");
+            let lr = lr(name);
             let decay = if is_norm_or_bias(name) { 0.0 } else { weight_decay };
             let update = Update {
                 eps,

@@ -79,14 +79,36 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     bail!("{}: neither model.safetensors nor model.safetensors.index.json", dir.display())
 }
 
-/// A model's parameters as candle variables, keyed by HuggingFace tensor name.
+/// A model's parameters keyed by HuggingFace tensor name: the trained ones as candle variables,
+/// the frozen ones (an adapter job's base) as plain tensors that no gradient reaches.
 pub struct Params {
     vars: BTreeMap<String, Var>,
+    frozen: BTreeMap<String, Tensor>,
+    /// Frozen projections that read the same input, concatenated once (`…qkv_proj.weight`,
+    /// `…gate_up_proj.weight`); their members in `frozen` are row views of these.
+    packed: BTreeMap<String, Tensor>,
 }
+
+/// The projections each layer runs as one product, by packed name and members.
+pub const PACKED: [(&str, [&str; 3]); 2] = [
+    ("self_attn.qkv_proj.weight", ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]),
+    ("mlp.gate_up_proj.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight", ""]),
+];
 
 impl Params {
     /// Checks names and shapes against the config and wraps the tensors as variables of `dtype`.
-    pub fn from_tensors(config: &ModelConfig, mut tensors: HashMap<String, Tensor>, dtype: DType) -> Result<Self> {
+    pub fn from_tensors(config: &ModelConfig, tensors: HashMap<String, Tensor>, dtype: DType) -> Result<Self> {
+        Self::from_tensors_freezing(config, tensors, dtype, |_| None)
+    }
+
+    /// As [`Params::from_tensors`], except that the tensors `frozen` gives a dtype for are held in
+    /// that dtype as frozen tensors.
+    pub fn from_tensors_freezing(
+        config: &ModelConfig,
+        mut tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        frozen: impl Fn(&str) -> Option<DType>,
+    ) -> Result<Self> {
         tensors.retain(|name, _| !is_derived_buffer(name));
         if config.tie_word_embeddings {
             // Tied checkpoints sometimes store lm_head anyway; transformers ignores it, and so do we.
@@ -101,19 +123,58 @@ impl Params {
         if !missing.is_empty() || !unexpected.is_empty() {
             bail!("weights do not match config.json: missing tensors {missing:?}; unexpected tensors {unexpected:?}");
         }
-        let mut vars = BTreeMap::new();
+        let mut params = Self { vars: BTreeMap::new(), frozen: BTreeMap::new(), packed: BTreeMap::new() };
         for (name, shape) in expected {
             let tensor = tensors.remove(&name).expect("checked above");
             if tensor.dims() != shape.as_slice() {
                 bail!("tensor `{name}` has shape {:?}, config.json implies {shape:?}", tensor.dims());
             }
-            vars.insert(name, Var::from_tensor(&tensor.to_dtype(dtype)?)?);
+            if let Some(frozen_dtype) = frozen(&name) {
+                params.frozen.insert(name, tensor.to_dtype(frozen_dtype)?.detach());
+            } else {
+                params.vars.insert(name, Var::from_tensor(&tensor.to_dtype(dtype)?)?);
+            }
         }
-        Ok(Self { vars })
+        params.pack_frozen(config)?;
+        Ok(params)
+    }
+
+    /// Concatenates each layer's frozen q/k/v and gate/up once and keeps the members as views.
+    fn pack_frozen(&mut self, config: &ModelConfig) -> Result<()> {
+        for layer in 0..config.num_hidden_layers {
+            for (packed, members) in PACKED {
+                let names: Vec<String> =
+                    members.iter().filter(|m| !m.is_empty()).map(|m| format!("model.layers.{layer}.{m}")).collect();
+                let Some(parts) = names.iter().map(|n| self.frozen.get(n).cloned()).collect::<Option<Vec<_>>>() else {
+                    continue;
+                };
+                let whole = Tensor::cat(&parts, 0)?;
+                let mut row = 0;
+                for (name, part) in names.iter().zip(&parts) {
+                    let rows = part.dim(0)?;
+                    self.frozen.insert(name.clone(), whole.narrow(0, row, rows)?);
+                    row += rows;
+                }
+                self.packed.insert(format!("model.layers.{layer}.{packed}"), whole);
+            }
+        }
+        Ok(())
     }
 
     /// Loads the weights of a HuggingFace model directory.
     pub fn load_dir(dir: &Path, config: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_dir_freezing(dir, config, dtype, device, |_| None)
+    }
+
+    /// Loads the weights of a HuggingFace model directory, freezing some (see
+    /// [`Params::from_tensors_freezing`]).
+    pub fn load_dir_freezing(
+        dir: &Path,
+        config: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+        frozen: impl Fn(&str) -> Option<DType>,
+    ) -> Result<Self> {
         let files = weight_files(dir)?;
         // Safety: the files are mapped read-only; cpt never writes a file while a model is loaded from it.
         let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
@@ -123,7 +184,8 @@ impl Params {
             let tensor = mapped.load(&name, device).with_context(|| format!("loading tensor `{name}`"))?;
             tensors.insert(name, tensor);
         }
-        Self::from_tensors(config, tensors, dtype).with_context(|| format!("loading {}", dir.display()))
+        Self::from_tensors_freezing(config, tensors, dtype, frozen)
+            .with_context(|| format!("loading {}", dir.display()))
     }
 
     /// Fresh weights as transformers initialises a LLaMA: normal(0, initializer_range) for matrices,
@@ -146,30 +208,58 @@ impl Params {
         Self::from_tensors(config, tensors, dtype)
     }
 
-    /// The tensor of a parameter; it shares storage with the variable, so gradients reach it.
+    /// The tensor of a parameter, trained or frozen; a trained one shares storage with its
+    /// variable, so gradients reach it.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        match self.vars.get(name) {
-            Some(var) => Ok(var.as_tensor().clone()),
-            None => bail!("no parameter named `{name}`"),
+        match (self.vars.get(name), self.frozen.get(name)) {
+            (Some(var), _) => Ok(var.as_tensor().clone()),
+            (None, Some(frozen)) => Ok(frozen.clone()),
+            (None, None) => bail!("no parameter named `{name}`"),
         }
     }
 
-    /// All parameters in name order.
+    /// Whether a tensor of this name exists, trained or frozen.
+    pub fn contains(&self, name: &str) -> bool {
+        self.vars.contains_key(name) || self.frozen.contains_key(name)
+    }
+
+    /// A packed frozen projection (see [`PACKED`]), when its members are all frozen.
+    pub fn packed(&self, name: &str) -> Option<Tensor> {
+        self.packed.get(name).cloned()
+    }
+
+    /// Adds a trained tensor (an adapter's), refusing a name that exists.
+    pub fn insert_trained(&mut self, name: String, tensor: &Tensor) -> Result<()> {
+        if self.contains(&name) {
+            bail!("parameter `{name}` exists already");
+        }
+        self.vars.insert(name, Var::from_tensor(tensor)?);
+        Ok(())
+    }
+
+    /// Replaces the values of a trained parameter (same shape and dtype).
+    pub fn set(&mut self, name: &str, values: &Tensor) -> Result<()> {
+        let var = self.vars.get(name).with_context(|| format!("no trained parameter named `{name}`"))?;
+        var.set(values).with_context(|| format!("setting `{name}`"))
+    }
+
+    /// The trained parameters in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
         self.vars.iter().map(|(n, v)| (n.as_str(), v))
     }
 
-    /// Total number of scalar parameters.
+    /// Number of trained scalars.
     pub fn count(&self) -> usize {
         self.vars.values().map(|v| v.elem_count()).sum()
     }
 
-    /// Writes every parameter, converted to `dtype`, to one safetensors file that transformers reads.
+    /// Writes every parameter, trained and frozen, converted to `dtype`, to one safetensors file
+    /// that transformers reads.
     pub fn save(&self, path: &Path, dtype: DType) -> Result<()> {
-        let tensors: Vec<(String, Tensor)> = self
-            .vars
-            .iter()
-            .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_dtype(dtype)?.contiguous()?)))
+        let trained = self.vars.iter().map(|(name, var)| (name, var.as_tensor()));
+        let tensors: Vec<(String, Tensor)> = trained
+            .chain(&self.frozen)
+            .map(|(name, tensor)| Ok((name.clone(), tensor.to_dtype(dtype)?.contiguous()?)))
             .collect::<Result<_>>()?;
         write_safetensors(path, &tensors)
     }

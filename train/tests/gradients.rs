@@ -5,7 +5,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{check_gradients, random};
-use cpt_train::model::ops;
+use cpt_protocol::adapter::{AdapterSpec, LORA_TARGETS};
+use cpt_train::adapter;
+use cpt_train::model::{ops, Kernels};
 use cpt_train::Llama;
 use serde_json::json;
 
@@ -156,4 +158,97 @@ fn masked_loss_equals_the_loss_of_the_unpadded_prefix() {
     let masked: f64 = model.masked_loss(&ids, &mask).unwrap().to_scalar().unwrap();
     let prefix: f64 = model.loss(&ids.narrow(1, 0, 5).unwrap()).unwrap().to_scalar().unwrap();
     assert!((masked - prefix).abs() < 1e-12, "{masked} vs {prefix}");
+}
+
+/// An adapter job's parameters over `config` in f64: the base frozen except `saved`, LoRA factors on
+/// every projection, both random (B too, so the adapters are not a no-op).
+fn adapter_params(config: &cpt_train::ModelConfig, saved: &[&str]) -> (cpt_train::Params, AdapterSpec) {
+    let adapter: AdapterSpec = serde_json::from_value(json!({
+        "lora": {"rank": 3, "alpha": 6.0, "dropout": 0.25, "target_modules": LORA_TARGETS},
+        "modules_to_save": saved,
+    }))
+    .unwrap();
+    let base = common::tiny_params(config, 3, DType::F64);
+    let tensors = base.iter().map(|(n, v)| (n.to_string(), v.as_tensor().copy().unwrap())).collect();
+    let frozen = |name: &str| (!adapter::is_saved(config, &adapter, name)).then_some(DType::F64);
+    let mut params = cpt_train::Params::from_tensors_freezing(config, tensors, DType::F64, frozen).unwrap();
+    for (i, (name, shape)) in adapter::lora_tensors(config, &adapter).into_iter().enumerate() {
+        params.insert_trained(name, &(common::random(&shape, 50 + i as u64) * 0.3).unwrap()).unwrap();
+    }
+    (params, adapter)
+}
+
+#[test]
+fn adapter_gradients_match_finite_differences_and_frozen_weights_get_none() {
+    let config =
+        common::tiny_config("LlamaForCausalLM", json!({"hidden_size": 16, "intermediate_size": 24, "vocab_size": 20}));
+    let ids = Tensor::new(&[[1u32, 5, 7, 2, 19, 3]], &Device::Cpu).unwrap();
+    for kernels in [Kernels::Cpu, Kernels::Composed] {
+        let (params, adapter) = adapter_params(&config, &["lm_head"]);
+        let model = |params: &cpt_train::Params| {
+            let mut model = Llama::new(&config, params).unwrap();
+            model.set_kernels(kernels);
+            model.set_lora(adapter::settings(&adapter));
+            // The same masks in every forward pass, so the loss is a function of the weights.
+            model.set_dropout_pass(Some(7));
+            model
+        };
+        let loss_of = |params: &cpt_train::Params| -> f64 { model(params).loss(&ids).unwrap().to_scalar().unwrap() };
+        let grads = model(&params).loss(&ids).unwrap().backward().unwrap();
+        assert_eq!(params.iter().count(), 2 * 7 * 2 + 1, "LoRA A and B on 7 projections × 2 layers, and lm_head");
+        let eps = 1e-6;
+        for (name, var) in params.iter() {
+            let analytic: Vec<f64> = grads.get(var).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let original = var.as_tensor().copy().unwrap();
+            let values: Vec<f64> = original.flatten_all().unwrap().to_vec1().unwrap();
+            for j in [0, values.len() / 2, values.len() - 1] {
+                let at = |delta: f64| {
+                    let mut v = values.clone();
+                    v[j] += delta;
+                    var.set(&Tensor::from_vec(v, original.dims(), &Device::Cpu).unwrap()).unwrap();
+                    loss_of(&params)
+                };
+                let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+                var.set(&original).unwrap();
+                let tolerance = 1e-6 * (1.0 + numeric.abs());
+                assert!(
+                    (analytic[j] - numeric).abs() < tolerance,
+                    "{kernels} {name}[{j}]: {} vs {numeric}",
+                    analytic[j]
+                );
+            }
+        }
+        if kernels == Kernels::Cpu {
+            // The fused kernels compute no gradient for a frozen matrix.
+            for frozen in [
+                "model.layers.0.mlp.down_proj.weight",
+                "model.layers.1.self_attn.o_proj.weight",
+                "model.embed_tokens.weight",
+            ] {
+                assert!(grads.get(&params.tensor(frozen).unwrap()).is_none(), "{frozen} got a gradient");
+            }
+            for packed in ["model.layers.0.self_attn.qkv_proj.weight", "model.layers.1.mlp.gate_up_proj.weight"] {
+                assert!(grads.get(&params.packed(packed).unwrap()).is_none(), "{packed} got a gradient");
+            }
+        }
+    }
+}
+
+#[test]
+fn dropout_changes_the_adapted_loss_only_while_training() {
+    let config = common::tiny_config("LlamaForCausalLM", json!({}));
+    let (params, adapter) = adapter_params(&config, &[]);
+    let ids = Tensor::new(&[[1u32, 5, 7, 2, 19, 3, 8, 9]], &Device::Cpu).unwrap();
+    let mut model = Llama::new(&config, &params).unwrap();
+    model.set_lora(adapter::settings(&adapter));
+    let loss = |m: &Llama| -> f64 { m.loss(&ids).unwrap().to_scalar().unwrap() };
+    let evaluation = loss(&model);
+    model.set_dropout_pass(Some(1));
+    let (first, again) = (loss(&model), loss(&model));
+    model.set_dropout_pass(Some(2));
+    let other = loss(&model);
+    assert_eq!(first, again, "one pass seed, one mask");
+    assert_ne!(first, other, "another pass seed, another mask");
+    assert_ne!(first, evaluation);
+    assert_eq!(loss(&model.detached()), evaluation, "a detached (evaluation) model applies no dropout");
 }

@@ -227,3 +227,43 @@ fn a_job_too_large_for_the_machine_is_refused_before_it_allocates() {
     assert!(error.contains("micro_batch_size") && error.contains("GiB"), "{error}");
     assert!(events.is_empty(), "nothing started");
 }
+
+#[test]
+fn an_adapter_run_resumes_bit_identically_and_checkpoints_only_what_it_trains() {
+    let f = fixture(false);
+    let adapter = json!({
+        "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "modules_to_save": ["embed_tokens", "lm_head"], "embedding_lr": 1e-3, "base_dtype": "bf16",
+    });
+    let spec = spec(&f.root, json!({ "adapter": adapter }));
+    let (whole, whole_events) = run(&spec, &f.root.join("whole"), false, None);
+    let whole = whole.unwrap();
+    let (first, first_events) = run(&spec, &f.root.join("split"), false, Some(6));
+    assert!(first.unwrap().stopped);
+    let (second, second_events) = run(&spec, &f.root.join("split"), true, None);
+    let second = second.unwrap();
+    let mut split = steps(&first_events);
+    split.extend(steps(&second_events));
+    assert_eq!(split, steps(&whole_events), "per-step losses and learning rates must match bit for bit");
+    for file in ["adapter_model.safetensors", "optimizer.safetensors"] {
+        assert_eq!(
+            std::fs::read(whole.checkpoint.join(file)).unwrap(),
+            std::fs::read(second.checkpoint.join(file)).unwrap()
+        );
+    }
+
+    assert!(!whole.checkpoint.join("model.safetensors").exists(), "an adapter checkpoint holds no base weights");
+    let saved =
+        candle_core::safetensors::load(whole.checkpoint.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let saved_scalars: usize = saved.values().map(|t| t.elem_count()).sum();
+    let Event::Started { plan, .. } = &whole_events[0] else { panic!("the first event is `started`") };
+    assert_eq!(saved_scalars as u64, plan.trainable_parameters);
+    assert_eq!(saved.len(), 2 * 3 * 2 + 2, "A and B of 3 projections × 2 layers, embed_tokens and lm_head");
+    assert!(saved.contains_key("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
+    assert!(saved.contains_key("base_model.model.lm_head.weight"));
+    let moments = candle_core::safetensors::load(whole.checkpoint.join("optimizer.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(moments.len(), 2 * saved.len(), "two moments per trained tensor, none for the frozen base");
+    let losses: Vec<f64> =
+        whole_events.iter().filter_map(|e| if let Event::Step(m) = e { Some(m.loss) } else { None }).collect();
+    assert!(losses.last().unwrap() < &losses[0], "the adapter learns: {losses:?}");
+}

@@ -59,6 +59,10 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_enum, default_value = "bf16")]
         dtype: WeightDtype,
+        /// For an adapter (checkpoint): merge it into its base and write a plain model directory,
+        /// instead of a PEFT adapter directory.
+        #[arg(long)]
+        merge: bool,
     },
     /// Write a randomly initialised model of any shape in HuggingFace layout.
     Init {
@@ -200,7 +204,9 @@ impl Cli {
         let device = cpt_train::device::parse(&self.device)?;
         match self.command {
             Command::Import { gguf, out, dtype } => crate::model_tools::import(&gguf, &out, dtype.into()),
-            Command::Export { source, out, dtype } => crate::model_tools::export(&source, &out, dtype.into()),
+            Command::Export { source, out, dtype, merge } => {
+                crate::model_tools::export(&source, &out, dtype.into(), merge)
+            }
             Command::Init { config, tokenizer, out, seed } => crate::model_tools::init(&config, &tokenizer, &out, seed),
             Command::Eval { model, text, seq_len, save_logits } => {
                 crate::model_tools::eval(&model, &text, seq_len, save_logits.as_deref(), &device)

@@ -3,16 +3,28 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use cpt_data::StagedDir;
 use cpt_train::text::{self, Decoding};
-use cpt_train::{gguf, hf, Llama, ModelDir};
+use cpt_train::{adapter, gguf, hf, Llama, ModelDir};
+use tokenizers::Tokenizer;
 
-fn load_model(dir: &Path, device: &Device) -> Result<(ModelDir, Llama)> {
+/// A model directory, or an adapter directory over the base it names, ready to run; with the
+/// tokenizer (an adapter's own when it has one).
+fn load_model(dir: &Path, device: &Device) -> Result<(Tokenizer, Llama)> {
+    if adapter::is_adapter_dir(dir) {
+        let opened = adapter::open_dir(dir, device)?;
+        let mut model = Llama::new(&opened.base.config, &opened.params)?;
+        model.set_lora(adapter::settings(&opened.adapter));
+        let own = dir.join("tokenizer.json");
+        let tokenizer = if own.exists() { hf::load_tokenizer(&own)? } else { opened.base.tokenizer()? };
+        return Ok((tokenizer, model));
+    }
     let model_dir = ModelDir::open(dir)?;
     let params = model_dir.load_params(DType::F32, device)?;
     let model = Llama::new(&model_dir.config, &params)?;
-    Ok((model_dir, model))
+    Ok((model_dir.tokenizer()?, model))
 }
 
 /// `cpt-worker import`.
@@ -29,10 +41,34 @@ pub fn import(path: &Path, out: &Path, dtype: DType) -> Result<()> {
     Ok(())
 }
 
-/// `cpt-worker export`.
-pub fn export(source: &Path, out: &Path, dtype: DType) -> Result<()> {
-    hf::export(source, out, dtype)?;
-    println!("exported {} to {}", source.display(), out.display());
+/// `cpt-worker export`: a model as a HF directory; an adapter as a PEFT adapter directory, or with
+/// `merge` as a HF directory of the base with the adapter merged in.
+pub fn export(source: &Path, out: &Path, dtype: DType, merge: bool) -> Result<()> {
+    if !adapter::is_adapter_dir(source) {
+        if merge {
+            bail!("{}: --merge applies to adapters, and this is a whole model", source.display());
+        }
+        hf::export(source, out, dtype)?;
+        println!("exported {} to {}", source.display(), out.display());
+        return Ok(());
+    }
+    let opened = adapter::open_dir(source, &Device::Cpu)?;
+    let own = source.join("tokenizer.json");
+    let tokenizer = if own.exists() { hf::load_tokenizer(&own)? } else { opened.base.tokenizer()? };
+    if merge {
+        let params = adapter::merged_params(&opened)?;
+        let extra = hf::passthrough_files(&opened.base.path)?;
+        let config_json = opened.base.config_json.clone();
+        hf::write_model_dir(out, hf::ModelFiles { config_json, params: &params, dtype, tokenizer: &tokenizer, extra })?;
+        println!("merged {} into its base, written to {}", source.display(), out.display());
+        return Ok(());
+    }
+    let staged = StagedDir::begin(out)?;
+    let base = opened.base.path.display().to_string();
+    adapter::write_adapter_files(&staged, &opened.params, &opened.adapter, &opened.base.config, &base)?;
+    hf::write_tokenizer(&staged, &tokenizer)?;
+    staged.commit()?;
+    println!("exported the adapter {} to {}", source.display(), out.display());
     Ok(())
 }
 
@@ -45,9 +81,9 @@ pub fn init(config: &Path, tokenizer: &Path, out: &Path, seed: u64) -> Result<()
 
 /// `cpt-worker eval`: perplexity of a text file, optionally the first window's logits.
 pub fn eval(model: &Path, text_path: &Path, seq_len: usize, save_logits: Option<&Path>, device: &Device) -> Result<()> {
-    let (model_dir, model) = load_model(model, device)?;
+    let (tokenizer, model) = load_model(model, device)?;
     let text = std::fs::read_to_string(text_path).with_context(|| format!("reading {}", text_path.display()))?;
-    let ids = text::encode(&model_dir.tokenizer()?, &text)?;
+    let ids = text::encode(&tokenizer, &text)?;
     let result = text::perplexity(&model, &ids, seq_len, device)?;
     if let Some(path) = save_logits {
         let window = text::windows(&ids, seq_len).next().expect("perplexity checked the length");
@@ -63,8 +99,7 @@ pub fn eval(model: &Path, text_path: &Path, seq_len: usize, save_logits: Option<
 
 /// `cpt-worker generate`.
 pub fn generate(model: &Path, prompt: &str, max_new_tokens: usize, decoding: Decoding, device: &Device) -> Result<()> {
-    let (model_dir, model) = load_model(model, device)?;
-    let tokenizer = model_dir.tokenizer()?;
+    let (tokenizer, model) = load_model(model, device)?;
     let continuation = text::generate(&model, &tokenizer, prompt, max_new_tokens, decoding, device)?;
     println!("{prompt}{continuation}");
     Ok(())

@@ -17,9 +17,12 @@ pub(crate) fn forward_storage(x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layou
     run(Product::Forward, x, w)
 }
 
-/// `(g · w, gᵀ · x)`: the input and weight gradients of `x · wᵀ` for the output gradient `g`.
-pub(crate) fn gradients(g: &Tensor, x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
-    Ok((g.apply_op2_no_bwd(w, &Gradient(Product::InputGrad))?, g.apply_op2_no_bwd(x, &Gradient(Product::WeightGrad))?))
+/// `(g · w, gᵀ · x)`: the input and weight gradients of `x · wᵀ` for the output gradient `g`; a
+/// frozen weight (one that no gradient reaches a variable through) gets none.
+pub(crate) fn gradients(g: &Tensor, x: &Tensor, w: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    let dx = g.apply_op2_no_bwd(w, &Gradient(Product::InputGrad))?;
+    let dw = w.track_op().then(|| g.apply_op2_no_bwd(x, &Gradient(Product::WeightGrad))).transpose()?;
+    Ok((dx, dw))
 }
 
 /// `dst = lhs · rhs` (or `dst += lhs · rhs` with `accumulate`) for an m × k `lhs` and a k × n
@@ -83,6 +86,16 @@ fn contiguous<'a, T: candle_core::WithDType>(storage: &'a CpuStorage, layout: &L
     }
 }
 
+/// A contiguous bf16 or f16 tensor's elements as f32.
+fn widen(storage: &CpuStorage, layout: &Layout) -> Result<Vec<f32>> {
+    use rayon::prelude::*;
+    Ok(match storage {
+        CpuStorage::BF16(_) => contiguous::<half::bf16>(storage, layout)?.par_iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F16(_) => contiguous::<half::f16>(storage, layout)?.par_iter().map(|x| x.to_f32()).collect(),
+        other => bail!("linear: cannot widen {:?}", other.dtype()),
+    })
+}
+
 /// Runs `product` on row-major `a` and `b`; returns the result and its shape.
 fn run(product: Product, a: (&CpuStorage, &Layout), b: (&CpuStorage, &Layout)) -> Result<(CpuStorage, Shape)> {
     let (a_dims, b_dims) = (a.1.dims(), b.1.dims());
@@ -135,10 +148,19 @@ fn run(product: Product, a: (&CpuStorage, &Layout), b: (&CpuStorage, &Layout)) -
         dst
     }
     let sizes = (m, n, k);
-    let storage = match a.0.dtype() {
-        DType::F32 => CpuStorage::F32(typed(sizes, (contiguous(a.0, a.1)?, lhs), (contiguous(b.0, b.1)?, rhs))),
-        DType::F64 => CpuStorage::F64(typed(sizes, (contiguous(a.0, a.1)?, lhs), (contiguous(b.0, b.1)?, rhs))),
-        dtype => bail!("linear: {dtype:?} has no CPU kernel"),
+    let storage = match (a.0.dtype(), b.0.dtype()) {
+        (DType::F32, DType::F32) => {
+            CpuStorage::F32(typed(sizes, (contiguous(a.0, a.1)?, lhs), (contiguous(b.0, b.1)?, rhs)))
+        }
+        (DType::F64, DType::F64) => {
+            CpuStorage::F64(typed(sizes, (contiguous(a.0, a.1)?, lhs), (contiguous(b.0, b.1)?, rhs)))
+        }
+        // A frozen half-precision weight: widened for this product only, so the model keeps 2 bytes
+        // per weight and at most one matrix exists in f32 at a time.
+        (DType::F32, DType::BF16 | DType::F16) => {
+            CpuStorage::F32(typed(sizes, (contiguous(a.0, a.1)?, lhs), (&widen(b.0, b.1)?, rhs)))
+        }
+        (x, w) => bail!("linear: no CPU kernel for {x:?} inputs and {w:?} weights"),
     };
     Ok((storage, shape))
 }
@@ -152,7 +174,7 @@ impl CustomOp2 for Linear {
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = gradients(&grad.contiguous()?, x, w)?;
-        Ok((Some(dx), Some(dw)))
+        Ok((Some(dx), dw))
     }
 }
 

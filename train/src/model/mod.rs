@@ -4,34 +4,38 @@ mod fastexp;
 pub mod fused;
 pub mod linear;
 pub mod ops;
+mod projection;
 
 use candle_core::{DType, Result, Tensor};
 
 use crate::config::ModelConfig;
 use crate::params::Params;
+pub use projection::LoraSettings;
+use projection::Projection;
 
 struct Attention {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
-    q_bias: Option<Tensor>,
-    k_bias: Option<Tensor>,
-    v_bias: Option<Tensor>,
-    o_bias: Option<Tensor>,
+    q: Projection,
+    k: Projection,
+    v: Projection,
+    o: Projection,
+    /// q, k and v concatenated once, when all three are frozen.
+    qkv: Option<Tensor>,
 }
 
 struct Layer {
     input_norm: Tensor,
     attention: Attention,
     post_attention_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    gate: Projection,
+    up: Projection,
+    down: Projection,
+    /// gate and up concatenated once, when both are frozen.
+    gate_up: Option<Tensor>,
 }
 
-/// A decoder whose weights are the variables of a [`Params`]: a backward pass through
-/// [`Llama::forward`] reaches every parameter.
+/// A decoder whose weights are the tensors of a [`Params`]: a backward pass through
+/// [`Llama::forward`] reaches every trained parameter (every weight, or an adapter job's adapters
+/// and saved modules) and computes no gradient for a frozen one.
 pub struct Llama {
     config: ModelConfig,
     embed: Tensor,
@@ -44,42 +48,48 @@ pub struct Llama {
     /// The dtype of the forward and backward computation; the weights keep theirs (e.g. bf16
     /// compute over f32 master weights, whose gradients come back in f32).
     compute: DType,
+    lora: LoraSettings,
+    /// Seeds the adapters' dropout of the next forward pass; `None` applies none (evaluation).
+    dropout_pass: Option<u64>,
 }
 
 fn get(params: &Params, name: &str) -> Result<Tensor> {
     params.tensor(name).map_err(candle_core::Error::wrap)
 }
 
+/// Dropout sites per layer: one per adaptable projection.
+const SITES_PER_LAYER: usize = 7;
+
 impl Llama {
-    /// Builds the graph over `params`, which must match `config` (see [`Params::from_tensors`]).
+    /// Builds the graph over `params`, which must match `config` (see [`Params::from_tensors`]);
+    /// the LoRA adapters it holds are applied with `scale` 1 until [`Llama::set_lora`].
     pub fn new(config: &ModelConfig, params: &Params) -> Result<Self> {
-        let optional = |name: String, present: bool| present.then(|| get(params, &name)).transpose();
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 let a = format!("{p}.self_attn");
+                let project = |name: &str, bias: bool| Projection::load(params, name, bias);
                 Ok(Layer {
                     input_norm: get(params, &format!("{p}.input_layernorm.weight"))?,
                     attention: Attention {
-                        q: get(params, &format!("{a}.q_proj.weight"))?,
-                        k: get(params, &format!("{a}.k_proj.weight"))?,
-                        v: get(params, &format!("{a}.v_proj.weight"))?,
-                        o: get(params, &format!("{a}.o_proj.weight"))?,
-                        q_bias: optional(format!("{a}.q_proj.bias"), config.qkv_bias)?,
-                        k_bias: optional(format!("{a}.k_proj.bias"), config.qkv_bias)?,
-                        v_bias: optional(format!("{a}.v_proj.bias"), config.qkv_bias)?,
-                        o_bias: optional(format!("{a}.o_proj.bias"), config.o_bias)?,
+                        q: project(&format!("{a}.q_proj"), config.qkv_bias)?,
+                        k: project(&format!("{a}.k_proj"), config.qkv_bias)?,
+                        v: project(&format!("{a}.v_proj"), config.qkv_bias)?,
+                        o: project(&format!("{a}.o_proj"), config.o_bias)?,
+                        qkv: params.packed(&format!("{a}.qkv_proj.weight")),
                     },
                     post_attention_norm: get(params, &format!("{p}.post_attention_layernorm.weight"))?,
-                    gate: get(params, &format!("{p}.mlp.gate_proj.weight"))?,
-                    up: get(params, &format!("{p}.mlp.up_proj.weight"))?,
-                    down: get(params, &format!("{p}.mlp.down_proj.weight"))?,
+                    gate: project(&format!("{p}.mlp.gate_proj"), false)?,
+                    up: project(&format!("{p}.mlp.up_proj"), false)?,
+                    down: project(&format!("{p}.mlp.down_proj"), false)?,
+                    gate_up: params.packed(&format!("{p}.mlp.gate_up_proj.weight")),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let embed = get(params, "model.embed_tokens.weight")?;
-        let embed_dtype = embed.dtype();
         let lm_head = if config.tie_word_embeddings { embed.clone() } else { get(params, "lm_head.weight")? };
+        // The trained weights' dtype; a frozen half-precision base computes in f32.
+        let compute = if projection::is_frozen_half(&embed) { DType::F32 } else { embed.dtype() };
         Ok(Self {
             config: config.clone(),
             embed,
@@ -88,12 +98,14 @@ impl Llama {
             lm_head,
             inv_freq: config.rope_inv_freq(),
             kernels: Kernels::Best,
-            compute: embed_dtype,
+            compute,
+            lora: LoraSettings { scale: 1.0, dropout: 0.0 },
+            dropout_pass: None,
         })
     }
 
-    /// The same model over detached views of its weights: forward passes record no backward graph,
-    /// and later in-place updates of the variables are still seen.
+    /// The same model over detached views of its weights: forward passes record no backward graph
+    /// and apply no dropout, and later in-place updates of the variables are still seen.
     pub fn detached(&self) -> Llama {
         let d = |t: &Tensor| t.detach();
         let o = |t: &Option<Tensor>| t.as_ref().map(Tensor::detach);
@@ -106,19 +118,17 @@ impl Llama {
                 .map(|l| Layer {
                     input_norm: d(&l.input_norm),
                     attention: Attention {
-                        q: d(&l.attention.q),
-                        k: d(&l.attention.k),
-                        v: d(&l.attention.v),
-                        o: d(&l.attention.o),
-                        q_bias: o(&l.attention.q_bias),
-                        k_bias: o(&l.attention.k_bias),
-                        v_bias: o(&l.attention.v_bias),
-                        o_bias: o(&l.attention.o_bias),
+                        q: l.attention.q.detach(),
+                        k: l.attention.k.detach(),
+                        v: l.attention.v.detach(),
+                        o: l.attention.o.detach(),
+                        qkv: o(&l.attention.qkv),
                     },
                     post_attention_norm: d(&l.post_attention_norm),
-                    gate: d(&l.gate),
-                    up: d(&l.up),
-                    down: d(&l.down),
+                    gate: l.gate.detach(),
+                    up: l.up.detach(),
+                    down: l.down.detach(),
+                    gate_up: o(&l.gate_up),
                 })
                 .collect(),
             norm: d(&self.norm),
@@ -126,6 +136,8 @@ impl Llama {
             inv_freq: self.inv_freq.clone(),
             kernels: self.kernels,
             compute: self.compute,
+            lora: self.lora,
+            dropout_pass: None,
         }
     }
 
@@ -139,9 +151,30 @@ impl Llama {
         self.compute = dtype;
     }
 
+    /// How the adapters apply (scale and dropout).
+    pub fn set_lora(&mut self, settings: LoraSettings) {
+        self.lora = settings;
+    }
+
+    /// Seeds the adapters' dropout masks of the forward passes that follow (one seed per micro-batch
+    /// keeps a resumed run exact); `None` turns dropout off.
+    pub fn set_dropout_pass(&mut self, pass: Option<u64>) {
+        self.dropout_pass = pass;
+    }
+
     /// A weight in the compute dtype (differentiable: the gradient returns in the weight's dtype).
     fn w(&self, weight: &Tensor) -> Result<Tensor> {
         weight.to_dtype(self.compute)
+    }
+
+    /// A weight as the CPU kernels take it: a frozen half-precision one as it is (the kernel widens
+    /// it one product at a time), any other in the compute dtype.
+    fn cpu_w(&self, weight: &Tensor) -> Result<Tensor> {
+        if projection::is_frozen_half(weight) && self.compute == DType::F32 {
+            Ok(weight.clone())
+        } else {
+            self.w(weight)
+        }
     }
 
     fn wo(&self, weight: Option<&Tensor>) -> Result<Option<Tensor>> {
@@ -165,7 +198,7 @@ impl Llama {
         let hidden = self.hidden(&inputs)?.flatten_to(1)?;
         let targets = targets.flatten_all()?;
         match self.kernels.resolve(&hidden) {
-            Kernels::Cpu => fused::linear_nll(&hidden, &self.w(&self.lm_head)?, &targets),
+            Kernels::Cpu => fused::linear_nll(&hidden, &self.cpu_w(&self.lm_head)?, &targets),
             Kernels::Portable => {
                 fused::token_nll(&self.linear(Kernels::Portable, &hidden, &self.lm_head, None)?, &targets)
             }
@@ -179,32 +212,35 @@ impl Llama {
         let c = &self.config;
         let dtype = self.compute;
         let device = ids.device();
-        let embed = self.w(&self.embed)?;
-        let k = self.kernels.resolve(&embed);
+        // Rows first, then the dtype: a frozen embedding is never widened whole.
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.to_dtype(dtype)?;
+        x = x.reshape((batch, seq, c.hidden_size))?;
+        let k = self.kernels.resolve(&x);
         let (cos, sin) = ops::rope_tables(&self.inv_freq, seq, dtype, device)?;
         // Only the composed ops take an additive mask; the fused ones mask inside.
         let mask = match k {
             Kernels::Composed => Some(ops::causal_mask(seq, c.sliding_window, dtype, device)?),
             _ => None,
         };
-        let mut x = embed.index_select(&ids.flatten_all()?, 0)?.reshape((batch, seq, c.hidden_size))?;
-        for layer in &self.layers {
+        for (index, layer) in self.layers.iter().enumerate() {
+            let site = index * SITES_PER_LAYER;
             let a = &layer.attention;
             let h = self.rms_norm(k, &x, &layer.input_norm)?;
             let y = match (&mask, k) {
-                (Some(mask), _) => self.composed_attention(a, &h, (&cos, &sin), mask)?,
-                (None, Kernels::Cpu) => self.packed_attention(a, &h, (&cos, &sin))?,
-                (None, _) => self.portable_attention(a, &h, (&cos, &sin))?,
+                (Some(mask), _) => self.composed_attention(a, &h, (&cos, &sin), mask, site)?,
+                (None, Kernels::Cpu) => self.packed_attention(a, &h, (&cos, &sin), site)?,
+                (None, _) => self.portable_attention(a, &h, (&cos, &sin), site)?,
             };
-            x = (x + self.linear(k, &y, &a.o, a.o_bias.as_ref())?)?;
+            x = (x + self.project(k, &y, &a.o, site + 3)?)?;
             let h = self.rms_norm(k, &x, &layer.post_attention_norm)?;
             let gated = if k == Kernels::Composed {
-                ops::swiglu(&self.linear(k, &h, &layer.gate, None)?, &self.linear(k, &h, &layer.up, None)?)?
+                ops::swiglu(&self.project(k, &h, &layer.gate, site + 4)?, &self.project(k, &h, &layer.up, site + 5)?)?
             } else {
                 // One matrix product for both projections; the gate reads the packed rows.
-                fused::swiglu_packed(&self.linear(k, &h, &Tensor::cat(&[&layer.gate, &layer.up], 0)?, None)?)?
+                let parts = [&layer.gate, &layer.up];
+                fused::swiglu_packed(&self.packed(k, &h, &parts, layer.gate_up.as_ref(), site + 4)?)?
             };
-            x = (x + self.linear(k, &gated, &layer.down, None)?)?;
+            x = (x + self.project(k, &gated, &layer.down, site + 6)?)?;
         }
         self.rms_norm(k, &x, &self.norm)
     }
@@ -218,15 +254,68 @@ impl Llama {
 impl Llama {
     /// `x · wᵀ (+ b)` with the weight in the compute dtype.
     fn linear(&self, k: Kernels, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        let (w, b) = (self.w(w)?, self.wo(b)?);
+        let b = self.wo(b)?;
         if k != Kernels::Cpu {
-            return ops::linear(x, &w, b.as_ref());
+            return ops::linear(x, &self.w(w)?, b.as_ref());
         }
-        let y = linear::linear(x, &w)?;
+        let y = linear::linear(x, &self.cpu_w(w)?)?;
         match b {
             Some(b) => y.broadcast_add(&b),
             None => Ok(y),
         }
+    }
+
+    /// A projection with its adapter's update added; `site` numbers its dropout mask.
+    fn project(&self, k: Kernels, x: &Tensor, p: &Projection, site: usize) -> Result<Tensor> {
+        let y = self.linear(k, x, &p.weight, p.bias.as_ref())?;
+        match self.lora_update(k, x, p, site)? {
+            Some(update) => y + update,
+            None => Ok(y),
+        }
+    }
+
+    /// `scale · dropout(x)·Aᵀ·Bᵀ` of a projection's adapter, if it has one.
+    fn lora_update(&self, k: Kernels, x: &Tensor, p: &Projection, site: usize) -> Result<Option<Tensor>> {
+        let Some(lora) = &p.lora else { return Ok(None) };
+        let x = match self.dropout_pass {
+            Some(pass) if self.lora.dropout > 0.0 => {
+                projection::dropout(x, self.lora.dropout, projection::site_seed(pass, site))?
+            }
+            _ => x.clone(),
+        };
+        let down = self.linear(k, &x, &lora.a, None)?;
+        Ok(Some((self.linear(k, &down, &lora.b, None)? * self.lora.scale)?))
+    }
+
+    /// Projections that read the same input as one product over their concatenated weights
+    /// (`packed` when they are frozen), each adapter's update added to its own columns.
+    fn packed(
+        &self,
+        k: Kernels,
+        x: &Tensor,
+        parts: &[&Projection],
+        packed: Option<&Tensor>,
+        site: usize,
+    ) -> Result<Tensor> {
+        let weight = match packed {
+            Some(packed) => packed.clone(),
+            None => Tensor::cat(&parts.iter().map(|p| &p.weight).collect::<Vec<_>>(), 0)?,
+        };
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
+        let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+        let y = self.linear(k, x, &weight, bias.as_ref())?;
+        if parts.iter().all(|p| p.lora.is_none()) {
+            return Ok(y);
+        }
+        let updates = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match self.lora_update(k, x, p, site + i)? {
+                Some(update) => Ok(update),
+                None => projection::zeros_like_output(x, p.out_features()?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        y + Tensor::cat(&updates, x.rank() - 1)?
     }
 
     fn rms_norm(&self, k: Kernels, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
@@ -239,12 +328,8 @@ impl Llama {
 
     /// The packed query, key and value projections `(b, s, (heads + 2·kv_heads)·d)`: one matrix
     /// product for all three.
-    fn qkv(&self, k: Kernels, a: &Attention, h: &Tensor) -> Result<Tensor> {
-        let bias = match (&a.q_bias, &a.k_bias, &a.v_bias) {
-            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
-            _ => None,
-        };
-        self.linear(k, h, &Tensor::cat(&[&a.q, &a.k, &a.v], 0)?, bias.as_ref())
+    fn qkv(&self, k: Kernels, a: &Attention, h: &Tensor, site: usize) -> Result<Tensor> {
+        self.packed(k, h, &[&a.q, &a.k, &a.v], a.qkv.as_ref(), site)
     }
 
     /// Attention from the composed ops: three projections, head split, RoPE, masked softmax.
@@ -254,33 +339,46 @@ impl Llama {
         h: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
         mask: &Tensor,
+        site: usize,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (batch, seq, _) = h.dims3()?;
-        let project = |w: &Tensor, b: Option<&Tensor>| self.linear(Kernels::Composed, h, w, b);
+        let project = |p: &Projection, i: usize| self.project(Kernels::Composed, h, p, site + i);
         let heads = |x: Tensor, n: usize| x.reshape((batch, seq, n, c.head_dim))?.transpose(1, 2)?.contiguous();
-        let q = ops::rope(&heads(project(&a.q, a.q_bias.as_ref())?, c.num_attention_heads)?, cos, sin)?;
-        let k = ops::rope(&heads(project(&a.k, a.k_bias.as_ref())?, c.num_key_value_heads)?, cos, sin)?;
-        let v = heads(project(&a.v, a.v_bias.as_ref())?, c.num_key_value_heads)?;
+        let q = ops::rope(&heads(project(&a.q, 0)?, c.num_attention_heads)?, cos, sin)?;
+        let k = ops::rope(&heads(project(&a.k, 1)?, c.num_key_value_heads)?, cos, sin)?;
+        let v = heads(project(&a.v, 2)?, c.num_key_value_heads)?;
         let y = ops::attention(&q, &k, &v, mask)?;
         y.transpose(1, 2)?.reshape((batch, seq, c.num_attention_heads * c.head_dim))
     }
 
     /// Attention from the whole-block CPU kernels: packed projections, then one op for RoPE and
     /// attention.
-    fn packed_attention(&self, a: &Attention, h: &Tensor, (cos, sin): (&Tensor, &Tensor)) -> Result<Tensor> {
+    fn packed_attention(
+        &self,
+        a: &Attention,
+        h: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        site: usize,
+    ) -> Result<Tensor> {
         let c = &self.config;
-        let qkv = self.qkv(Kernels::Cpu, a, h)?;
+        let qkv = self.qkv(Kernels::Cpu, a, h, site)?;
         fused::self_attention(&qkv, cos, sin, c.num_attention_heads, c.num_key_value_heads, c.sliding_window)
     }
 
     /// Attention from the ops with CPU and CUDA kernels around candle's matrix products: packed
     /// projections, RoPE, scores, causal softmax (scale and mask inside), values.
-    fn portable_attention(&self, a: &Attention, h: &Tensor, (cos, sin): (&Tensor, &Tensor)) -> Result<Tensor> {
+    fn portable_attention(
+        &self,
+        a: &Attention,
+        h: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        site: usize,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, s, _) = h.dims3()?;
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let qkv = self.qkv(Kernels::Portable, a, h)?;
+        let qkv = self.qkv(Kernels::Portable, a, h, site)?;
         let split = |first: usize, n: usize| {
             qkv.narrow(2, first * d, n * d)?.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()
         };

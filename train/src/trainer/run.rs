@@ -7,14 +7,16 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use cpt_data::StagedDir;
 use cpt_protocol::spec::Precision;
 use cpt_protocol::{Event, JobSpec, Plan, StepMetrics, WarningCode};
 use tokenizers::Tokenizer;
 
 use super::data::TrainData;
 use super::{batch_loss, evaluate, spec_sha256, Outcome};
+use crate::adapter;
 use crate::checkpoint::{self, TrainerState};
-use crate::hf::{passthrough_files, ModelDir, ModelFiles};
+use crate::hf::{passthrough_files, write_model_files, write_tokenizer, ModelDir, ModelFiles};
 use crate::model::Llama;
 use crate::optim::{clip, global_norm, AdamW, AdamWConfig};
 use crate::params::Params;
@@ -91,13 +93,22 @@ impl<'a> Run<'a> {
                         loaded.dir.display()
                     );
                 }
-                let params = ModelDir::open(&loaded.dir)?.load_params(DType::F32, device)?;
+                let params = match &spec.adapter {
+                    Some(adapter) => adapter::open_params(&base, adapter, Some(&loaded.dir), spec.seed, device)?,
+                    None => ModelDir::open(&loaded.dir)?.load_params(DType::F32, device)?,
+                };
                 let optimizer =
                     AdamW::restore(&params, adamw, loaded.optimizer_tensors, loaded.state.optimizer_updates)?;
                 (params, optimizer, loaded.state)
             }
             None => {
-                let params = base.load_params(DType::F32, device)?;
+                let params = match &spec.adapter {
+                    Some(adapter) => {
+                        let init = adapter.init_from.as_deref().map(Path::new);
+                        adapter::open_params(&base, adapter, init, spec.seed, device).context("adapter")?
+                    }
+                    None => base.load_params(DType::F32, device)?,
+                };
                 let optimizer = AdamW::new(&params, adamw)?;
                 (params, optimizer, fresh_state(spec, &plan, spec_hash))
             }
@@ -107,6 +118,9 @@ impl<'a> Run<'a> {
         warnings.append(&mut data.notes);
         let mut model = Llama::new(&config, &params)?;
         model.set_compute_dtype(compute);
+        if let Some(adapter) = &spec.adapter {
+            model.set_lora(adapter::settings(adapter));
+        }
         let peak = match device.location() {
             candle_core::DeviceLocation::Cpu => crate::peak::cpu_peak(),
             candle_core::DeviceLocation::Cuda { gpu_id } => crate::peak::cuda_peak(gpu_id, compute == DType::BF16),
@@ -162,7 +176,9 @@ impl<'a> Run<'a> {
         let started = Instant::now();
         let (mut data_seconds, mut loss_sum) = (0.0, 0.0f64);
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        for _ in 0..spec.grad_accum_steps {
+        for micro in 0..spec.grad_accum_steps {
+            // Dropout masks follow from (seed, step, micro-batch), so a resumed run draws the same.
+            self.model.set_dropout_pass(Some(spec.seed ^ (step << 20 | micro as u64)));
             let fetch = Instant::now();
             let batch = self.data.next_batch(spec.micro_batch_size, &self.device)?;
             data_seconds += fetch.elapsed().as_secs_f64();
@@ -198,7 +214,16 @@ impl<'a> Run<'a> {
             if let Some(max_norm) = spec.grad_clip {
                 clip(&mut grads, grad_norm, max_norm)?;
             }
-            self.optimizer.step(&self.params, &grads, lr)?;
+            let config = &self.base.config;
+            let saved_lr = match &spec.adapter {
+                Some(adapter) => lr * adapter.embedding_lr.map_or(1.0, |embedding| embedding / plan.lr.peak),
+                None => lr,
+            };
+            let lr_of = |name: &str| match &spec.adapter {
+                Some(adapter) if adapter::is_saved(config, adapter, name) => saved_lr,
+                _ => lr,
+            };
+            self.optimizer.step(&self.params, &grads, lr_of)?;
             state.optimizer_updates = self.optimizer.updates;
             if let Some(average) = state.loss_average.filter(|_| step > 10) {
                 if loss > spec.spike_factor * average {
@@ -288,14 +313,26 @@ impl<'a> Run<'a> {
 
     /// Writes a checkpoint of the current state (keeping the newest `keep_checkpoints`).
     fn save(&mut self, on_event: &mut impl FnMut(Event)) -> Result<PathBuf> {
-        let files = ModelFiles {
-            config_json: self.base.config_json.clone(),
-            params: &self.params,
-            dtype: DType::F32,
-            tokenizer: &self.tokenizer,
-            extra: self.extra.clone(),
+        let write_weights = |staged: &StagedDir| match &self.spec.adapter {
+            // An adapter checkpoint is a PEFT adapter directory over the base (plus the tokenizer).
+            Some(adapter) => {
+                let base = self.base.path.display().to_string();
+                adapter::write_adapter_files(staged, &self.params, adapter, &self.base.config, &base)?;
+                write_tokenizer(staged, &self.tokenizer)
+            }
+            None => {
+                let files = ModelFiles {
+                    config_json: self.base.config_json.clone(),
+                    params: &self.params,
+                    dtype: DType::F32,
+                    tokenizer: &self.tokenizer,
+                    extra: self.extra.clone(),
+                };
+                write_model_files(staged, files)
+            }
         };
-        let path = checkpoint::save(self.run_dir, files, &self.optimizer, &self.state, self.spec.keep_checkpoints)?;
+        let keep = self.spec.keep_checkpoints;
+        let path = checkpoint::save(self.run_dir, write_weights, &self.optimizer, &self.state, keep)?;
         on_event(Event::Checkpoint {
             step: self.state.step,
             path: path.display().to_string(),

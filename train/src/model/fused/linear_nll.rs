@@ -118,6 +118,6 @@ impl CustomOp3 for LinearNll {
             _ => bail!("linear-nll: the gradient's dtype differs from the logits'"),
         };
         let (d_hidden, d_weight) = linear::gradients(&d_logits, hidden, weight)?;
-        Ok((Some(d_hidden), Some(d_weight), None))
+        Ok((Some(d_hidden), d_weight, None))
     }
 }

@@ -1,0 +1,255 @@
+//! Adapter jobs: a frozen base with LoRA adapters and fully trained `modules_to_save`, stored as
+//! a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) that
+//! `peft.PeftModel.from_pretrained` loads onto the base, and merged into a plain model on export.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use cpt_data::StagedDir;
+use cpt_protocol::adapter::{AdapterSpec, BaseDtype, LoraSpec, LORA_TARGETS};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Uniform};
+use serde_json::{json, Value};
+
+use crate::config::ModelConfig;
+use crate::hf::ModelDir;
+use crate::model::LoraSettings;
+use crate::params::{write_safetensors, Params};
+
+/// The adapter's configuration file, PEFT's name.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The adapter's tensors, PEFT's name.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// PEFT's prefix of every tensor name of a causal LM's adapter.
+const PEFT_PREFIX: &str = "base_model.model.";
+
+/// Whether `dir` holds an adapter rather than a whole model.
+pub fn is_adapter_dir(dir: &Path) -> bool {
+    dir.join(CONFIG_FILE).exists()
+}
+
+/// How `adapter` applies its LoRA updates, outside training (dropout is set by the trainer).
+pub fn settings(adapter: &AdapterSpec) -> LoraSettings {
+    let lora = adapter.lora.as_ref();
+    LoraSettings { scale: lora.map_or(1.0, LoraSpec::scale), dropout: lora.map_or(0.0, |l| l.dropout) }
+}
+
+fn module_path(layer: usize, module: &str) -> String {
+    let block = if matches!(module, "q_proj" | "k_proj" | "v_proj" | "o_proj") { "self_attn" } else { "mlp" };
+    format!("model.layers.{layer}.{block}.{module}")
+}
+
+/// The LoRA tensors of `adapter` on `config`, with their shapes: `(name, (rank, in) | (out, rank))`.
+pub fn lora_tensors(config: &ModelConfig, adapter: &AdapterSpec) -> Vec<(String, Vec<usize>)> {
+    let Some(lora) = &adapter.lora else { return vec![] };
+    let shapes: HashMap<String, Vec<usize>> = crate::params::expected_tensors(config).into_iter().collect();
+    let mut tensors = Vec::new();
+    for layer in 0..config.num_hidden_layers {
+        for module in LORA_TARGETS.iter().filter(|m| adapter.adapts(m)) {
+            let path = module_path(layer, module);
+            let (out, input) = match shapes[&format!("{path}.weight")][..] {
+                [out, input] => (out, input),
+                _ => unreachable!("projections are matrices"),
+            };
+            tensors.push((format!("{path}.lora_A.weight"), vec![lora.rank, input]));
+            tensors.push((format!("{path}.lora_B.weight"), vec![out, lora.rank]));
+        }
+    }
+    tensors
+}
+
+/// Whether the base tensor `name` is trained in full (a saved module; with tied embeddings
+/// `embed_tokens` and `lm_head` are one tensor).
+pub fn is_saved(config: &ModelConfig, adapter: &AdapterSpec, name: &str) -> bool {
+    let embedding = adapter.saves("embed_tokens") || (config.tie_word_embeddings && adapter.saves("lm_head"));
+    (name == "model.embed_tokens.weight" && embedding) || (name == "lm_head.weight" && adapter.saves("lm_head"))
+}
+
+fn dtype(base: BaseDtype) -> DType {
+    match base {
+        BaseDtype::Bf16 => DType::BF16,
+        BaseDtype::F16 => DType::F16,
+        BaseDtype::F32 => DType::F32,
+    }
+}
+
+/// The parameters of an adapter job: the base frozen in `base_dtype` except the saved modules
+/// (f32, trained), and the LoRA factors — from `trained` (a PEFT adapter directory: `init_from`,
+/// or the checkpoint being resumed) or initialised as PEFT does: `A` uniform in ±1/√in (kaiming
+/// uniform with a = √5), `B` zero, reproducible from `seed`.
+pub fn open_params(
+    base: &ModelDir,
+    adapter: &AdapterSpec,
+    trained: Option<&Path>,
+    seed: u64,
+    device: &Device,
+) -> Result<Params> {
+    let config = &base.config;
+    let frozen_dtype = dtype(adapter.base_dtype);
+    let frozen = |name: &str| (!is_saved(config, adapter, name)).then_some(frozen_dtype);
+    let mut params = Params::load_dir_freezing(&base.path, config, DType::F32, device, frozen)?;
+    let expected = lora_tensors(config, adapter);
+    let mut loaded = match trained {
+        Some(dir) => read_tensors(dir, device)?,
+        None => HashMap::new(),
+    };
+    if let Some(dir) = trained {
+        for (name, shape) in expected.iter().chain(&saved_shapes(config, adapter)) {
+            match loaded.get(name) {
+                Some(t) if t.dims() == shape.as_slice() => {}
+                Some(t) => bail!("{}: `{name}` has shape {:?}, the spec implies {shape:?}", dir.display(), t.dims()),
+                None => bail!("{}: no tensor `{name}` (the adapter was trained with another spec?)", dir.display()),
+            }
+        }
+        for (name, _) in saved_shapes(config, adapter) {
+            params.set(&name, &loaded.remove(&name).expect("checked above").to_dtype(DType::F32)?)?;
+        }
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x4c6f_5241);
+    for (name, shape) in expected {
+        let tensor = match loaded.remove(&name) {
+            Some(tensor) => tensor.to_dtype(DType::F32)?,
+            None if name.ends_with("lora_A.weight") => {
+                let bound = 1.0 / (shape[1] as f32).sqrt();
+                let uniform = Uniform::new_inclusive(-bound, bound)?;
+                let values: Vec<f32> = (0..shape[0] * shape[1]).map(|_| uniform.sample(&mut rng)).collect();
+                Tensor::from_vec(values, shape, device)?
+            }
+            None => Tensor::zeros(shape, DType::F32, device)?,
+        };
+        params.insert_trained(name, &tensor)?;
+    }
+    Ok(params)
+}
+
+fn saved_shapes(config: &ModelConfig, adapter: &AdapterSpec) -> Vec<(String, Vec<usize>)> {
+    crate::params::expected_tensors(config).into_iter().filter(|(name, _)| is_saved(config, adapter, name)).collect()
+}
+
+/// The tensors of a PEFT adapter directory under cpt's names (PEFT's prefix removed).
+pub fn read_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let path = dir.join(WEIGHTS_FILE);
+    let tensors =
+        candle_core::safetensors::load(&path, device).with_context(|| format!("reading {}", path.display()))?;
+    tensors
+        .into_iter()
+        .map(|(name, tensor)| match name.strip_prefix(PEFT_PREFIX) {
+            Some(ours) => Ok((ours.to_string(), tensor)),
+            None => bail!("{}: tensor `{name}` lacks PEFT's `{PEFT_PREFIX}` prefix", path.display()),
+        })
+        .collect()
+}
+
+/// `adapter_config.json` as PEFT writes it for this adapter over `base_model`.
+pub fn peft_config(adapter: &AdapterSpec, config: &ModelConfig, base_model: &str) -> Value {
+    let lora = adapter.lora.as_ref();
+    let tied_embedding = config.tie_word_embeddings && adapter.saves("embed_tokens");
+    // With tied embeddings the one trained tensor is saved as embed_tokens, and PEFT ties lm_head to it.
+    let saved: Vec<&str> = if config.tie_word_embeddings && !adapter.modules_to_save.is_empty() {
+        vec!["embed_tokens"]
+    } else {
+        adapter.modules_to_save.iter().map(String::as_str).collect()
+    };
+    json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.map_or(8, |l| l.rank),
+        "lora_alpha": lora.map_or(8.0, |l| l.alpha),
+        "lora_dropout": lora.map_or(0.0, |l| l.dropout),
+        "use_rslora": lora.is_some_and(|l| l.rslora),
+        "target_modules": lora.map_or(vec![], |l| l.target_modules.clone()),
+        "modules_to_save": if saved.is_empty() { Value::Null } else { json!(saved) },
+        "ensure_weight_tying": tied_embedding || (config.tie_word_embeddings && adapter.saves("lm_head")),
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+    })
+}
+
+/// The adapter described by a PEFT `adapter_config.json` (LoRA only).
+pub fn from_peft_config(json: &Value) -> Result<AdapterSpec> {
+    if json["peft_type"] != "LORA" {
+        bail!("peft_type {} is not LORA", json["peft_type"]);
+    }
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()).unwrap_or_default()
+    };
+    let targets = strings(&json["target_modules"]);
+    let lora = (!targets.is_empty()).then(|| LoraSpec {
+        rank: json["r"].as_u64().unwrap_or(8) as usize,
+        alpha: json["lora_alpha"].as_f64().unwrap_or(8.0),
+        dropout: json["lora_dropout"].as_f64().unwrap_or(0.0),
+        target_modules: targets,
+        rslora: json["use_rslora"].as_bool().unwrap_or(false),
+    });
+    let adapter = AdapterSpec {
+        lora,
+        modules_to_save: strings(&json["modules_to_save"]),
+        embedding_lr: None,
+        base_dtype: BaseDtype::F32,
+        init_from: None,
+    };
+    adapter.validate().map_err(|e| anyhow::anyhow!("{CONFIG_FILE}: {e}"))?;
+    Ok(adapter)
+}
+
+/// Writes the trained tensors of `params` and `adapter_config.json` into `staged`.
+pub fn write_adapter_files(
+    staged: &StagedDir,
+    params: &Params,
+    adapter: &AdapterSpec,
+    config: &ModelConfig,
+    base_model: &str,
+) -> Result<()> {
+    staged.write(CONFIG_FILE, serde_json::to_string_pretty(&peft_config(adapter, config, base_model))?)?;
+    let tensors: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|(name, var)| Ok((format!("{PEFT_PREFIX}{name}"), var.as_tensor().contiguous()?)))
+        .collect::<Result<_>>()?;
+    write_safetensors(&staged.path().join(WEIGHTS_FILE), &tensors)
+}
+
+/// An adapter directory opened for use: its base, the adapter, and the combined parameters.
+pub struct Opened {
+    pub base: ModelDir,
+    pub adapter: AdapterSpec,
+    pub params: Params,
+}
+
+/// Opens an adapter directory over the base model its `adapter_config.json` names, in f32.
+pub fn open_dir(dir: &Path, device: &Device) -> Result<Opened> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let json: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let adapter = from_peft_config(&json)?;
+    let base_path = json["base_model_name_or_path"]
+        .as_str()
+        .with_context(|| format!("{}: no base_model_name_or_path", path.display()))?;
+    let base = ModelDir::open(Path::new(base_path)).with_context(|| format!("the base model of {}", dir.display()))?;
+    let params = open_params(&base, &adapter, Some(dir), 0, device)?;
+    Ok(Opened { base, adapter, params })
+}
+
+/// The base's weights with the adapter merged in: `W + scale·B·A` for every adapted projection,
+/// the saved modules replacing the base's. All tensors trainable, in f32.
+pub fn merged_params(opened: &Opened) -> Result<Params> {
+    let config = &opened.base.config;
+    let mut merged = opened.base.load_params(DType::F32, &Device::Cpu)?;
+    let scale = settings(&opened.adapter).scale;
+    for (name, _) in saved_shapes(config, &opened.adapter) {
+        merged.set(&name, &opened.params.tensor(&name)?)?;
+    }
+    for (name, _) in lora_tensors(config, &opened.adapter).iter().filter(|(n, _)| n.ends_with(".lora_A.weight")) {
+        let module = name.trim_end_matches(".lora_A.weight");
+        let a = opened.params.tensor(name)?.to_device(&Device::Cpu)?;
+        let b = opened.params.tensor(&format!("{module}.lora_B.weight"))?.to_device(&Device::Cpu)?;
+        let weight = format!("{module}.weight");
+        let update = (b.matmul(&a)? * scale)?;
+        merged.set(&weight, &(merged.tensor(&weight)? + update)?)?;
+    }
+    Ok(merged)
+}

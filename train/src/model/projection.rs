@@ -1,0 +1,98 @@
+//! A linear projection's tensors — weight, bias, LoRA adapter — and the LoRA update
+//! `scale · B·A·dropout(x)` (PEFT's LoRA, checked against PyPI `peft` in
+//! `tests/python/test_peft_parity.py`).
+
+use candle_core::{DType, Result, Tensor};
+use rand::{Rng, SeedableRng};
+
+use crate::params::Params;
+
+/// A projection `x·Wᵀ (+ b)`, with an optional low-rank adapter beside `W`.
+pub(super) struct Projection {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
+}
+
+/// The two factors of a LoRA adapter: `a: (rank, in)`, `b: (out, rank)`.
+pub(super) struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+}
+
+/// How an adapted model applies its adapters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoraSettings {
+    /// `alpha / rank` (or `alpha / √rank`).
+    pub scale: f64,
+    /// Probability of zeroing an element of an adapter's input while training.
+    pub dropout: f64,
+}
+
+fn get(params: &Params, name: &str) -> Result<Tensor> {
+    params.tensor(name).map_err(candle_core::Error::wrap)
+}
+
+impl Projection {
+    /// The projection `module` (e.g. `model.layers.0.self_attn.q_proj`), with its bias when
+    /// `bias` and its adapter when `params` holds one.
+    pub fn load(params: &Params, module: &str, bias: bool) -> Result<Self> {
+        let lora = if params.contains(&format!("{module}.lora_A.weight")) {
+            Some(Lora {
+                a: get(params, &format!("{module}.lora_A.weight"))?,
+                b: get(params, &format!("{module}.lora_B.weight"))?,
+            })
+        } else {
+            None
+        };
+        Ok(Projection {
+            weight: get(params, &format!("{module}.weight"))?,
+            bias: bias.then(|| get(params, &format!("{module}.bias"))).transpose()?,
+            lora,
+        })
+    }
+
+    /// The same projection over detached tensors (no backward graph).
+    pub fn detach(&self) -> Self {
+        Projection {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+            lora: self.lora.as_ref().map(|l| Lora { a: l.a.detach(), b: l.b.detach() }),
+        }
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> Result<usize> {
+        self.weight.dim(0)
+    }
+}
+
+/// `x` with each element zeroed with probability `p` and the rest scaled by `1 / (1 − p)`, from a
+/// generator seeded by `seed`: the same seed gives the same mask, so a resumed run repeats it.
+pub(super) fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}
+
+/// A seed for one dropout site of one forward pass: a SplitMix64 mix of both.
+pub(super) fn site_seed(pass: u64, site: usize) -> u64 {
+    let mut z = pass ^ (site as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Zeros shaped like `x` with its last dimension `features`, for a part with no adapter.
+pub(super) fn zeros_like_output(x: &Tensor, features: usize) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("activations have a feature dimension") = features;
+    Tensor::zeros(dims, x.dtype(), x.device())
+}
+
+/// Whether a weight is frozen in half precision (the CPU kernels widen those themselves).
+pub(super) fn is_frozen_half(weight: &Tensor) -> bool {
+    matches!(weight.dtype(), DType::BF16 | DType::F16) && !weight.track_op()
+}
