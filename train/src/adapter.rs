@@ -76,9 +76,7 @@ fn dtype(base: BaseDtype) -> DType {
 }
 
 /// The parameters of an adapter job: the base frozen in `base_dtype` except the saved modules
-/// (f32, trained), and the LoRA factors — from `trained` (a PEFT adapter directory: `init_from`,
-/// or the checkpoint being resumed) or initialised as PEFT does: `A` uniform in ±1/√in (kaiming
-/// uniform with a = √5), `B` zero, reproducible from `seed`.
+/// (f32, trained), and the adapters (see [`add_adapters`]).
 pub fn open_params(
     base: &ModelDir,
     adapter: &AdapterSpec,
@@ -87,9 +85,27 @@ pub fn open_params(
     device: &Device,
 ) -> Result<Params> {
     let config = &base.config;
-    let frozen_dtype = dtype(adapter.base_dtype);
-    let frozen = |name: &str| (!is_saved(config, adapter, name)).then_some(frozen_dtype);
-    let mut params = Params::load_dir_freezing(&base.path, config, DType::F32, device, frozen)?;
+    let mut params = Params::load_dir_freezing(&base.path, config, DType::F32, device, frozen_dtype(config, adapter))?;
+    add_adapters(&mut params, config, adapter, trained, seed, device)?;
+    Ok(params)
+}
+
+/// The dtype each base tensor is frozen in, `None` for the saved (trained) ones.
+pub fn frozen_dtype<'a>(config: &'a ModelConfig, adapter: &'a AdapterSpec) -> impl Fn(&str) -> Option<DType> + 'a {
+    move |name: &str| (!is_saved(config, adapter, name)).then_some(dtype(adapter.base_dtype))
+}
+
+/// Adds the LoRA factors to `params` and sets the saved modules: from `trained` (a PEFT adapter
+/// directory: `init_from`, or the checkpoint being resumed), or the factors initialised as PEFT
+/// does — `A` uniform in ±1/√in (kaiming uniform with a = √5), `B` zero, reproducible from `seed`.
+pub fn add_adapters(
+    params: &mut Params,
+    config: &ModelConfig,
+    adapter: &AdapterSpec,
+    trained: Option<&Path>,
+    seed: u64,
+    device: &Device,
+) -> Result<()> {
     let expected = lora_tensors(config, adapter);
     let mut loaded = match trained {
         Some(dir) => read_tensors(dir, device)?,
@@ -121,7 +137,7 @@ pub fn open_params(
         };
         params.insert_trained(name, &tensor)?;
     }
-    Ok(params)
+    Ok(())
 }
 
 fn saved_shapes(config: &ModelConfig, adapter: &AdapterSpec) -> Vec<(String, Vec<usize>)> {

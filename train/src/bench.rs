@@ -10,6 +10,10 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use cpt_protocol::adapter::AdapterSpec;
+use cpt_protocol::{plan, JobSpec};
+
+use crate::adapter;
 use crate::model::Kernels;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::{Llama, ModelConfig, Params};
@@ -27,6 +31,21 @@ pub struct BenchOptions {
     pub device: Device,
     /// The compute dtype (f32, or bf16 over f32 master weights).
     pub compute: DType,
+    /// Train this adapter over a frozen base instead of every weight.
+    pub adapter: Option<AdapterSpec>,
+}
+
+impl BenchOptions {
+    /// A job spec of the benchmark's shape, for the plan's estimates.
+    fn job_spec(&self) -> JobSpec {
+        let spec = serde_json::json!({
+            "name": "bench", "base_model": "random", "train_data": [{"dataset": "random"}],
+            "seq_len": self.seq_len, "micro_batch_size": self.batch, "max_steps": self.steps + self.warmup,
+            "precision": if self.compute == DType::BF16 { "bf16" } else { "f32" },
+            "adapter": self.adapter,
+        });
+        serde_json::from_value(spec).expect("the benchmark's spec is valid")
+    }
 }
 
 /// What one run measured.
@@ -35,6 +54,7 @@ pub struct BenchReport {
     /// The kernels that ran (the choice resolved for the device and dtype).
     pub kernels: String,
     pub parameters: u64,
+    pub trainable_parameters: u64,
     pub tokens_per_step: usize,
     /// Median over the timed steps.
     pub step_seconds: f64,
@@ -43,18 +63,32 @@ pub struct BenchReport {
     pub gflops_per_second: f64,
     /// Peak resident memory of the process so far (VmHWM).
     pub peak_rss_mib: f64,
+    /// What the plan estimates a job of this shape needs, for comparison with `peak_rss_mib`.
+    pub memory_estimate_mib: f64,
     pub losses: Vec<f64>,
 }
 
 /// Trains `config` from a fixed random initialisation on fixed random tokens and times it.
 pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport> {
     let device = &options.device;
-    let params = Params::init_random(config, 0, DType::F32, device)?;
-    let mut model = Llama::new(config, &params)?;
+    let mut params = match &options.adapter {
+        Some(adapter) => {
+            Params::init_random_freezing(config, 0, DType::F32, device, adapter::frozen_dtype(config, adapter))?
+        }
+        None => Params::init_random(config, 0, DType::F32, device)?,
+    };
+    if let Some(adapter) = &options.adapter {
+        adapter::add_adapters(&mut params, config, adapter, None, 0, device)?;
+    }
+    let params = &params;
+    let mut model = Llama::new(config, params)?;
     model.set_kernels(options.kernels);
     model.set_compute_dtype(options.compute);
+    if let Some(adapter) = &options.adapter {
+        model.set_lora(adapter::settings(adapter));
+    }
     let adamw = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
-    let mut optimizer = AdamW::new(&params, adamw)?;
+    let mut optimizer = AdamW::new(params, adamw)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     // seq_len + 1 tokens per row: seq_len predicted positions, as in training.
     let ids: Vec<u32> =
@@ -71,7 +105,7 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
             .iter()
             .map(|(name, var)| Ok((name.to_string(), store.get(var).context("a parameter without gradient")?.clone())))
             .collect::<Result<_>>()?;
-        optimizer.step(&params, &grads, |_| 1e-3)?;
+        optimizer.step(params, &grads, |_| 1e-3)?;
         losses.push(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?);
         if step >= options.warmup {
             seconds.push(started.elapsed().as_secs_f64());
@@ -80,10 +114,13 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
     seconds.sort_by(f64::total_cmp);
     let step_seconds = seconds[seconds.len() / 2];
     let tokens = options.batch * options.seq_len;
-    let flops = cpt_protocol::plan::flops_per_token(config, options.seq_len) * tokens as f64;
+    let spec = options.job_spec();
+    let flops = plan::job_flops_per_token(config, &spec) * tokens as f64;
     Ok(BenchReport {
         kernels: resolved.to_string(),
         parameters: config.total_parameters() as u64,
+        trainable_parameters: params.count() as u64,
+        memory_estimate_mib: plan::memory_estimate_bytes(config, &spec) as f64 / (1u64 << 20) as f64,
         tokens_per_step: tokens,
         step_seconds,
         tokens_per_second: tokens as f64 / step_seconds,

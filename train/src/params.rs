@@ -191,6 +191,18 @@ impl Params {
     /// Fresh weights as transformers initialises a LLaMA: normal(0, initializer_range) for matrices,
     /// ones for norms, zeros for biases, reproducible from `seed`.
     pub fn init_random(config: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        Self::init_random_freezing(config, seed, dtype, device, |_| None)
+    }
+
+    /// As [`Params::init_random`], with the tensors `frozen` gives a dtype for frozen in it; each
+    /// tensor takes its final dtype as it is drawn, so no f32 copy of the whole model ever exists.
+    pub fn init_random_freezing(
+        config: &ModelConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+        frozen: impl Fn(&str) -> Option<DType>,
+    ) -> Result<Self> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let normal = Normal::new(0.0f32, config.initializer_range as f32)?;
         let mut tensors = HashMap::new();
@@ -203,9 +215,10 @@ impl Params {
             } else {
                 (0..count).map(|_| normal.sample(&mut rng)).collect()
             };
-            tensors.insert(name, Tensor::from_vec(values, shape, device)?);
+            let tensor = Tensor::from_vec(values, shape, device)?.to_dtype(frozen(&name).unwrap_or(dtype))?;
+            tensors.insert(name, tensor);
         }
-        Self::from_tensors(config, tensors, dtype)
+        Self::from_tensors_freezing(config, tensors, dtype, frozen)
     }
 
     /// The tensor of a parameter, trained or frozen; a trained one shares storage with its

@@ -240,6 +240,7 @@ fn dropout_changes_the_adapted_loss_only_while_training() {
     let (params, adapter) = adapter_params(&config, &[]);
     let ids = Tensor::new(&[[1u32, 5, 7, 2, 19, 3, 8, 9]], &Device::Cpu).unwrap();
     let mut model = Llama::new(&config, &params).unwrap();
+    model.set_kernels(Kernels::Cpu);
     model.set_lora(adapter::settings(&adapter));
     let loss = |m: &Llama| -> f64 { m.loss(&ids).unwrap().to_scalar().unwrap() };
     let evaluation = loss(&model);
@@ -251,4 +252,9 @@ fn dropout_changes_the_adapted_loss_only_while_training() {
     assert_ne!(first, other, "another pass seed, another mask");
     assert_ne!(first, evaluation);
     assert_eq!(loss(&model.detached()), evaluation, "a detached (evaluation) model applies no dropout");
+    // The fused adapter op and the composed ops draw the same masks and compute the same loss.
+    model.set_dropout_pass(Some(1));
+    model.set_kernels(Kernels::Composed);
+    let composed = loss(&model);
+    assert!((composed - first).abs() < 1e-12 * first.abs(), "{composed} vs {first}");
 }

@@ -17,6 +17,15 @@ pub fn bench(config: &Path, options: &BenchOptions) -> Result<()> {
     Ok(())
 }
 
+/// A job spec's `adapter` section from a JSON file, validated.
+pub fn read_adapter(path: &Path) -> Result<cpt_protocol::adapter::AdapterSpec> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let adapter: cpt_protocol::adapter::AdapterSpec =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    adapter.validate().with_context(|| format!("in {}", path.display()))?;
+    Ok(adapter)
+}
+
 /// Prints one JSON line per op and dtype; fails when one is off.
 pub fn check_kernels(device: &Device) -> Result<()> {
     let checks = cpt_train::kernel_check::check_kernels(device)?;

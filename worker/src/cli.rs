@@ -175,6 +175,9 @@ enum Command {
         /// bf16 compute over f32 master weights (CUDA).
         #[arg(long)]
         bf16: bool,
+        /// Train an adapter over a frozen base: a JSON file holding a job spec's `adapter` section.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
     },
     /// Check the fused ops on --device against the composed ops on the CPU in f64 (outputs and
     /// gradients, in each dtype the device's kernels store); exits non-zero when one is off.
@@ -239,10 +242,11 @@ impl Cli {
             Command::Prepare { tokenizer, input, out, seq_len, config } => {
                 crate::run_local::prepare_command(&tokenizer, &input, &out, seq_len, config.as_deref())
             }
-            Command::Bench { config, seq_len, batch, steps, warmup, kernels, bf16 } => {
+            Command::Bench { config, seq_len, batch, steps, warmup, kernels, bf16, adapter } => {
                 let compute = if bf16 { DType::BF16 } else { DType::F32 };
+                let adapter = adapter.as_deref().map(crate::bench::read_adapter).transpose()?;
                 let options =
-                    cpt_train::bench::BenchOptions { seq_len, batch, steps, warmup, kernels, device, compute };
+                    cpt_train::bench::BenchOptions { seq_len, batch, steps, warmup, kernels, device, compute, adapter };
                 crate::bench::bench(&config, &options)
             }
             Command::CheckKernels => crate::bench::check_kernels(&device),

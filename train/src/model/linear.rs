@@ -17,6 +17,21 @@ pub(crate) fn forward_storage(x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layou
     run(Product::Forward, x, w)
 }
 
+/// `x · wᵀ` with no backward graph.
+pub(crate) fn product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Gradient(Product::Forward))
+}
+
+/// gemm's threading: rayon's pool when it has more than one thread.
+pub(crate) fn parallelism() -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
 /// `(g · w, gᵀ · x)`: the input and weight gradients of `x · wᵀ` for the output gradient `g`; a
 /// frozen weight (one that no gradient reaches a variable through) gets none.
 pub(crate) fn gradients(g: &Tensor, x: &Tensor, w: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
@@ -130,8 +145,7 @@ fn run(product: Product, a: (&CpuStorage, &Layout), b: (&CpuStorage, &Layout)) -
         (rhs, rhs_strides): (&[T], (usize, usize)),
     ) -> Vec<T> {
         let mut dst: Vec<T> = Vec::with_capacity(m * n);
-        let threads = rayon::current_num_threads();
-        let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        let parallelism = parallelism();
         // SAFETY: dst has room for m·n elements, all of which gemm_into writes; lhs and rhs cover
         // the strided m·k and k·n elements (the caller checked the shapes).
         unsafe {

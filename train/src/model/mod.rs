@@ -267,6 +267,9 @@ impl Llama {
 
     /// A projection with its adapter's update added; `site` numbers its dropout mask.
     fn project(&self, k: Kernels, x: &Tensor, p: &Projection, site: usize) -> Result<Tensor> {
+        if k == Kernels::Cpu && p.lora.is_some() && !p.weight.track_op() {
+            return self.fused_lora(x, &p.weight, &[p], site);
+        }
         let y = self.linear(k, x, &p.weight, p.bias.as_ref())?;
         match self.lora_update(k, x, p, site)? {
             Some(update) => y + update,
@@ -301,10 +304,14 @@ impl Llama {
             Some(packed) => packed.clone(),
             None => Tensor::cat(&parts.iter().map(|p| &p.weight).collect::<Vec<_>>(), 0)?,
         };
+        let adapted = parts.iter().any(|p| p.lora.is_some());
+        if k == Kernels::Cpu && adapted && !weight.track_op() {
+            return self.fused_lora(x, &weight, parts, site);
+        }
         let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
         let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
         let y = self.linear(k, x, &weight, bias.as_ref())?;
-        if parts.iter().all(|p| p.lora.is_none()) {
+        if !adapted {
             return Ok(y);
         }
         let updates = parts
@@ -316,6 +323,29 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         y + Tensor::cat(&updates, x.rank() - 1)?
+    }
+
+    /// Frozen projections reading `x`, with `weight` their (packed) weight, and their adapters as
+    /// one CPU op (see [`fused::lora_linear`]).
+    fn fused_lora(&self, x: &Tensor, weight: &Tensor, parts: &[&Projection], site: usize) -> Result<Tensor> {
+        let adapters: Vec<_> = parts.iter().filter_map(|p| p.lora.as_ref()).collect();
+        let a = Tensor::cat(&adapters.iter().map(|l| &l.a).collect::<Vec<_>>(), 0)?;
+        let b = Tensor::cat(&adapters.iter().map(|l| &l.b).collect::<Vec<_>>(), 0)?;
+        let dropout = self.dropout_pass.filter(|_| self.lora.dropout > 0.0);
+        let blocks = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let seed = p.lora.as_ref().map(|_| dropout.map(|pass| projection::site_seed(pass, site + i)));
+                Ok(fused::Block { columns: p.out_features()?, adapter: seed })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let y = fused::lora_linear(x, &self.cpu_w(weight)?, &a, &b, blocks, self.lora.scale, self.lora.dropout)?;
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
+        match biases {
+            Some(biases) => y.broadcast_add(&self.w(&Tensor::cat(&biases, 0)?)?),
+            None => Ok(y),
+        }
     }
 
     fn rms_norm(&self, k: Kernels, x: &Tensor, weight: &Tensor) -> Result<Tensor> {

@@ -3,7 +3,6 @@
 //! `tests/python/test_peft_parity.py`).
 
 use candle_core::{DType, Result, Tensor};
-use rand::{Rng, SeedableRng};
 
 use crate::params::Params;
 
@@ -70,9 +69,7 @@ impl Projection {
 /// `x` with each element zeroed with probability `p` and the rest scaled by `1 / (1 − p)`, from a
 /// generator seeded by `seed`: the same seed gives the same mask, so a resumed run repeats it.
 pub(super) fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let keep = (1.0 / (1.0 - p)) as f32;
-    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
+    let mask = super::fused::dropout_mask(x.elem_count(), p, seed);
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x * mask
 }

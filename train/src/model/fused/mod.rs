@@ -13,12 +13,15 @@ mod attention;
 mod cuda;
 mod elementwise;
 mod linear_nll;
+mod lora;
 mod norm;
 mod softmax;
 
 pub use attention::self_attention;
 pub use elementwise::{rope, swiglu, swiglu_packed};
 pub use linear_nll::linear_nll;
+pub(crate) use lora::dropout_mask;
+pub use lora::{lora_linear, Block};
 pub use norm::rms_norm;
 pub use softmax::{causal_softmax, token_nll};
 
