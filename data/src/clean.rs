@@ -85,8 +85,14 @@ fn document_rule(text: &str, config: &CleanConfig) -> Option<&'static str> {
     let letters = text.chars().filter(|c| c.is_alphanumeric()).count().max(1);
     let cjk = text.chars().filter(|&c| is_cjk(c)).count() as f64 / letters as f64 > 0.3;
     let words: Vec<&str> = text.split_whitespace().collect();
-    if !cjk && !words.is_empty() {
-        let mean = words.iter().map(|w| w.chars().count()).sum::<usize>() as f64 / words.len() as f64;
+    // Word length means something only where the words are separated by spaces: a run of Chinese
+    // between two spaces is a clause, and the commands and paths in Chinese documentation are not
+    // prose (both removed valid Chinese technical documents). Applied when spaced words outnumber
+    // CJK characters, over those words only.
+    let spaced: Vec<&str> = words.iter().copied().filter(|w| !w.chars().any(is_cjk)).collect();
+    let cjk_chars = text.chars().filter(|&c| is_cjk(c)).count();
+    if !cjk && spaced.len() > cjk_chars {
+        let mean = spaced.iter().map(|w| w.chars().count()).sum::<usize>() as f64 / spaced.len() as f64;
         if mean < config.min_mean_word_length || mean > config.max_mean_word_length {
             return Some("mean_word_length");
         }

@@ -190,3 +190,17 @@ fn the_language_filter_keeps_only_the_requested_languages() {
         prepare(&tokenizer, &[tmp.path().join("mixed.jsonl")], &tmp.path().join("en"), &config, |_| {}).unwrap();
     assert_eq!((report.documents_kept, removed(&report, "language")), (10, 10));
 }
+
+#[test]
+fn no_chinese_documentation_is_removed_by_the_word_rules() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/chinese-docs.txt");
+    let text = std::fs::read_to_string(&fixture).unwrap();
+    let cleaner = cpt_data::clean::Cleaner::new(Default::default()).unwrap();
+    let documents: Vec<&str> = text.split("\n\n").collect();
+    assert_eq!(documents.len(), 8);
+    let removed: Vec<_> = documents
+        .iter()
+        .filter_map(|d| cleaner.clean(d).outcome.err().map(|rule| (rule, d.lines().next().unwrap())))
+        .collect();
+    assert!(removed.is_empty(), "removed (rule, heading): {removed:?}");
+}

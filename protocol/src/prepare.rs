@@ -29,7 +29,8 @@ pub struct CleanConfig {
     pub max_symbol_line_ratio: f64,
     pub min_chars: usize,
     pub max_chars: usize,
-    /// Non-CJK documents: mean word length bounds (Gopher: 3–10).
+    /// Non-CJK documents: mean word length bounds (Gopher: 3–10), over the words without CJK
+    /// characters.
     pub min_mean_word_length: f64,
     pub max_mean_word_length: f64,
     /// `#` and `…` per word (Gopher: 0.1).
