@@ -7,6 +7,7 @@ pub mod jobs;
 pub mod model_config;
 pub mod plan;
 pub mod prepare;
+pub mod sampling;
 pub mod spec;
 pub mod worker;
 

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::AdapterSpec;
+use crate::sampling::SampleDecoding;
 
 /// A continued-pretraining job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,6 +88,9 @@ pub struct JobSpec {
     /// Warn when a step's loss exceeds its moving average by this factor.
     #[serde(default = "defaults::spike_factor")]
     pub spike_factor: f64,
+    /// How sample continuations are decoded (greedy when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_decoding: Option<SampleDecoding>,
     /// Train adapters (and optionally the embeddings) over a frozen base instead of every weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter: Option<AdapterSpec>,
@@ -374,6 +378,7 @@ impl JobSpec {
         if !(self.spike_factor > 1.0) {
             return Err(problem("spike_factor", "must be greater than 1"));
         }
+        self.sample_decoding.as_ref().map_or(Ok(()), SampleDecoding::validate)?;
         self.adapter.as_ref().map_or(Ok(()), AdapterSpec::validate)
     }
 

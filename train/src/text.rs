@@ -1,7 +1,7 @@
 //! Using a model on text: perplexity of a document, and continuations of a prompt.
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use rand::SeedableRng;
 use rand_distr::{weighted::WeightedIndex, Distribution};
 use serde::Serialize;
@@ -57,16 +57,61 @@ pub fn perplexity(model: &Llama, ids: &[u32], seq_len: usize, device: &Device) -
 }
 
 /// How the next token is chosen.
-#[derive(Debug, Clone, Copy)]
-pub enum Decoding {
-    /// The most likely token.
-    Greedy,
-    /// A draw from the `top_k` most likely tokens at `temperature`, reproducible from `seed`.
-    Sample { temperature: f64, top_k: usize, seed: u64 },
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decoding {
+    /// A seeded draw, or `None` for the most likely token.
+    pub sampling: Option<Sampling>,
+    /// CTRL's repetition penalty as transformers applies it (1: none): the logit of a token already
+    /// in the context is divided by it when positive, multiplied when negative.
+    pub repetition_penalty: f64,
+}
+
+/// A draw from the tokens that survive `top_k` and then `top_p` (nucleus), at `temperature`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+impl Decoding {
+    /// The most likely token, no penalty.
+    pub const GREEDY: Decoding = Decoding { sampling: None, repetition_penalty: 1.0 };
+}
+
+/// The next token after `context` from `logits` (one per vocabulary entry).
+fn choose(mut logits: Vec<f32>, context: &[u32], decoding: &Decoding, rng: &mut impl rand::Rng) -> Result<u32> {
+    if decoding.repetition_penalty != 1.0 {
+        let penalty = decoding.repetition_penalty as f32;
+        let (mut seen, vocab) = (std::collections::HashSet::new(), logits.len());
+        for &id in context.iter().filter(|&&id| (id as usize) < vocab && seen.insert(id)) {
+            let logit = &mut logits[id as usize];
+            *logit = if *logit > 0.0 { *logit / penalty } else { *logit * penalty };
+        }
+    }
+    let most_likely = || logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32);
+    let Some(sampling) = decoding.sampling else { return Ok(most_likely()) };
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    order.truncate(sampling.top_k.max(1));
+    let top = logits[order[0]] as f64;
+    let mut weights: Vec<f64> =
+        order.iter().map(|&i| ((logits[i] as f64 - top) / sampling.temperature.max(1e-6)).exp()).collect();
+    // Nucleus: the smallest prefix whose probability reaches top_p (at least one token).
+    let total: f64 = weights.iter().sum();
+    let mut mass = 0.0;
+    let keep = weights.iter().position(|w| {
+        mass += w / total;
+        mass >= sampling.top_p
+    });
+    weights.truncate(keep.map_or(weights.len(), |i| i + 1));
+    Ok(order[WeightedIndex::new(&weights)?.sample(rng)] as u32)
 }
 
 /// Continues `prompt` by up to `max_new_tokens` tokens, stopping early at an end-of-sequence token.
-/// Returns only the continuation.
+/// Returns only the continuation, never ending inside a character: the last up to three tokens are
+/// dropped when they leave an incomplete UTF-8 sequence (a byte-level vocabulary splits characters).
 pub fn generate(
     model: &Llama,
     tokenizer: &Tokenizer,
@@ -81,31 +126,25 @@ pub fn generate(
     }
     let prompt_len = ids.len();
     let context = model.config().max_position_embeddings;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(match decoding {
-        Decoding::Sample { seed, .. } => seed,
-        Decoding::Greedy => 0,
-    });
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(decoding.sampling.map_or(0, |s| s.seed));
     for _ in 0..max_new_tokens {
         let start = ids.len().saturating_sub(context);
         let input = Tensor::new(&ids[start..], device)?.unsqueeze(0)?;
         let logits = model.forward(&input)?.i((0, ids.len() - start - 1))?.to_dtype(DType::F32)?;
-        let next = match decoding {
-            Decoding::Greedy => logits.argmax(D::Minus1)?.to_scalar::<u32>()?,
-            Decoding::Sample { temperature, top_k, .. } => {
-                let logits: Vec<f32> = logits.to_vec1()?;
-                let mut order: Vec<usize> = (0..logits.len()).collect();
-                order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-                order.truncate(top_k.max(1));
-                let top = logits[order[0]] as f64;
-                let weights: Vec<f64> =
-                    order.iter().map(|&i| ((logits[i] as f64 - top) / temperature.max(1e-6)).exp()).collect();
-                order[WeightedIndex::new(&weights)?.sample(&mut rng)] as u32
-            }
-        };
+        let next = choose(logits.to_vec1()?, &ids, &decoding, &mut rng)?;
         ids.push(next);
         if model.config().eos_token_ids.contains(&next) {
             break;
         }
     }
-    tokenizer.decode(&ids[prompt_len..], true).map_err(|e| anyhow::anyhow!("decoding: {e}"))
+    let generated = &ids[prompt_len..];
+    let decode = |ids: &[u32]| tokenizer.decode(ids, true).map_err(|e| anyhow::anyhow!("decoding: {e}"));
+    let mut text = decode(generated)?;
+    for cut in 1..=3.min(generated.len()) {
+        if !text.ends_with('\u{FFFD}') {
+            break;
+        }
+        text = decode(&generated[..generated.len() - cut])?;
+    }
+    Ok(text)
 }

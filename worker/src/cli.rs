@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
-use cpt_train::text::Decoding;
+use cpt_train::text::{Decoding, Sampling};
 
 /// cpt worker and model tools.
 #[derive(Parser)]
@@ -196,6 +196,12 @@ enum Command {
         /// With --temperature: sample among the k most likely tokens.
         #[arg(long, default_value_t = 50)]
         top_k: usize,
+        /// With --temperature: then keep the most likely tokens whose probability reaches p.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Divide (multiply, when negative) the logits of tokens already in the context by this.
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -214,10 +220,21 @@ impl Cli {
             Command::Eval { model, text, seq_len, save_logits } => {
                 crate::model_tools::eval(&model, &text, seq_len, save_logits.as_deref(), &device)
             }
-            Command::Generate { model, prompt, max_new_tokens, temperature, top_k, seed } => {
+            Command::Generate {
+                model,
+                prompt,
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                seed,
+            } => {
                 let decoding = match temperature {
-                    Some(temperature) => Decoding::Sample { temperature, top_k, seed },
-                    None => Decoding::Greedy,
+                    Some(temperature) => {
+                        Decoding { sampling: Some(Sampling { temperature, top_k, top_p, seed }), repetition_penalty }
+                    }
+                    None => Decoding { sampling: None, repetition_penalty },
                 };
                 crate::model_tools::generate(&model, &prompt, max_new_tokens, decoding, &device)
             }

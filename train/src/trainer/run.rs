@@ -21,7 +21,7 @@ use crate::model::Llama;
 use crate::optim::{clip, global_norm, AdamW, AdamWConfig};
 use crate::params::Params;
 use crate::schedule::LrSchedule;
-use crate::text::{self, Decoding};
+use crate::text::{self, Decoding, Sampling};
 
 /// Everything a run holds between steps.
 pub(super) struct Run<'a> {
@@ -342,18 +342,25 @@ impl<'a> Run<'a> {
         Ok(path)
     }
 
-    /// A greedy continuation of every sample prompt, on detached weights.
+    /// A continuation of every sample prompt (greedy, or as `sample_decoding` says, seeded by the
+    /// job's seed, the step and the prompt), on detached weights.
     fn sample(&self, on_event: &mut impl FnMut(Event)) -> Result<()> {
         let model = self.model.detached();
-        for prompt in &self.spec.sample_prompts {
-            let continuation = text::generate(
-                &model,
-                &self.tokenizer,
-                prompt,
-                self.spec.sample_tokens,
-                Decoding::Greedy,
-                &self.device,
-            )?;
+        for (i, prompt) in self.spec.sample_prompts.iter().enumerate() {
+            let decoding = match self.spec.sample_decoding {
+                None => Decoding::GREEDY,
+                Some(d) => Decoding {
+                    sampling: (d.temperature > 0.0).then_some(Sampling {
+                        temperature: d.temperature,
+                        top_k: d.top_k,
+                        top_p: d.top_p,
+                        seed: self.spec.seed ^ (self.state.step << 8 | i as u64),
+                    }),
+                    repetition_penalty: d.repetition_penalty,
+                },
+            };
+            let tokens = self.spec.sample_tokens;
+            let continuation = text::generate(&model, &self.tokenizer, prompt, tokens, decoding, &self.device)?;
             on_event(Event::Sample { step: self.state.step, prompt: prompt.clone(), continuation });
         }
         Ok(())
