@@ -117,7 +117,14 @@ pub fn memory_estimate_bytes(config: &ModelConfig, spec: &JobSpec) -> u64 {
             frozen * adapter.base_dtype.size() as f64 + widened
         }
     };
-    let state = trainable * 4.0 * 4.0 + frozen;
+    // A trained embedding's gradient is built by candle as a zero-filled table plus the gathered
+    // rows (and, tied, summed with the output layer's): two more tables exist for a moment.
+    let embedding_trained = spec
+        .adapter
+        .as_ref()
+        .is_none_or(|a| a.saves("embed_tokens") || (config.tie_word_embeddings && a.saves("lm_head")));
+    let transients = if embedding_trained { 2.0 * 4.0 * (config.vocab_size * config.hidden_size) as f64 } else { 0.0 };
+    let state = trainable * 4.0 * 4.0 + frozen + transients;
     let act_bytes = match spec.precision {
         Precision::F32 => 4.0,
         Precision::Bf16 => 2.0,

@@ -141,3 +141,38 @@ fn every_step_metric_is_documented_with_the_events() {
         assert!(events.contains(&format!("| `{kind}` |")), "the events table lacks `{kind}`");
     }
 }
+
+/// The lines of the schema `name` in openapi.yaml, up to the next schema, each after a newline.
+fn openapi_schema(openapi: &str, name: &str) -> String {
+    let header = format!("    {name}:");
+    let mut lines = openapi.lines().skip_while(|line| *line != header);
+    assert!(lines.next().is_some(), "openapi.yaml has no schema {name}");
+    let is_next_schema = |line: &str| line.starts_with("    ") && !line.starts_with("     ");
+    lines.take_while(|line| !is_next_schema(line)).map(|line| format!("\n{line}")).collect()
+}
+
+#[test]
+fn every_spec_and_adapter_field_is_in_openapi_and_the_examples_readme() {
+    let readme = repo_file("examples/README.md");
+    let openapi = repo_file("openapi.yaml");
+    let adapter = json!({
+        "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj"], "rslora": true},
+        "modules_to_save": ["lm_head"], "embedding_lr": 1e-4, "base_dtype": "f16", "init_from": "x",
+    });
+    let decoding = json!({"temperature": 0.7, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.2});
+    let spec = JobSpec::from_json_str(&spec_json(json!({ "adapter": adapter, "sample_decoding": decoding }))).unwrap();
+    let value = serde_json::to_value(&spec).unwrap();
+    let schemas = [
+        ("JobSpec", &value),
+        ("AdapterSpec", &value["adapter"]),
+        ("LoraSpec", &value["adapter"]["lora"]),
+        ("SampleDecoding", &value["sample_decoding"]),
+    ];
+    for (schema, object) in schemas {
+        let properties = openapi_schema(&openapi, schema);
+        for field in object.as_object().unwrap().keys() {
+            assert!(properties.contains(&format!("\n        {field}:")), "openapi.yaml's {schema} lacks `{field}`");
+            assert!(readme.contains(&format!("`{field}`")), "examples/README.md does not document `{field}`");
+        }
+    }
+}

@@ -80,6 +80,12 @@ async fn paths_are_checked_without_revealing_what_exists_outside_the_roots_and_s
     let climbing = format!("{}/model/../../secret.txt", root.display());
     let (status, error) = submit_changed(&server, &root, outside(&climbing)).await;
     assert_eq!((status, error_of(&error).1), (StatusCode::UNPROCESSABLE_ENTITY, Some("base_model")));
+    // An adapter to start from is a path like any other.
+    let secret = tmp.path().join("secret.txt").display().to_string();
+    let adapter =
+        json!({"adapter": {"lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj"]}, "init_from": secret}});
+    let (status, error) = submit_changed(&server, &root, adapter).await;
+    assert_eq!((status, error_of(&error).1), (StatusCode::UNPROCESSABLE_ENTITY, Some("adapter.init_from")), "{error}");
 
     // A glob that climbs out of the roots builds no dataset.
     let tokenizer = root.join("tokenizer.json");

@@ -71,6 +71,17 @@ pub struct BenchReport {
 /// Trains `config` from a fixed random initialisation on fixed random tokens and times it.
 pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport> {
     let device = &options.device;
+    let spec = options.job_spec();
+    let estimate = plan::memory_estimate_bytes(config, &spec);
+    if let Some(memory) = crate::device::memory_bytes(device) {
+        if estimate > memory {
+            anyhow::bail!(
+                "does not fit: the plan estimates {:.1} GiB and this machine has {:.1} GiB",
+                estimate as f64 / (1u64 << 30) as f64,
+                memory as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
     let mut params = match &options.adapter {
         Some(adapter) => {
             Params::init_random_freezing(config, 0, DType::F32, device, adapter::frozen_dtype(config, adapter))?
@@ -114,13 +125,12 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
     seconds.sort_by(f64::total_cmp);
     let step_seconds = seconds[seconds.len() / 2];
     let tokens = options.batch * options.seq_len;
-    let spec = options.job_spec();
     let flops = plan::job_flops_per_token(config, &spec) * tokens as f64;
     Ok(BenchReport {
         kernels: resolved.to_string(),
         parameters: config.total_parameters() as u64,
         trainable_parameters: params.count() as u64,
-        memory_estimate_mib: plan::memory_estimate_bytes(config, &spec) as f64 / (1u64 << 20) as f64,
+        memory_estimate_mib: estimate as f64 / (1u64 << 20) as f64,
         tokens_per_step: tokens,
         step_seconds,
         tokens_per_second: tokens as f64 / step_seconds,

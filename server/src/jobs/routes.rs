@@ -36,6 +36,9 @@ fn resolve_paths(roots: &[std::path::PathBuf], spec: &mut JobSpec) -> Result<Mod
         .map_err(|_| ApiError::invalid_field("base_model", "the directory has no readable config.json"))?;
     let config = ModelConfig::from_json_str(&text).map_err(|e| ApiError::invalid_field("base_model", e.to_string()))?;
     spec.base_model = base.display().to_string();
+    if let Some(init_from) = spec.adapter.as_mut().and_then(|a| a.init_from.as_mut()) {
+        *init_from = inside_roots(roots, "adapter.init_from", init_from)?.display().to_string();
+    }
     let seq_len = spec.seq_len;
     let train = spec
         .train_data
