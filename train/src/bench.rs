@@ -110,6 +110,7 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
     let mut losses = Vec::new();
     for step in 0..options.warmup + options.steps {
         let started = Instant::now();
+        model.set_dropout_pass(Some(step as u64));
         let loss = model.loss(&ids)?;
         let store = loss.backward()?;
         let grads: BTreeMap<String, Tensor> = params
