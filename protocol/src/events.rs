@@ -32,6 +32,13 @@ pub enum Event {
         #[serde(deserialize_with = "non_finite_as_null")]
         perplexity: f64,
         tokens: u64,
+        /// Bits per UTF-8 byte of the text the predicted tokens decode to: unlike perplexity,
+        /// comparable across tokenizers (an extended vocabulary, another model family).
+        #[serde(default = "not_measured", deserialize_with = "non_finite_as_null")]
+        bits_per_byte: f64,
+        /// Those bytes (special tokens excluded).
+        #[serde(default)]
+        bytes: u64,
     },
     /// A checkpoint was written and is complete.
     Checkpoint { step: u64, path: String, tokens_total: u64 },
@@ -85,6 +92,11 @@ pub struct StepMetrics {
     pub data_seconds: f64,
     #[serde(deserialize_with = "non_finite_as_null")]
     pub compute_seconds: f64,
+}
+
+/// Events from before a field existed read it as not measured.
+fn not_measured() -> f64 {
+    f64::NAN
 }
 
 /// JSON has no NaN or infinity: serde_json writes them as `null`, read back here as NaN (a skipped

@@ -38,6 +38,7 @@ pub struct Metrics {
     last_checkpoint_step: GaugeVec,
     eval_loss: GaugeVec,
     eval_perplexity: GaugeVec,
+    eval_bits_per_byte: GaugeVec,
     job_info: GaugeVec,
     jobs: GaugeVec,
     workers: GaugeVec,
@@ -113,6 +114,12 @@ impl Metrics {
             last_checkpoint_step: gauge(&r, "cpt_last_checkpoint_step", "Step of the newest checkpoint.", job),
             eval_loss: gauge(&r, "cpt_eval_loss", "Held-out loss per eval set (nats/token).", &["job_id", "set"]),
             eval_perplexity: gauge(&r, "cpt_eval_perplexity", "Held-out perplexity per eval set.", &["job_id", "set"]),
+            eval_bits_per_byte: gauge(
+                &r,
+                "cpt_eval_bits_per_byte",
+                "Held-out bits per UTF-8 byte per eval set (comparable across tokenizers).",
+                &["job_id", "set"],
+            ),
             job_info: gauge(&r, "cpt_job_info", "Always 1; labels describe the job.", &["job_id", "name"]),
             jobs: gauge(&r, "cpt_jobs", "Jobs by state.", &["state"]),
             workers: gauge(
@@ -169,9 +176,12 @@ impl Metrics {
                 }
                 series.tokens = series.tokens.max(m.tokens_total);
             }
-            Event::Eval { set, loss, perplexity, .. } => {
+            Event::Eval { set, loss, perplexity, bits_per_byte, .. } => {
                 self.eval_loss.with_label_values(&[id, set]).set(*loss);
                 self.eval_perplexity.with_label_values(&[id, set]).set(*perplexity);
+                if bits_per_byte.is_finite() {
+                    self.eval_bits_per_byte.with_label_values(&[id, set]).set(*bits_per_byte);
+                }
                 series.eval_sets.insert(set.clone());
             }
             Event::Started { plan, .. } => {
@@ -207,6 +217,7 @@ impl Metrics {
         for set in &series.eval_sets {
             let _ = self.eval_loss.remove_label_values(&[job_id, set]);
             let _ = self.eval_perplexity.remove_label_values(&[job_id, set]);
+            let _ = self.eval_bits_per_byte.remove_label_values(&[job_id, set]);
         }
         let _ = self.job_info.remove_label_values(&[job_id, &series.name]);
         let _ = self.tokens.remove_label_values(&[job_id]);

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 from safetensors.numpy import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from test_hf_parity import ROOT, worker, imported  # noqa: F401  (session fixture)
 
@@ -45,11 +45,17 @@ def test_training_matches_pytorch_adamw_step_by_step(imported, tmp_path):  # noq
     manifest = json.loads((dataset / "manifest.json").read_text())
     blocks = manifest["splits"]["train"]["blocks"]
     assert blocks >= 2
+    # Held-out Chinese documentation, for bits per byte across multi-byte characters.
+    docs = tmp_path / "docs"
+    (tmp_path / "all-validation.json").write_text(json.dumps({"validation_fraction": 1.0}))
+    worker("prepare", "--tokenizer", imported / "tokenizer.json", "--input", ROOT / "tests/fixtures/chinese-docs.txt",
+           "--out", docs, "--seq-len", SEQ, "--config", tmp_path / "all-validation.json")
     spec = {
         "name": "parity", "base_model": str(base), "train_data": [{"dataset": str(dataset)}],
         "seq_len": SEQ, "micro_batch_size": blocks, "grad_accum_steps": 2, "lr": PEAK, "min_lr_ratio": MIN_RATIO,
         "schedule": "cosine", "warmup_steps": WARMUP, "max_steps": STEPS, "weight_decay": WEIGHT_DECAY,
         "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": CLIP, "eval_every": 0, "checkpoint_every": 0,
+        "eval_data": {"docs": str(docs)},
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     worker("train", "--spec", tmp_path / "spec.json", "--run-dir", tmp_path / "run")
@@ -88,6 +94,18 @@ def test_training_matches_pytorch_adamw_step_by_step(imported, tmp_path):  # noq
         assert math.isclose(mine["lr"], cosine_lr(step), rel_tol=1e-12)
         assert math.isclose(mine["loss"], np.mean(losses), rel_tol=2e-5), (step, mine["loss"], losses)
         assert math.isclose(mine["grad_norm"], norm, rel_tol=1e-5), (step, mine["grad_norm"], norm)
+
+    # Bits per byte: the summed loss in bits over the UTF-8 bytes that AutoTokenizer decodes the
+    # predicted tokens of every evaluated block (the first eval_blocks, 32 by default) to.
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    held_out = np.fromfile(docs / "validation-00000.tokens", dtype="<u2").astype(np.int64).reshape(-1, SEQ)[:32]
+    assert len(held_out) == 32
+    text_bytes = sum(len(tokenizer.decode(block[1:].tolist(), skip_special_tokens=True).encode()) for block in held_out)
+    evals = [e for e in events if e["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [0, STEPS]
+    for e in evals:
+        assert e["bytes"] == text_bytes
+        assert math.isclose(e["bits_per_byte"], e["loss"] * e["tokens"] / math.log(2) / text_bytes, rel_tol=1e-12)
 
     final = load_file(str(tmp_path / f"run/checkpoints/step-{STEPS}/model.safetensors"))
     reference = {k: v.detach().numpy() for k, v in model.state_dict().items()}

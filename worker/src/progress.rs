@@ -74,8 +74,8 @@ fn describe(event: &Event) -> String {
             plan.warmup_steps,
             plan.flops_per_token / 1e9
         ),
-        Event::Eval { step, set, loss, perplexity, .. } => {
-            format!("step {step} eval {set}: loss {loss:.4}, perplexity {perplexity:.2}")
+        Event::Eval { step, set, loss, perplexity, bits_per_byte, .. } => {
+            format!("step {step} eval {set}: loss {loss:.4}, perplexity {perplexity:.2}, {bits_per_byte:.4} bits/byte")
         }
         Event::Checkpoint { path, .. } => format!("checkpoint {path}"),
         Event::Sample { step, prompt, continuation } => format!("step {step} sample: {prompt}|{continuation}"),

@@ -69,17 +69,19 @@ pub async fn watch(server: String, token: Option<String>, id: &str) -> Result<()
     let job = api.job(id).await.with_context(|| format!("reading job {id}"))?;
     let progress = Progress::new(job["progress"]["total_steps"].as_u64().unwrap_or(0));
     progress.say(format!("job {id} ({}): {}", job["name"].as_str().unwrap_or(""), job["state"].as_str().unwrap_or("")));
-    // Perplexity per eval set: (first step, first value, last step, last value).
-    let mut evals: BTreeMap<String, (u64, f64, u64, f64)> = BTreeMap::new();
+    // Per eval set: (first step, first (perplexity, bits/byte), last step, last (perplexity, bits/byte)).
+    type Point = (f64, f64);
+    let mut evals: BTreeMap<String, (u64, Point, u64, Point)> = BTreeMap::new();
     let mut last_id = 0;
     let mut unreachable_since = None;
     let job = loop {
         let followed = api
             .follow(id, &mut last_id, |kind, data| match serde_json::from_value::<Event>(data) {
                 Ok(event) => {
-                    if let Event::Eval { step, set, perplexity, .. } = &event {
-                        let entry = evals.entry(set.clone()).or_insert((*step, *perplexity, *step, *perplexity));
-                        (entry.2, entry.3) = (*step, *perplexity);
+                    if let Event::Eval { step, set, perplexity, bits_per_byte, .. } = &event {
+                        let point = (*perplexity, *bits_per_byte);
+                        let entry = evals.entry(set.clone()).or_insert((*step, point, *step, point));
+                        (entry.2, entry.3) = (*step, point);
                     }
                     progress.show(&event);
                 }
@@ -101,9 +103,12 @@ pub async fn watch(server: String, token: Option<String>, id: &str) -> Result<()
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     progress.finish();
-    for (set, (first_step, first, last_step, last)) in &evals {
+    for (set, (first_step, (first, first_bpb), last_step, (last, last_bpb))) in &evals {
         let change = 100.0 * (last / first - 1.0);
-        println!("{set:<10} perplexity {first:9.2} (step {first_step}) → {last:9.2} (step {last_step})  {change:+.1}%");
+        println!(
+            "{set:<10} perplexity {first:9.2} (step {first_step}) → {last:9.2} (step {last_step})  {change:+.1}%   \
+             bits/byte {first_bpb:.4} → {last_bpb:.4}"
+        );
     }
     let state = job["state"].as_str().unwrap_or_default();
     println!("job {id} {state} at step {}", job["progress"]["step"]);

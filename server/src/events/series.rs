@@ -39,10 +39,10 @@ pub async fn metrics(State(app): State<AppState>, UrlPath(id): UrlPath<String>) 
         "mfu": column(|m| m.mfu),
         "step_seconds": column(|m| m.step_seconds),
     });
-    let mut evals: BTreeMap<String, BTreeMap<u64, (f64, f64)>> = BTreeMap::new();
+    let mut evals: BTreeMap<String, BTreeMap<u64, (f64, f64, f64)>> = BTreeMap::new();
     for event in events_of(&app, &id, "eval").await? {
-        if let Event::Eval { step, set, loss, perplexity, .. } = event.envelope.event {
-            evals.entry(set).or_default().insert(step, (loss, perplexity));
+        if let Event::Eval { step, set, loss, perplexity, bits_per_byte, .. } = event.envelope.event {
+            evals.entry(set).or_default().insert(step, (loss, perplexity, bits_per_byte));
         }
     }
     let evals: serde_json::Map<String, Value> = evals
@@ -52,6 +52,7 @@ pub async fn metrics(State(app): State<AppState>, UrlPath(id): UrlPath<String>) 
                 "step": points.keys().copied().collect::<Vec<_>>(),
                 "loss": points.values().map(|p| p.0).collect::<Vec<_>>(),
                 "perplexity": points.values().map(|p| p.1).collect::<Vec<_>>(),
+                "bits_per_byte": points.values().map(|p| p.2).collect::<Vec<_>>(),
             });
             (set, series)
         })

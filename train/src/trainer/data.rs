@@ -15,6 +15,23 @@ use crate::config::ModelConfig;
 pub struct EvalSet {
     pub name: String,
     pub blocks: Vec<Block>,
+    /// UTF-8 bytes of the text its predicted tokens decode to (see [`EvalSet::count_bytes`]).
+    pub bytes: u64,
+}
+
+impl EvalSet {
+    /// Sets `bytes` from the decoded predicted tokens of every block (special tokens skipped), for
+    /// bits per byte.
+    pub fn count_bytes(&mut self, tokenizer: &tokenizers::Tokenizer) -> Result<()> {
+        let mut bytes = 0;
+        for block in &self.blocks {
+            let predicted = &block.tokens[1.min(block.valid)..block.valid];
+            let text = tokenizer.decode(predicted, true).map_err(|e| anyhow::anyhow!("decoding {}: {e}", self.name))?;
+            bytes += text.len() as u64;
+        }
+        self.bytes = bytes;
+        Ok(())
+    }
 }
 
 /// A micro-batch: ids `(batch, seq_len)` and, when a block is padded, the loss mask
@@ -114,6 +131,7 @@ impl TrainData {
             }
             let count = reader.len().min(spec.eval_blocks as u64);
             eval_sets.push(EvalSet {
+                bytes: 0,
                 name: name.clone(),
                 blocks: (0..count).map(|i| Block { tokens: reader.block(i), valid: reader.valid_tokens(i) }).collect(),
             });

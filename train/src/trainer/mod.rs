@@ -86,7 +86,9 @@ fn evaluate(
             tokens += batch.predicted;
         }
         let loss = total / tokens as f64;
-        on_event(Event::Eval { step, set: set.name.clone(), loss, perplexity: loss.exp(), tokens });
+        let bits_per_byte = if set.bytes > 0 { total / std::f64::consts::LN_2 / set.bytes as f64 } else { f64::NAN };
+        let (name, bytes) = (set.name.clone(), set.bytes);
+        on_event(Event::Eval { step, set: name, loss, perplexity: loss.exp(), tokens, bits_per_byte, bytes });
     }
     Ok(())
 }
