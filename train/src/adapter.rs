@@ -75,18 +75,25 @@ fn dtype(base: BaseDtype) -> DType {
     }
 }
 
+/// Where an adapter job's trained tensors start.
+#[derive(Debug, Clone, Copy)]
+pub enum Start<'a> {
+    /// PEFT's initialisation of the LoRA factors — `A` uniform in ±1/√in (kaiming uniform with
+    /// a = √5), `B` zero — and the base's rows for the saved modules.
+    Fresh,
+    /// A PEFT adapter directory holding every trained tensor (a checkpoint being resumed).
+    Exactly(&'a Path),
+    /// The trained tensors a PEFT adapter directory holds (`init_from`), the others fresh: e.g. a
+    /// second stage adding LoRA to the embeddings a first stage trained.
+    From(&'a Path),
+}
+
 /// The parameters of an adapter job: the base frozen in `base_dtype` except the saved modules
 /// (f32, trained), and the adapters (see [`add_adapters`]).
-pub fn open_params(
-    base: &ModelDir,
-    adapter: &AdapterSpec,
-    trained: Option<&Path>,
-    seed: u64,
-    device: &Device,
-) -> Result<Params> {
+pub fn open_params(base: &ModelDir, adapter: &AdapterSpec, start: Start, seed: u64, device: &Device) -> Result<Params> {
     let config = &base.config;
     let mut params = Params::load_dir_freezing(&base.path, config, DType::F32, device, frozen_dtype(config, adapter))?;
-    add_adapters(&mut params, config, adapter, trained, seed, device)?;
+    add_adapters(&mut params, config, adapter, start, seed, device)?;
     Ok(params)
 }
 
@@ -95,32 +102,36 @@ pub fn frozen_dtype<'a>(config: &'a ModelConfig, adapter: &'a AdapterSpec) -> im
     move |name: &str| (!is_saved(config, adapter, name)).then_some(dtype(adapter.base_dtype))
 }
 
-/// Adds the LoRA factors to `params` and sets the saved modules: from `trained` (a PEFT adapter
-/// directory: `init_from`, or the checkpoint being resumed), or the factors initialised as PEFT
-/// does — `A` uniform in ±1/√in (kaiming uniform with a = √5), `B` zero, reproducible from `seed`.
+/// Adds the LoRA factors to `params` and sets the saved modules as `start` says; the fresh ones
+/// are reproducible from `seed`.
 pub fn add_adapters(
     params: &mut Params,
     config: &ModelConfig,
     adapter: &AdapterSpec,
-    trained: Option<&Path>,
+    start: Start,
     seed: u64,
     device: &Device,
 ) -> Result<()> {
     let expected = lora_tensors(config, adapter);
-    let mut loaded = match trained {
-        Some(dir) => read_tensors(dir, device)?,
-        None => HashMap::new(),
+    let (mut loaded, dir, complete) = match start {
+        Start::Fresh => (HashMap::new(), Path::new(""), false),
+        Start::Exactly(dir) => (read_tensors(dir, device)?, dir, true),
+        Start::From(dir) => (read_tensors(dir, device)?, dir, false),
     };
-    if let Some(dir) = trained {
-        for (name, shape) in expected.iter().chain(&saved_shapes(config, adapter)) {
-            match loaded.get(name) {
-                Some(t) if t.dims() == shape.as_slice() => {}
-                Some(t) => bail!("{}: `{name}` has shape {:?}, the spec implies {shape:?}", dir.display(), t.dims()),
-                None => bail!("{}: no tensor `{name}` (the adapter was trained with another spec?)", dir.display()),
+    let saved = saved_shapes(config, adapter);
+    for (name, shape) in expected.iter().chain(&saved) {
+        match loaded.get(name) {
+            Some(t) if t.dims() == shape.as_slice() => {}
+            Some(t) => bail!("{}: `{name}` has shape {:?}, the spec implies {shape:?}", dir.display(), t.dims()),
+            None if complete => {
+                bail!("{}: no tensor `{name}` (the adapter was trained with another spec?)", dir.display())
             }
+            None => {}
         }
-        for (name, _) in saved_shapes(config, adapter) {
-            params.set(&name, &loaded.remove(&name).expect("checked above").to_dtype(DType::F32)?)?;
+    }
+    for (name, _) in &saved {
+        if let Some(tensor) = loaded.remove(name) {
+            params.set(name, &tensor.to_dtype(DType::F32)?)?;
         }
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x4c6f_5241);
@@ -246,7 +257,7 @@ pub fn open_dir(dir: &Path, device: &Device) -> Result<Opened> {
         .as_str()
         .with_context(|| format!("{}: no base_model_name_or_path", path.display()))?;
     let base = ModelDir::open(Path::new(base_path)).with_context(|| format!("the base model of {}", dir.display()))?;
-    let params = open_params(&base, &adapter, Some(dir), 0, device)?;
+    let params = open_params(&base, &adapter, Start::Exactly(dir), 0, device)?;
     Ok(Opened { base, adapter, params })
 }
 

@@ -89,7 +89,7 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
         None => Params::init_random(config, 0, DType::F32, device)?,
     };
     if let Some(adapter) = &options.adapter {
-        adapter::add_adapters(&mut params, config, adapter, None, 0, device)?;
+        adapter::add_adapters(&mut params, config, adapter, adapter::Start::Fresh, 0, device)?;
     }
     let params = &params;
     let mut model = Llama::new(config, params)?;

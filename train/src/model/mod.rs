@@ -2,6 +2,7 @@
 
 mod fastexp;
 pub mod fused;
+mod kernels;
 pub mod linear;
 pub mod ops;
 mod projection;
@@ -10,6 +11,7 @@ use candle_core::{DType, Result, Tensor};
 
 use crate::config::ModelConfig;
 use crate::params::Params;
+pub use kernels::Kernels;
 pub use projection::LoraSettings;
 use projection::Projection;
 
@@ -265,89 +267,6 @@ impl Llama {
         }
     }
 
-    /// A projection with its adapter's update added; `site` numbers its dropout mask.
-    fn project(&self, k: Kernels, x: &Tensor, p: &Projection, site: usize) -> Result<Tensor> {
-        if k == Kernels::Cpu && p.lora.is_some() && !p.weight.track_op() {
-            return self.fused_lora(x, &p.weight, &[p], site);
-        }
-        let y = self.linear(k, x, &p.weight, p.bias.as_ref())?;
-        match self.lora_update(k, x, p, site)? {
-            Some(update) => y + update,
-            None => Ok(y),
-        }
-    }
-
-    /// `scale · dropout(x)·Aᵀ·Bᵀ` of a projection's adapter, if it has one.
-    fn lora_update(&self, k: Kernels, x: &Tensor, p: &Projection, site: usize) -> Result<Option<Tensor>> {
-        let Some(lora) = &p.lora else { return Ok(None) };
-        let x = match self.dropout_pass {
-            Some(pass) if self.lora.dropout > 0.0 => {
-                projection::dropout(x, self.lora.dropout, projection::site_seed(pass, site))?
-            }
-            _ => x.clone(),
-        };
-        let down = self.linear(k, &x, &lora.a, None)?;
-        Ok(Some((self.linear(k, &down, &lora.b, None)? * self.lora.scale)?))
-    }
-
-    /// Projections that read the same input as one product over their concatenated weights
-    /// (`packed` when they are frozen), each adapter's update added to its own columns.
-    fn packed(
-        &self,
-        k: Kernels,
-        x: &Tensor,
-        parts: &[&Projection],
-        packed: Option<&Tensor>,
-        site: usize,
-    ) -> Result<Tensor> {
-        let weight = match packed {
-            Some(packed) => packed.clone(),
-            None => Tensor::cat(&parts.iter().map(|p| &p.weight).collect::<Vec<_>>(), 0)?,
-        };
-        let adapted = parts.iter().any(|p| p.lora.is_some());
-        if k == Kernels::Cpu && adapted && !weight.track_op() {
-            return self.fused_lora(x, &weight, parts, site);
-        }
-        let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
-        let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
-        let y = self.linear(k, x, &weight, bias.as_ref())?;
-        if !adapted {
-            return Ok(y);
-        }
-        let updates = parts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| match self.lora_update(k, x, p, site + i)? {
-                Some(update) => Ok(update),
-                None => projection::zeros_like_output(x, p.out_features()?),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        y + Tensor::cat(&updates, x.rank() - 1)?
-    }
-
-    /// Frozen projections reading `x`, with `weight` their (packed) weight, and their adapters as
-    /// one CPU op (see [`fused::lora_linear`]).
-    fn fused_lora(&self, x: &Tensor, weight: &Tensor, parts: &[&Projection], site: usize) -> Result<Tensor> {
-        let adapters: Vec<_> = parts.iter().filter_map(|p| p.lora.as_ref()).collect();
-        let a = Tensor::cat(&adapters.iter().map(|l| &l.a).collect::<Vec<_>>(), 0)?;
-        let b = Tensor::cat(&adapters.iter().map(|l| &l.b).collect::<Vec<_>>(), 0)?;
-        let dropout = self.dropout_pass.filter(|_| self.lora.dropout > 0.0);
-        let blocks = parts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let seed = p.lora.as_ref().map(|_| dropout.map(|pass| projection::site_seed(pass, site + i)));
-                Ok(fused::Block { columns: p.out_features()?, adapter: seed })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let y = fused::lora_linear(x, &self.cpu_w(weight)?, &a, &b, blocks, self.lora.scale, self.lora.dropout)?;
-        let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
-        match biases {
-            Some(biases) => y.broadcast_add(&self.w(&Tensor::cat(&biases, 0)?)?),
-            None => Ok(y),
-        }
-    }
-
     fn rms_norm(&self, k: Kernels, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         let (weight, eps) = (self.w(weight)?, self.config.rms_norm_eps);
         match k {
@@ -419,60 +338,6 @@ impl Llama {
         let probs = fused::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (d as f64).sqrt(), c.sliding_window)?;
         let y = probs.matmul(&v)?.reshape((b, heads, s, d))?;
         y.transpose(1, 2)?.reshape((b, s, heads * d))
-    }
-}
-
-/// Which implementation of the model's operations a forward pass uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Kernels {
-    /// The fastest that the tensors' device and dtype have (the default): [`Kernels::Cpu`] for
-    /// f32/f64 on the CPU, [`Kernels::Portable`] for f32/bf16 on CUDA, [`Kernels::Composed`]
-    /// otherwise.
-    #[default]
-    Best,
-    /// Whole-block CPU kernels: packed attention, the output projection fused with the loss, gemm
-    /// for every linear layer.
-    Cpu,
-    /// The fused ops that have both CPU and CUDA kernels (RMSNorm, RoPE, causal softmax, SwiGLU,
-    /// cross-entropy) around candle's matrix products.
-    Portable,
-    /// candle's differentiable ops only: the reference.
-    Composed,
-}
-
-impl Kernels {
-    /// The concrete choice for tensors like `x`.
-    pub fn resolve(self, x: &Tensor) -> Kernels {
-        match self {
-            Kernels::Best if fused::supported(x) => Kernels::Cpu,
-            Kernels::Best if fused::cuda_supported(x) => Kernels::Portable,
-            Kernels::Best => Kernels::Composed,
-            chosen => chosen,
-        }
-    }
-}
-
-impl std::str::FromStr for Kernels {
-    type Err = String;
-    fn from_str(name: &str) -> std::result::Result<Self, String> {
-        match name {
-            "best" => Ok(Kernels::Best),
-            "cpu" => Ok(Kernels::Cpu),
-            "portable" => Ok(Kernels::Portable),
-            "composed" => Ok(Kernels::Composed),
-            other => Err(format!("unknown kernels {other:?}: best, cpu, portable or composed")),
-        }
-    }
-}
-
-impl std::fmt::Display for Kernels {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Kernels::Best => "best",
-            Kernels::Cpu => "cpu",
-            Kernels::Portable => "portable",
-            Kernels::Composed => "composed",
-        })
     }
 }
 

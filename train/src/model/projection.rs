@@ -4,6 +4,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use super::{fused, Kernels, Llama};
+
 use crate::params::Params;
 
 /// A projection `x·Wᵀ (+ b)`, with an optional low-rank adapter beside `W`.
@@ -92,4 +94,87 @@ pub(super) fn zeros_like_output(x: &Tensor, features: usize) -> Result<Tensor> {
 /// Whether a weight is frozen in half precision (the CPU kernels widen those themselves).
 pub(super) fn is_frozen_half(weight: &Tensor) -> bool {
     matches!(weight.dtype(), DType::BF16 | DType::F16) && !weight.track_op()
+}
+
+impl Llama {
+    /// A projection with its adapter's update added; `site` numbers its dropout mask.
+    pub(super) fn project(&self, k: Kernels, x: &Tensor, p: &Projection, site: usize) -> Result<Tensor> {
+        if k == Kernels::Cpu && p.lora.is_some() && !p.weight.track_op() {
+            return self.fused_lora(x, &p.weight, &[p], site);
+        }
+        let y = self.linear(k, x, &p.weight, p.bias.as_ref())?;
+        match self.lora_update(k, x, p, site)? {
+            Some(update) => y + update,
+            None => Ok(y),
+        }
+    }
+
+    /// `scale · dropout(x)·Aᵀ·Bᵀ` of a projection's adapter, if it has one.
+    pub(super) fn lora_update(&self, k: Kernels, x: &Tensor, p: &Projection, site: usize) -> Result<Option<Tensor>> {
+        let Some(lora) = &p.lora else { return Ok(None) };
+        let x = match self.dropout_pass {
+            Some(pass) if self.lora.dropout > 0.0 => dropout(x, self.lora.dropout, site_seed(pass, site))?,
+            _ => x.clone(),
+        };
+        let down = self.linear(k, &x, &lora.a, None)?;
+        Ok(Some((self.linear(k, &down, &lora.b, None)? * self.lora.scale)?))
+    }
+
+    /// Projections that read the same input as one product over their concatenated weights
+    /// (`packed` when they are frozen), each adapter's update added to its own columns.
+    pub(super) fn packed(
+        &self,
+        k: Kernels,
+        x: &Tensor,
+        parts: &[&Projection],
+        packed: Option<&Tensor>,
+        site: usize,
+    ) -> Result<Tensor> {
+        let weight = match packed {
+            Some(packed) => packed.clone(),
+            None => Tensor::cat(&parts.iter().map(|p| &p.weight).collect::<Vec<_>>(), 0)?,
+        };
+        let adapted = parts.iter().any(|p| p.lora.is_some());
+        if k == Kernels::Cpu && adapted && !weight.track_op() {
+            return self.fused_lora(x, &weight, parts, site);
+        }
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
+        let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+        let y = self.linear(k, x, &weight, bias.as_ref())?;
+        if !adapted {
+            return Ok(y);
+        }
+        let updates = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match self.lora_update(k, x, p, site + i)? {
+                Some(update) => Ok(update),
+                None => zeros_like_output(x, p.out_features()?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        y + Tensor::cat(&updates, x.rank() - 1)?
+    }
+
+    /// Frozen projections reading `x`, with `weight` their (packed) weight, and their adapters as
+    /// one CPU op (see [`fused::lora_linear`]).
+    pub(super) fn fused_lora(&self, x: &Tensor, weight: &Tensor, parts: &[&Projection], site: usize) -> Result<Tensor> {
+        let adapters: Vec<_> = parts.iter().filter_map(|p| p.lora.as_ref()).collect();
+        let a = Tensor::cat(&adapters.iter().map(|l| &l.a).collect::<Vec<_>>(), 0)?;
+        let b = Tensor::cat(&adapters.iter().map(|l| &l.b).collect::<Vec<_>>(), 0)?;
+        let dropout = self.dropout_pass.filter(|_| self.lora.dropout > 0.0);
+        let blocks = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let seed = p.lora.as_ref().map(|_| dropout.map(|pass| site_seed(pass, site + i)));
+                Ok(fused::Block { columns: p.out_features()?, adapter: seed })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let y = fused::lora_linear(x, &self.cpu_w(weight)?, &a, &b, blocks, self.lora.scale, self.lora.dropout)?;
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
+        match biases {
+            Some(biases) => y.broadcast_add(&self.w(&Tensor::cat(&biases, 0)?)?),
+            None => Ok(y),
+        }
+    }
 }

@@ -14,7 +14,7 @@ use tokenizers::Tokenizer;
 
 use super::data::TrainData;
 use super::{batch_loss, evaluate, spec_sha256, Outcome};
-use crate::adapter;
+use crate::adapter::{self, Start};
 use crate::checkpoint::{self, TrainerState};
 use crate::hf::{passthrough_files, write_model_files, write_tokenizer, ModelDir, ModelFiles};
 use crate::model::Llama;
@@ -94,7 +94,9 @@ impl<'a> Run<'a> {
                     );
                 }
                 let params = match &spec.adapter {
-                    Some(adapter) => adapter::open_params(&base, adapter, Some(&loaded.dir), spec.seed, device)?,
+                    Some(adapter) => {
+                        adapter::open_params(&base, adapter, Start::Exactly(&loaded.dir), spec.seed, device)?
+                    }
                     None => ModelDir::open(&loaded.dir)?.load_params(DType::F32, device)?,
                 };
                 let optimizer =
@@ -104,8 +106,9 @@ impl<'a> Run<'a> {
             None => {
                 let params = match &spec.adapter {
                     Some(adapter) => {
-                        let init = adapter.init_from.as_deref().map(Path::new);
-                        adapter::open_params(&base, adapter, init, spec.seed, device).context("adapter")?
+                        let start =
+                            adapter.init_from.as_deref().map_or(Start::Fresh, |dir| Start::From(Path::new(dir)));
+                        adapter::open_params(&base, adapter, start, spec.seed, device).context("adapter")?
                     }
                     None => base.load_params(DType::F32, device)?,
                 };
@@ -116,6 +119,9 @@ impl<'a> Run<'a> {
         let data_state = (state.step > 0).then(|| state.data.clone());
         let mut data = TrainData::open(spec, &config, &tokenizer_sha256, data_state.as_ref())?;
         warnings.append(&mut data.notes);
+        for set in &mut data.eval_sets {
+            set.count_bytes(&tokenizer)?;
+        }
         let mut model = Llama::new(&config, &params)?;
         model.set_compute_dtype(compute);
         if let Some(adapter) = &spec.adapter {
