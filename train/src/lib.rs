@@ -19,6 +19,7 @@ pub mod peak;
 pub mod schedule;
 pub mod text;
 pub mod trainer;
+pub mod vocab;
 
 pub use config::ModelConfig;
 pub use hf::ModelDir;

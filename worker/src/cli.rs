@@ -182,6 +182,29 @@ enum Command {
     /// Check the fused ops on --device against the composed ops on the CPU in f64 (outputs and
     /// gradients, in each dtype the device's kernels store); exits non-zero when one is off.
     CheckKernels,
+    /// Extend a model's vocabulary for a domain's language: train a BPE on the corpus, append its
+    /// new tokens and merges to the tokenizer (no existing id changes) and write a model whose new
+    /// embedding and output rows are the mean of each new token's pieces under the old tokenizer.
+    ExtendVocab {
+        /// The base model directory (byte-level BPE tokenizer).
+        #[arg(long)]
+        model: PathBuf,
+        /// Domain text: files, directories or glob patterns of .txt/.jsonl (optionally .gz).
+        #[arg(long, required = true, num_args = 1..)]
+        corpus: Vec<PathBuf>,
+        /// Tokens to add (at most; fewer when the corpus has fewer frequent merges).
+        #[arg(long)]
+        new_tokens: usize,
+        /// A merge must occur this often in the corpus.
+        #[arg(long, default_value_t = 2)]
+        min_frequency: u64,
+        /// Texts whose fertility (tokens per 1000 characters) is reported before and after.
+        #[arg(long, num_args = 0..)]
+        report_text: Vec<PathBuf>,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Continue a prompt (greedy unless --temperature is given).
     Generate {
         #[arg(long)]
@@ -267,6 +290,9 @@ impl Cli {
                 crate::bench::bench(&config, &options)
             }
             Command::CheckKernels => crate::bench::check_kernels(&device),
+            Command::ExtendVocab { model, corpus, new_tokens, min_frequency, report_text, out } => {
+                crate::model_tools::extend_vocab(&model, &corpus, new_tokens, min_frequency, &report_text, &out)
+            }
         }
     }
 }

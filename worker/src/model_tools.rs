@@ -104,3 +104,20 @@ pub fn generate(model: &Path, prompt: &str, max_new_tokens: usize, decoding: Dec
     println!("{prompt}{continuation}");
     Ok(())
 }
+
+/// `cpt-worker extend-vocab`: prints the extension report (added tokens, fertility) as JSON.
+pub fn extend_vocab(
+    model: &Path,
+    corpus: &[std::path::PathBuf],
+    new_tokens: usize,
+    min_frequency: u64,
+    texts: &[std::path::PathBuf],
+    out: &Path,
+) -> Result<()> {
+    if new_tokens == 0 {
+        bail!("--new-tokens must be positive");
+    }
+    let report = cpt_train::vocab::extend(model, corpus, new_tokens, min_frequency, texts, out)?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
