@@ -37,6 +37,10 @@ pub struct AdapterSpec {
     /// start the trained ones, instead of PEFT's initialisation.
     #[serde(default)]
     pub init_from: Option<String>,
+    /// Train only the rows of `modules_to_save` from this token id on — the rows `extend-vocab`
+    /// added (its report's `base_vocab_size`); the others stay exactly as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_rows_from: Option<usize>,
 }
 
 /// LoRA's hyper-parameters, as PEFT's `LoraConfig` names them.
@@ -116,6 +120,9 @@ impl AdapterSpec {
         if self.embedding_lr.is_some() && self.modules_to_save.is_empty() {
             return Err(problem("embedding_lr", "applies to modules_to_save, which is empty"));
         }
+        if self.train_rows_from.is_some() && self.modules_to_save.is_empty() {
+            return Err(problem("train_rows_from", "applies to modules_to_save, which is empty"));
+        }
         if matches!(&self.init_from, Some(path) if path.trim().is_empty() || path.len() > 4096) {
             return Err(problem("init_from", "must name a directory (at most 4096 bytes)"));
         }
@@ -165,6 +172,7 @@ mod tests {
             embedding_lr: None,
             base_dtype: BaseDtype::Bf16,
             init_from: None,
+            train_rows_from: None,
         }
     }
 

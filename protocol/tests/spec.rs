@@ -158,6 +158,7 @@ fn every_spec_and_adapter_field_is_in_openapi_and_the_examples_readme() {
     let adapter = json!({
         "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj"], "rslora": true},
         "modules_to_save": ["lm_head"], "embedding_lr": 1e-4, "base_dtype": "f16", "init_from": "x",
+        "train_rows_from": 10,
     });
     let decoding = json!({"temperature": 0.7, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.2});
     let spec = JobSpec::from_json_str(&spec_json(json!({ "adapter": adapter, "sample_decoding": decoding }))).unwrap();

@@ -219,6 +219,7 @@ pub fn from_peft_config(json: &Value) -> Result<AdapterSpec> {
         embedding_lr: None,
         base_dtype: BaseDtype::F32,
         init_from: None,
+        train_rows_from: None,
     };
     adapter.validate().map_err(|e| anyhow::anyhow!("{CONFIG_FILE}: {e}"))?;
     Ok(adapter)

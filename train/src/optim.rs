@@ -49,7 +49,8 @@ impl AdamW {
     }
 
     /// Applies one update, each parameter with its learning rate `lr(name)`; `grads` holds every
-    /// trained parameter's gradient.
+    /// trained parameter's gradient. A gradient with fewer rows than its parameter updates only the
+    /// parameter's last rows (a table trained from a row on): the others, and their moments, stay.
     pub fn step(&mut self, params: &Params, grads: &BTreeMap<String, Tensor>, lr: impl Fn(&str) -> f64) -> Result<()> {
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
         self.updates += 1;
@@ -57,6 +58,21 @@ impl AdamW {
         for (name, var) in params.iter() {
             let grad = grads.get(name).with_context(|| format!("no gradient for `{name}`"))?;
             let (m, v) = self.moments.get_mut(name).expect("moments exist for every parameter");
+            let (rows, trained) = (var.dim(0)?, grad.dim(0)?);
+            if trained < rows {
+                let first = rows - trained;
+                let (p, m, v) =
+                    (var.narrow(0, first, trained)?, m.narrow(0, first, trained)?, v.narrow(0, first, trained)?);
+                m.slice_set(&((&m * beta1)? + (grad * (1.0 - beta1))?)?, 0, 0)?;
+                v.slice_set(&((&v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?, 0, 0)?;
+                let t = self.updates as i32;
+                let decay = if is_norm_or_bias(name) { 0.0 } else { weight_decay };
+                let lr = lr(name);
+                let denom = ((v.sqrt()? / (1.0 - beta2.powi(t)).sqrt())? + eps)?;
+                let step = (m.div(&denom)? * (lr / (1.0 - beta1.powi(t))))?;
+                p.slice_set(&((&p * (1.0 - lr * decay))? - step)?, 0, 0)?;
+                continue;
+            }
             let lr = lr(name);
             let decay = if is_norm_or_bias(name) { 0.0 } else { weight_decay };
             let update = Update {

@@ -267,3 +267,25 @@ fn an_adapter_run_resumes_bit_identically_and_checkpoints_only_what_it_trains() 
         whole_events.iter().filter_map(|e| if let Event::Step(m) = e { Some(m.loss) } else { None }).collect();
     assert!(losses.last().unwrap() < &losses[0], "the adapter learns: {losses:?}");
 }
+
+#[test]
+fn rows_below_train_rows_from_stay_exactly_as_they_were() {
+    let f = fixture(false);
+    let adapter = json!({"modules_to_save": ["embed_tokens", "lm_head"], "train_rows_from": 250, "base_dtype": "f32"});
+    let (outcome, _) = run(&spec(&f.root, json!({ "adapter": adapter })), &f.root.join("run"), false, None);
+    let outcome = outcome.unwrap();
+    let trained =
+        candle_core::safetensors::load(outcome.checkpoint.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let base = candle_core::safetensors::load(f.root.join("base/model.safetensors"), &Device::Cpu).unwrap();
+    for (name, ours) in [
+        ("model.embed_tokens.weight", "base_model.model.model.embed_tokens.weight"),
+        ("lm_head.weight", "base_model.model.lm_head.weight"),
+    ] {
+        let (before, after) = (&base[name], &trained[ours]);
+        let rows = |t: &candle_core::Tensor, from: usize, n: usize| {
+            t.narrow(0, from, n).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(rows(before, 0, 250), rows(after, 0, 250), "{name}: rows below 250 changed");
+        assert_ne!(rows(before, 250, 50), rows(after, 250, 50), "{name}: rows from 250 on were not trained");
+    }
+}

@@ -72,6 +72,11 @@ impl<'a> Run<'a> {
                 );
             }
         }
+        if let Some(first) = spec.adapter.as_ref().and_then(|a| a.train_rows_from) {
+            if first >= config.vocab_size {
+                bail!("`adapter.train_rows_from`: {first} is not below the vocabulary size {}", config.vocab_size);
+            }
+        }
         let spec_hash = spec_sha256(spec);
         let adamw =
             AdamWConfig { beta1: spec.betas[0], beta2: spec.betas[1], eps: spec.eps, weight_decay: spec.weight_decay };
@@ -201,6 +206,15 @@ impl<'a> Run<'a> {
             }
         }
         let loss = loss_sum / spec.grad_accum_steps as f64;
+        if let Some((adapter, first)) = spec.adapter.as_ref().and_then(|a| Some((a, a.train_rows_from?))) {
+            // Only the rows from `first` on are trained: the others' gradient neither counts in the
+            // norm nor reaches the optimizer.
+            for (name, grad) in grads.iter_mut() {
+                if adapter::is_saved(&self.base.config, adapter, name) {
+                    *grad = grad.narrow(0, first, grad.dim(0)? - first)?.contiguous()?;
+                }
+            }
+        }
         let grad_norm = global_norm(&grads)?;
         let lr = self.state.schedule.lr_at(step);
         let skipped = !(loss.is_finite() && grad_norm.is_finite());
