@@ -51,28 +51,22 @@ impl AdamW {
     /// Applies one update, each parameter with its learning rate `lr(name)`; `grads` holds every
     /// trained parameter's gradient. A gradient with fewer rows than its parameter updates only the
     /// parameter's last rows (a table trained from a row on): the others, and their moments, stay.
+    /// Every tensor is updated in place, so views of the parameters see the update.
     pub fn step(&mut self, params: &Params, grads: &BTreeMap<String, Tensor>, lr: impl Fn(&str) -> f64) -> Result<()> {
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
         self.updates += 1;
         let t = self.updates as i32;
         for (name, var) in params.iter() {
             let grad = grads.get(name).with_context(|| format!("no gradient for `{name}`"))?;
-            let (m, v) = self.moments.get_mut(name).expect("moments exist for every parameter");
+            let (m, v) = self.moments.get(name).expect("moments exist for every parameter");
+            // The rows this gradient trains: all, or the last ones (views share the storage).
             let (rows, trained) = (var.dim(0)?, grad.dim(0)?);
-            if trained < rows {
-                let first = rows - trained;
-                let (p, m, v) =
-                    (var.narrow(0, first, trained)?, m.narrow(0, first, trained)?, v.narrow(0, first, trained)?);
-                m.slice_set(&((&m * beta1)? + (grad * (1.0 - beta1))?)?, 0, 0)?;
-                v.slice_set(&((&v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?, 0, 0)?;
-                let t = self.updates as i32;
-                let decay = if is_norm_or_bias(name) { 0.0 } else { weight_decay };
-                let lr = lr(name);
-                let denom = ((v.sqrt()? / (1.0 - beta2.powi(t)).sqrt())? + eps)?;
-                let step = (m.div(&denom)? * (lr / (1.0 - beta1.powi(t))))?;
-                p.slice_set(&((&p * (1.0 - lr * decay))? - step)?, 0, 0)?;
-                continue;
+            if trained > rows {
+                bail!("`{name}`: a gradient of {trained} rows for {rows}");
             }
+            let first = rows - trained;
+            let (p, m, v) =
+                (var.narrow(0, first, trained)?, m.narrow(0, first, trained)?, v.narrow(0, first, trained)?);
             let lr = lr(name);
             let decay = if is_norm_or_bias(name) { 0.0 } else { weight_decay };
             let update = Update {
@@ -81,17 +75,19 @@ impl AdamW {
                 step_size: lr / (1.0 - beta1.powi(t)),
                 correction2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
             };
-            if fused::supported(var.as_tensor()) && grad.is_contiguous() {
+            if fused::supported(&p) && grad.is_contiguous() {
                 // One pass per tensor, in place: no temporaries the size of the model.
                 m.inplace_op2(grad, &Moment { beta: beta1, squared: false })?;
                 v.inplace_op2(grad, &Moment { beta: beta2, squared: true })?;
-                var.as_tensor().inplace_op3(m, v, &update)?;
+                p.inplace_op3(&m, &v, &update)?;
             } else {
-                *m = ((&*m * beta1)? + (grad * (1.0 - beta1))?)?;
-                *v = ((&*v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
-                let denom = ((v.sqrt()? / update.correction2_sqrt)? + eps)?;
-                let p = (var.as_tensor() * update.decay_factor)?;
-                var.set(&(p - (m.div(&denom)? * update.step_size)?)?)?;
+                let new_m = ((&m * beta1)? + (grad * (1.0 - beta1))?)?;
+                let new_v = ((&v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
+                let denom = ((new_v.sqrt()? / update.correction2_sqrt)? + eps)?;
+                let new_p = ((&p * update.decay_factor)? - (new_m.div(&denom)? * update.step_size)?)?;
+                m.slice_set(&new_m, 0, 0)?;
+                v.slice_set(&new_v, 0, 0)?;
+                p.slice_set(&new_p, 0, 0)?;
             }
         }
         Ok(())
