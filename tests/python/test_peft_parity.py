@@ -19,11 +19,11 @@ SAVED = ["embed_tokens", "lm_head"]
 STEPS, PEAK, EMBEDDING_LR, WEIGHT_DECAY, CLIP, SEQ = 3, 2e-3, 5e-4, 0.1, 0.5, 32
 
 
-def tiny_base(tmp_path, imported):  # noqa: F811
+def tiny_base(tmp_path, imported, tied=False):  # noqa: F811
     config = {
         "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 96,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2,
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
     base = tmp_path / "base"
@@ -71,6 +71,42 @@ def test_adapter_logits_match_peft_and_the_merged_export_matches_transformers(im
     assert relative_error(merged_logits.numpy(), reference) < 1e-4
 
 
+def test_a_tied_embedding_trained_by_cpt_is_the_one_peft_ties_the_output_to(imported, tmp_path):  # noqa: F811
+    # SmolLM2's case: embed_tokens and lm_head are one tensor. cpt trains it as one and exports it as
+    # embed_tokens with ensure_weight_tying, which PEFT must honour for the output layer too.
+    base = tiny_base(tmp_path, imported, tied=True)
+    spec = {
+        "name": "tied", "base_model": str(base), "train_data": [{"dataset": str(prepared(tmp_path, imported))}],
+        "seq_len": SEQ, "micro_batch_size": 2, "lr": 1e-2, "max_steps": 3, "eval_every": 0, "checkpoint_every": 0,
+        "adapter": {"lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                    "modules_to_save": ["embed_tokens"], "base_dtype": "f32"},
+    }
+    (tmp_path / "tied.json").write_text(json.dumps(spec))
+    worker("train", "--spec", tmp_path / "tied.json", "--run-dir", tmp_path / "tied")
+    checkpoint = tmp_path / "tied/checkpoints/step-3"
+    exported = tmp_path / "tied-export"
+    worker("export", checkpoint, "--out", exported, "--dtype", "f32")
+    mine = our_logits(checkpoint, tmp_path, "tied")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+                                       str(exported))
+    with torch.no_grad():
+        theirs = loaded(input_ids=torch.from_numpy(mine["input_ids"]).unsqueeze(0)).logits[0].numpy()
+        plain = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)(
+            input_ids=torch.from_numpy(mine["input_ids"]).unsqueeze(0)).logits[0].numpy()
+    assert relative_error(plain, theirs) > 1e-3, "three steps at lr 1e-2 must move the logits"
+    assert relative_error(mine["logits"], theirs) < 1e-4
+
+
+def prepared(tmp_path, imported):  # noqa: F811
+    prep = tmp_path / "prepare.json"
+    prep.write_text(json.dumps({"validation_fraction": 0.0}))
+    dataset = tmp_path / "data"
+    if not dataset.exists():
+        worker("prepare", "--tokenizer", imported / "tokenizer.json", "--input", ROOT / "tests/fixtures/english.txt",
+               "--out", dataset, "--seq-len", SEQ, "--config", prep)
+    return dataset
+
+
 def test_three_adapter_steps_match_peft_with_torch_adamw_and_peft_loads_the_result(imported, tmp_path):  # noqa: F811
     base = tiny_base(tmp_path, imported)
     torch.manual_seed(1)
@@ -80,11 +116,7 @@ def test_three_adapter_steps_match_peft_with_torch_adamw_and_peft_loads_the_resu
     init = tmp_path / "init"
     start.save_pretrained(str(init))
 
-    prep = tmp_path / "prepare.json"
-    prep.write_text(json.dumps({"validation_fraction": 0.0}))
-    dataset = tmp_path / "data"
-    worker("prepare", "--tokenizer", imported / "tokenizer.json", "--input", ROOT / "tests/fixtures/english.txt",
-           "--out", dataset, "--seq-len", SEQ, "--config", prep)
+    dataset = prepared(tmp_path, imported)
     blocks = json.loads((dataset / "manifest.json").read_text())["splits"]["train"]["blocks"]
     spec = {
         "name": "peft-parity", "base_model": str(base), "train_data": [{"dataset": str(dataset)}],

@@ -234,10 +234,15 @@ pub fn write_adapter_files(
     base_model: &str,
 ) -> Result<()> {
     staged.write(CONFIG_FILE, serde_json::to_string_pretty(&peft_config(adapter, config, base_model))?)?;
-    let tensors: Vec<(String, Tensor)> = params
+    let mut tensors: Vec<(String, Tensor)> = params
         .iter()
         .map(|(name, var)| Ok((format!("{PEFT_PREFIX}{name}"), var.as_tensor().contiguous()?)))
         .collect::<Result<_>>()?;
+    if config.tie_word_embeddings && is_saved(config, adapter, "model.embed_tokens.weight") {
+        // PEFT ties lm_head's saved copy to embed_tokens' and expects both in the file.
+        tensors
+            .push((format!("{PEFT_PREFIX}lm_head.weight"), params.tensor("model.embed_tokens.weight")?.contiguous()?));
+    }
     write_safetensors(&staged.path().join(WEIGHTS_FILE), &tensors)
 }
 

@@ -13,7 +13,7 @@ use crate::config::ModelConfig;
 use crate::params::Params;
 pub use kernels::Kernels;
 pub use projection::LoraSettings;
-use projection::Projection;
+use projection::{get, Projection};
 
 struct Attention {
     q: Projection,
@@ -53,10 +53,6 @@ pub struct Llama {
     lora: LoraSettings,
     /// Seeds the adapters' dropout of the next forward pass; `None` applies none (evaluation).
     dropout_pass: Option<u64>,
-}
-
-fn get(params: &Params, name: &str) -> Result<Tensor> {
-    params.tensor(name).map_err(candle_core::Error::wrap)
 }
 
 /// Dropout sites per layer: one per adaptable projection.

@@ -30,7 +30,8 @@ pub struct LoraSettings {
     pub dropout: f64,
 }
 
-fn get(params: &Params, name: &str) -> Result<Tensor> {
+/// A parameter's tensor, as a candle error when it is missing.
+pub(super) fn get(params: &Params, name: &str) -> Result<Tensor> {
     params.tensor(name).map_err(candle_core::Error::wrap)
 }
 

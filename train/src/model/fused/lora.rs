@@ -185,7 +185,7 @@ impl CustomOp3 for LoraLinear {
             let g_p = g.narrow(1, column, columns)?.contiguous()?;
             let x_p = self.dropped(&x2, seed)?;
             let xa = (linear::product(&x_p, &a_p)? * self.scale)?;
-            // d(xa) = g_p·B (rows × r), scaled once more for A's chain.
+            // The gradient of x·Aᵀ: scale · g_p·B (rows × r).
             let g_xa = (g_p.matmul(&b_p)? * self.scale)?;
             db.push(g_p.t()?.matmul(&xa)?);
             da.push(g_xa.t()?.matmul(&x_p)?);
