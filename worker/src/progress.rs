@@ -75,7 +75,10 @@ fn describe(event: &Event) -> String {
             plan.flops_per_token / 1e9
         ),
         Event::Eval { step, set, loss, perplexity, bits_per_byte, .. } => {
-            format!("step {step} eval {set}: loss {loss:.4}, perplexity {perplexity:.2}, {bits_per_byte:.4} bits/byte")
+            // Events from before bits per byte existed have none.
+            let bits =
+                if bits_per_byte.is_finite() { format!(", {bits_per_byte:.4} bits/byte") } else { String::new() };
+            format!("step {step} eval {set}: loss {loss:.4}, perplexity {perplexity:.2}{bits}")
         }
         Event::Checkpoint { path, .. } => format!("checkpoint {path}"),
         Event::Sample { step, prompt, continuation } => format!("step {step} sample: {prompt}|{continuation}"),

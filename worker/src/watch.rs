@@ -105,9 +105,13 @@ pub async fn watch(server: String, token: Option<String>, id: &str) -> Result<()
     progress.finish();
     for (set, (first_step, (first, first_bpb), last_step, (last, last_bpb))) in &evals {
         let change = 100.0 * (last / first - 1.0);
+        let bits = if first_bpb.is_finite() && last_bpb.is_finite() {
+            format!("   bits/byte {first_bpb:.4} → {last_bpb:.4}")
+        } else {
+            String::new()
+        };
         println!(
-            "{set:<10} perplexity {first:9.2} (step {first_step}) → {last:9.2} (step {last_step})  {change:+.1}%   \
-             bits/byte {first_bpb:.4} → {last_bpb:.4}"
+            "{set:<10} perplexity {first:9.2} (step {first_step}) → {last:9.2} (step {last_step})  {change:+.1}%{bits}"
         );
     }
     let state = job["state"].as_str().unwrap_or_default();
