@@ -136,14 +136,13 @@ pub fn extend(
     let base_vocab = old.get_vocab(true);
     let files = cpt_data::input::input_files(corpus)?;
     let options = cpt_data::input::ReadOptions { txt_split_on_blank_lines: true, jsonl_text_field: "text".to_string() };
-    let documents = files
-        .into_iter()
-        .filter_map(move |file| cpt_data::input::DocumentReader::open(&file, &options).ok())
-        .flatten()
-        .filter_map(|item| match item {
-            Ok(cpt_data::input::Item::Document { text, .. }) => Some(text),
-            _ => None,
-        });
+    // Every file opens before training starts; unreadable records are skipped (prepare reports them).
+    let readers =
+        files.iter().map(|file| cpt_data::input::DocumentReader::open(file, &options)).collect::<Result<Vec<_>>>()?;
+    let documents = readers.into_iter().flatten().filter_map(|item| match item {
+        Ok(cpt_data::input::Item::Document { text, .. }) => Some(text),
+        _ => None,
+    });
     let added = train_new_tokens(&old, &base_vocab, documents, count, min_frequency)?;
     let config = &model.config;
     let first_id = (config.vocab_size as u32).max(base_vocab.values().max().map_or(0, |m| m + 1));

@@ -57,6 +57,7 @@ enum Command {
         /// Output directory (must not exist).
         #[arg(long)]
         out: PathBuf,
+        /// Storage dtype of a model's weights (an adapter's tensors stay f32, as PEFT writes them).
         #[arg(long, value_enum, default_value = "bf16")]
         dtype: WeightDtype,
         /// For an adapter (checkpoint): merge it into its base and write a plain model directory,
