@@ -100,29 +100,7 @@ fn whole_model_gradient_matches_finite_differences() {
             Llama::new(&config, params).unwrap().loss(&ids).unwrap().to_scalar().unwrap()
         };
         let grads = Llama::new(&config, &params).unwrap().loss(&ids).unwrap().backward().unwrap();
-        let eps = 1e-6;
-        for (name, var) in params.iter() {
-            let analytic: Vec<f64> = grads.get(var).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let original = var.as_tensor().copy().unwrap();
-            let values: Vec<f64> = original.flatten_all().unwrap().to_vec1().unwrap();
-            // Three elements per tensor keep the test fast while touching every parameter.
-            for j in [0, values.len() / 2, values.len() - 1] {
-                let at = |delta: f64| {
-                    let mut v = values.clone();
-                    v[j] += delta;
-                    var.set(&Tensor::from_vec(v, original.dims(), &Device::Cpu).unwrap()).unwrap();
-                    loss_of(&params)
-                };
-                let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-                var.set(&original).unwrap();
-                let tolerance = 1e-6 * (1.0 + numeric.abs());
-                assert!(
-                    (analytic[j] - numeric).abs() < tolerance,
-                    "{architecture} {name}[{j}]: {} vs {numeric}",
-                    analytic[j]
-                );
-            }
-        }
+        common::check_parameter_gradients(&params, &grads, loss_of, architecture);
     }
 }
 
@@ -196,28 +174,7 @@ fn adapter_gradients_match_finite_differences_and_frozen_weights_get_none() {
         let loss_of = |params: &cpt_train::Params| -> f64 { model(params).loss(&ids).unwrap().to_scalar().unwrap() };
         let grads = model(&params).loss(&ids).unwrap().backward().unwrap();
         assert_eq!(params.iter().count(), 2 * 7 * 2 + 1, "LoRA A and B on 7 projections × 2 layers, and lm_head");
-        let eps = 1e-6;
-        for (name, var) in params.iter() {
-            let analytic: Vec<f64> = grads.get(var).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let original = var.as_tensor().copy().unwrap();
-            let values: Vec<f64> = original.flatten_all().unwrap().to_vec1().unwrap();
-            for j in [0, values.len() / 2, values.len() - 1] {
-                let at = |delta: f64| {
-                    let mut v = values.clone();
-                    v[j] += delta;
-                    var.set(&Tensor::from_vec(v, original.dims(), &Device::Cpu).unwrap()).unwrap();
-                    loss_of(&params)
-                };
-                let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-                var.set(&original).unwrap();
-                let tolerance = 1e-6 * (1.0 + numeric.abs());
-                assert!(
-                    (analytic[j] - numeric).abs() < tolerance,
-                    "{kernels} {name}[{j}]: {} vs {numeric}",
-                    analytic[j]
-                );
-            }
-        }
+        common::check_parameter_gradients(&params, &grads, loss_of, &kernels.to_string());
         if kernels == Kernels::Cpu {
             // The fused kernels compute no gradient for a frozen matrix.
             for frozen in [

@@ -1,6 +1,7 @@
 //! Small models and tokenizers shared by the integration tests.
 #![allow(dead_code)]
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use cpt_train::{ModelConfig, Params};
 use rand::{Rng, SeedableRng};
@@ -99,6 +100,30 @@ pub fn check_gradients(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor
             let numeric = (nudged(eps) - nudged(-eps)) / (2.0 * eps);
             let tolerance = 1e-6 * (1.0 + numeric.abs());
             assert!((a - numeric).abs() < tolerance, "input {i} element {j}: analytic {a} vs numeric {numeric}");
+        }
+    }
+}
+
+/// Compares the gradient of every trained parameter in `grads` with central differences of
+/// `loss_of(params)` (f64) at three elements per tensor: cheap, and it touches every parameter.
+/// `label` names the case in failures.
+pub fn check_parameter_gradients(params: &Params, grads: &GradStore, loss_of: impl Fn(&Params) -> f64, label: &str) {
+    let eps = 1e-6;
+    for (name, var) in params.iter() {
+        let analytic: Vec<f64> = grads.get(var).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let original = var.as_tensor().copy().unwrap();
+        let values: Vec<f64> = original.flatten_all().unwrap().to_vec1().unwrap();
+        for j in [0, values.len() / 2, values.len() - 1] {
+            let at = |delta: f64| {
+                let mut v = values.clone();
+                v[j] += delta;
+                var.set(&Tensor::from_vec(v, original.dims(), &Device::Cpu).unwrap()).unwrap();
+                loss_of(params)
+            };
+            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+            var.set(&original).unwrap();
+            let tolerance = 1e-6 * (1.0 + numeric.abs());
+            assert!((analytic[j] - numeric).abs() < tolerance, "{label} {name}[{j}]: {} vs {numeric}", analytic[j]);
         }
     }
 }
