@@ -138,6 +138,16 @@ impl AdapterSpec {
     pub fn saves(&self, module: &str) -> bool {
         self.modules_to_save.iter().any(|m| m == module)
     }
+
+    /// Whether the input embedding is trained: saved itself, or, `tied` to the output layer, through it.
+    pub fn trains_embedding(&self, tied: bool) -> bool {
+        self.saves("embed_tokens") || (tied && self.saves("lm_head"))
+    }
+
+    /// Whether the output layer is trained: saved itself, or, `tied` to the embedding, through it.
+    pub fn trains_output(&self, tied: bool) -> bool {
+        self.saves("lm_head") || (tied && self.saves("embed_tokens"))
+    }
 }
 
 fn check_names(names: &[String], allowed: &[&str], field: &str) -> Result<(), FieldError> {

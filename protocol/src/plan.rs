@@ -59,7 +59,7 @@ pub fn job_flops_per_token(config: &ModelConfig, spec: &JobSpec) -> f64 {
     let Some(adapter) = &spec.adapter else { return full };
     let n = config.non_embedding_parameters() as f64;
     let output = (config.vocab_size * config.hidden_size) as f64;
-    let output_trained = adapter.saves("lm_head") || (config.tie_word_embeddings && adapter.saves("embed_tokens"));
+    let output_trained = adapter.trains_output(config.tie_word_embeddings);
     full - 2.0 * n + 6.0 * lora_parameters(config, adapter) as f64 + if output_trained { 2.0 * output } else { 0.0 }
 }
 
@@ -93,13 +93,10 @@ pub fn lora_parameters(config: &ModelConfig, adapter: &AdapterSpec) -> u64 {
 /// Scalars a job trains: every parameter, or the adapters and the modules saved in full.
 pub fn trainable_parameters(config: &ModelConfig, spec: &JobSpec) -> u64 {
     let Some(adapter) = &spec.adapter else { return config.total_parameters() as u64 };
-    let embedding = (config.vocab_size * config.hidden_size) as u64;
-    let saved = match (adapter.saves("embed_tokens"), adapter.saves("lm_head"), config.tie_word_embeddings) {
-        (false, false, _) => 0,
-        (true, true, false) => 2 * embedding,
-        _ => embedding,
-    };
-    lora_parameters(config, adapter) + saved
+    let (embedding, tied) = ((config.vocab_size * config.hidden_size) as u64, config.tie_word_embeddings);
+    // Tied, the two modules are one table.
+    let tables = adapter.trains_embedding(tied) as u64 + (!tied && adapter.trains_output(tied)) as u64;
+    lora_parameters(config, adapter) + tables * embedding
 }
 
 /// A rough upper bound of training memory in bytes: trained tensors in f32 with their gradients
@@ -119,10 +116,7 @@ pub fn memory_estimate_bytes(config: &ModelConfig, spec: &JobSpec) -> u64 {
     };
     // A trained embedding's gradient is built by candle as a zero-filled table plus the gathered
     // rows (and, tied, summed with the output layer's): two more tables exist for a moment.
-    let embedding_trained = spec
-        .adapter
-        .as_ref()
-        .is_none_or(|a| a.saves("embed_tokens") || (config.tie_word_embeddings && a.saves("lm_head")));
+    let embedding_trained = spec.adapter.as_ref().is_none_or(|a| a.trains_embedding(config.tie_word_embeddings));
     let transients = if embedding_trained { 2.0 * 4.0 * (config.vocab_size * config.hidden_size) as f64 } else { 0.0 };
     let state = trainable * 4.0 * 4.0 + frozen + transients;
     let act_bytes = match spec.precision {

@@ -177,3 +177,24 @@ fn every_spec_and_adapter_field_is_in_openapi_and_the_examples_readme() {
         }
     }
 }
+
+#[test]
+fn saved_modules_train_one_table_each_and_tied_embeddings_one_in_all() {
+    for (tied, saved, tables) in [
+        (false, vec!["embed_tokens"], 1),
+        (false, vec!["lm_head"], 1),
+        (false, vec!["embed_tokens", "lm_head"], 2),
+        (true, vec!["embed_tokens"], 1),
+        (true, vec!["lm_head"], 1),
+        (true, vec!["embed_tokens", "lm_head"], 1),
+    ] {
+        let config = ModelConfig::from_json(&json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "tie_word_embeddings": tied,
+        }))
+        .unwrap();
+        let spec = JobSpec::from_json_str(&spec_json(json!({"adapter": {"modules_to_save": saved}}))).unwrap();
+        let plan = Plan::new(&spec, &config);
+        assert_eq!(plan.trainable_parameters, tables * 1000 * 64, "tied {tied}, saved {saved:?}");
+    }
+}

@@ -63,8 +63,9 @@ pub fn lora_tensors(config: &ModelConfig, adapter: &AdapterSpec) -> Vec<(String,
 /// Whether the base tensor `name` is trained in full (a saved module; with tied embeddings
 /// `embed_tokens` and `lm_head` are one tensor).
 pub fn is_saved(config: &ModelConfig, adapter: &AdapterSpec, name: &str) -> bool {
-    let embedding = adapter.saves("embed_tokens") || (config.tie_word_embeddings && adapter.saves("lm_head"));
-    (name == "model.embed_tokens.weight" && embedding) || (name == "lm_head.weight" && adapter.saves("lm_head"))
+    let tied = config.tie_word_embeddings;
+    (name == "model.embed_tokens.weight" && adapter.trains_embedding(tied))
+        || (name == "lm_head.weight" && adapter.trains_output(tied))
 }
 
 fn dtype(base: BaseDtype) -> DType {
@@ -172,13 +173,10 @@ pub fn read_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
 /// `adapter_config.json` as PEFT writes it for this adapter over `base_model`.
 pub fn peft_config(adapter: &AdapterSpec, config: &ModelConfig, base_model: &str) -> Value {
     let lora = adapter.lora.as_ref();
-    let tied_embedding = config.tie_word_embeddings && adapter.saves("embed_tokens");
     // With tied embeddings the one trained tensor is saved as embed_tokens, and PEFT ties lm_head to it.
-    let saved: Vec<&str> = if config.tie_word_embeddings && !adapter.modules_to_save.is_empty() {
-        vec!["embed_tokens"]
-    } else {
-        adapter.modules_to_save.iter().map(String::as_str).collect()
-    };
+    let tied = config.tie_word_embeddings && !adapter.modules_to_save.is_empty();
+    let saved: Vec<&str> =
+        if tied { vec!["embed_tokens"] } else { adapter.modules_to_save.iter().map(String::as_str).collect() };
     json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -189,7 +187,7 @@ pub fn peft_config(adapter: &AdapterSpec, config: &ModelConfig, base_model: &str
         "use_rslora": lora.is_some_and(|l| l.rslora),
         "target_modules": lora.map_or(vec![], |l| l.target_modules.clone()),
         "modules_to_save": if saved.is_empty() { Value::Null } else { json!(saved) },
-        "ensure_weight_tying": tied_embedding || (config.tie_word_embeddings && adapter.saves("lm_head")),
+        "ensure_weight_tying": tied,
         "bias": "none",
         "fan_in_fan_out": false,
         "inference_mode": true,
