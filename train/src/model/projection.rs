@@ -85,6 +85,12 @@ pub(super) fn site_seed(pass: u64, site: usize) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The biases of projections run as one product, concatenated; `None` unless every one has a bias.
+fn packed_bias(parts: &[&Projection]) -> Result<Option<Tensor>> {
+    let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
+    biases.map(|b| Tensor::cat(&b, 0)).transpose()
+}
+
 /// Zeros shaped like `x` with its last dimension `features`, for a part with no adapter.
 pub(super) fn zeros_like_output(x: &Tensor, features: usize) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
@@ -113,9 +119,9 @@ impl Llama {
     /// `scale · dropout(x)·Aᵀ·Bᵀ` of a projection's adapter, if it has one.
     pub(super) fn lora_update(&self, k: Kernels, x: &Tensor, p: &Projection, site: usize) -> Result<Option<Tensor>> {
         let Some(lora) = &p.lora else { return Ok(None) };
-        let x = match self.dropout_pass {
-            Some(pass) if self.lora.dropout > 0.0 => dropout(x, self.lora.dropout, site_seed(pass, site))?,
-            _ => x.clone(),
+        let x = match self.dropout_seed(site) {
+            Some(seed) => dropout(x, self.lora.dropout, seed)?,
+            None => x.clone(),
         };
         let down = self.linear(k, &x, &lora.a, None)?;
         Ok(Some((self.linear(k, &down, &lora.b, None)? * self.lora.scale)?))
@@ -139,9 +145,7 @@ impl Llama {
         if k == Kernels::Cpu && adapted && !weight.track_op() {
             return self.fused_lora(x, &weight, parts, site);
         }
-        let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
-        let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
-        let y = self.linear(k, x, &weight, bias.as_ref())?;
+        let y = self.linear(k, x, &weight, packed_bias(parts)?.as_ref())?;
         if !adapted {
             return Ok(y);
         }
@@ -162,20 +166,24 @@ impl Llama {
         let adapters: Vec<_> = parts.iter().filter_map(|p| p.lora.as_ref()).collect();
         let a = Tensor::cat(&adapters.iter().map(|l| &l.a).collect::<Vec<_>>(), 0)?;
         let b = Tensor::cat(&adapters.iter().map(|l| &l.b).collect::<Vec<_>>(), 0)?;
-        let dropout = self.dropout_pass.filter(|_| self.lora.dropout > 0.0);
         let blocks = parts
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let seed = p.lora.as_ref().map(|_| dropout.map(|pass| site_seed(pass, site + i)));
+                let seed = p.lora.as_ref().map(|_| self.dropout_seed(site + i));
                 Ok(fused::Block { columns: p.out_features()?, adapter: seed })
             })
             .collect::<Result<Vec<_>>>()?;
         let y = fused::lora_linear(x, &self.cpu_w(weight)?, &a, &b, blocks, self.lora.scale, self.lora.dropout)?;
-        let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
-        match biases {
-            Some(biases) => y.broadcast_add(&self.w(&Tensor::cat(&biases, 0)?)?),
+        match packed_bias(parts)? {
+            Some(bias) => y.broadcast_add(&self.w(&bias)?),
             None => Ok(y),
         }
+    }
+
+    /// The seed of the dropout mask at `site` in this forward pass; `None` when no dropout applies
+    /// (evaluation, or a dropout of 0).
+    fn dropout_seed(&self, site: usize) -> Option<u64> {
+        self.dropout_pass.filter(|_| self.lora.dropout > 0.0).map(|pass| site_seed(pass, site))
     }
 }
