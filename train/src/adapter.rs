@@ -12,6 +12,7 @@ use cpt_protocol::adapter::{AdapterSpec, BaseDtype, LoraSpec, LORA_TARGETS};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Uniform};
 use serde_json::{json, Value};
+use tokenizers::Tokenizer;
 
 use crate::config::ModelConfig;
 use crate::hf::ModelDir;
@@ -249,6 +250,8 @@ pub struct Opened {
     pub base: ModelDir,
     pub adapter: AdapterSpec,
     pub params: Params,
+    /// The adapter directory's own tokenizer (an extended vocabulary), else the base's.
+    pub tokenizer: Tokenizer,
 }
 
 /// Opens an adapter directory over the base model its `adapter_config.json` names, in f32.
@@ -262,7 +265,9 @@ pub fn open_dir(dir: &Path, device: &Device) -> Result<Opened> {
         .with_context(|| format!("{}: no base_model_name_or_path", path.display()))?;
     let base = ModelDir::open(Path::new(base_path)).with_context(|| format!("the base model of {}", dir.display()))?;
     let params = open_params(&base, &adapter, Start::Exactly(dir), 0, device)?;
-    Ok(Opened { base, adapter, params })
+    let own = dir.join("tokenizer.json");
+    let tokenizer = if own.exists() { crate::hf::load_tokenizer(&own)? } else { base.tokenizer()? };
+    Ok(Opened { base, adapter, params, tokenizer })
 }
 
 /// The base's weights with the adapter merged in: `W + scale·B·A` for every adapted projection,

@@ -80,7 +80,7 @@ fn train_new_tokens(
     let mut domain = base.clone();
     domain.with_model(tokenizers::ModelWrapper::from(BPE::default()));
     domain.train(&mut trainer, documents).map_err(|e| anyhow::anyhow!("training the domain BPE: {e}"))?;
-    let json: Value = serde_json::from_str(&domain.to_string(false).map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    let json = tokenizer_json(&domain)?;
     let mut added: Vec<(String, Merge)> = Vec::new();
     let mut known: HashSet<String> = base_vocab.keys().cloned().collect();
     for (a, b) in merges_of(&json["model"])? {
@@ -98,10 +98,14 @@ fn train_new_tokens(
     Ok(added)
 }
 
-/// `base`'s tokenizer.json with `added` appended: new vocabulary entries from `first_id` on, and
-/// their merges after the existing ones (so every existing merge keeps its priority).
-fn extended_tokenizer(base: &Tokenizer, added: &[(String, Merge)], first_id: u32) -> Result<Tokenizer> {
-    let mut json: Value = serde_json::from_str(&base.to_string(false).map_err(|e| anyhow::anyhow!("{e}"))?)?;
+/// A tokenizer as its tokenizer.json.
+fn tokenizer_json(tokenizer: &Tokenizer) -> Result<Value> {
+    Ok(serde_json::from_str(&tokenizer.to_string(false).map_err(|e| anyhow::anyhow!("{e}"))?)?)
+}
+
+/// The base's tokenizer.json `json` with `added` appended: new vocabulary entries from `first_id`
+/// on, and their merges after the existing ones (so every existing merge keeps its priority).
+fn extended_tokenizer(mut json: Value, added: &[(String, Merge)], first_id: u32) -> Result<Tokenizer> {
     let model = &mut json["model"];
     let as_strings = model["merges"].as_array().and_then(|m| m.first()).is_some_and(Value::is_string);
     let vocab = model["vocab"].as_object_mut().context("tokenizer.json: model.vocab is not a map")?;
@@ -128,7 +132,7 @@ pub fn extend(
 ) -> Result<ExtensionReport> {
     let model = ModelDir::open(base)?;
     let old = model.tokenizer()?;
-    let json: Value = serde_json::from_str(&old.to_string(false).map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    let json = tokenizer_json(&old)?;
     let byte_level = json["pre_tokenizer"].to_string().contains("ByteLevel");
     if json["model"]["type"] != "BPE" || !byte_level {
         bail!("{}: only byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM, Qwen) can be extended", base.display());
@@ -146,7 +150,7 @@ pub fn extend(
     let added = train_new_tokens(&old, &base_vocab, documents, count, min_frequency)?;
     let config = &model.config;
     let first_id = (config.vocab_size as u32).max(base_vocab.values().max().map_or(0, |m| m + 1));
-    let new = extended_tokenizer(&old, &added, first_id)?;
+    let new = extended_tokenizer(json, &added, first_id)?;
     let vocab_size = first_id as usize + added.len();
 
     let params = model.load_params(DType::F32, &Device::Cpu)?;

@@ -17,9 +17,7 @@ fn load_model(dir: &Path, device: &Device) -> Result<(Tokenizer, Llama)> {
         let opened = adapter::open_dir(dir, device)?;
         let mut model = Llama::new(&opened.base.config, &opened.params)?;
         model.set_lora(adapter::settings(&opened.adapter));
-        let own = dir.join("tokenizer.json");
-        let tokenizer = if own.exists() { hf::load_tokenizer(&own)? } else { opened.base.tokenizer()? };
-        return Ok((tokenizer, model));
+        return Ok((opened.tokenizer, model));
     }
     let model_dir = ModelDir::open(dir)?;
     let params = model_dir.load_params(DType::F32, device)?;
@@ -53,20 +51,19 @@ pub fn export(source: &Path, out: &Path, dtype: DType, merge: bool) -> Result<()
         return Ok(());
     }
     let opened = adapter::open_dir(source, &Device::Cpu)?;
-    let own = source.join("tokenizer.json");
-    let tokenizer = if own.exists() { hf::load_tokenizer(&own)? } else { opened.base.tokenizer()? };
+    let tokenizer = &opened.tokenizer;
     if merge {
         let params = adapter::merged_params(&opened)?;
         let extra = hf::passthrough_files(&opened.base.path)?;
         let config_json = opened.base.config_json.clone();
-        hf::write_model_dir(out, hf::ModelFiles { config_json, params: &params, dtype, tokenizer: &tokenizer, extra })?;
+        hf::write_model_dir(out, hf::ModelFiles { config_json, params: &params, dtype, tokenizer, extra })?;
         println!("merged {} into its base, written to {}", source.display(), out.display());
         return Ok(());
     }
     let staged = StagedDir::begin(out)?;
     let base = opened.base.path.display().to_string();
     adapter::write_adapter_files(&staged, &opened.params, &opened.adapter, &opened.base.config, &base)?;
-    hf::write_tokenizer(&staged, &tokenizer)?;
+    hf::write_tokenizer(&staged, tokenizer)?;
     staged.commit()?;
     println!("exported the adapter {} to {}", source.display(), out.display());
     Ok(())
