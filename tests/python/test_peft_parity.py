@@ -13,22 +13,11 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
 from test_hf_parity import ROOT, worker, imported  # noqa: F401  (session fixture)
+from test_training_reference import english_dataset, tiny_base
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SAVED = ["embed_tokens", "lm_head"]
 STEPS, PEAK, EMBEDDING_LR, WEIGHT_DECAY, CLIP, SEQ = 3, 2e-3, 5e-4, 0.1, 0.5, 32
-
-
-def tiny_base(tmp_path, imported, tied=False):  # noqa: F811
-    config = {
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 96,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2,
-    }
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    base = tmp_path / "base"
-    worker("init", "--config", tmp_path / "config.json", "--tokenizer", imported / "tokenizer.json", "--out", base, "--seed", 5)
-    return base
 
 
 def our_logits(model_dir, tmp_path, name):
@@ -44,7 +33,7 @@ def relative_error(ours, reference):
 
 
 def test_adapter_logits_match_peft_and_the_merged_export_matches_transformers(imported, tmp_path):  # noqa: F811
-    base = tiny_base(tmp_path, imported)
+    base = tiny_base(tmp_path, imported, tied=False, seed=5)
     torch.manual_seed(0)
     # Random B as well as A, so the adapters are not a no-op; the saved modules perturbed likewise.
     config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=SAVED, init_lora_weights=False)
@@ -74,9 +63,9 @@ def test_adapter_logits_match_peft_and_the_merged_export_matches_transformers(im
 def test_a_tied_embedding_trained_by_cpt_is_the_one_peft_ties_the_output_to(imported, tmp_path):  # noqa: F811
     # SmolLM2's case: embed_tokens and lm_head are one tensor. cpt trains it as one and exports it as
     # embed_tokens with ensure_weight_tying, which PEFT must honour for the output layer too.
-    base = tiny_base(tmp_path, imported, tied=True)
+    base = tiny_base(tmp_path, imported, tied=True, seed=5)
     spec = {
-        "name": "tied", "base_model": str(base), "train_data": [{"dataset": str(prepared(tmp_path, imported))}],
+        "name": "tied", "base_model": str(base), "train_data": [{"dataset": str(english_dataset(tmp_path, imported, SEQ))}],
         "seq_len": SEQ, "micro_batch_size": 2, "lr": 1e-2, "max_steps": 3, "eval_every": 0, "checkpoint_every": 0,
         "adapter": {"lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
                     "modules_to_save": ["embed_tokens"], "base_dtype": "f32"},
@@ -97,18 +86,8 @@ def test_a_tied_embedding_trained_by_cpt_is_the_one_peft_ties_the_output_to(impo
     assert relative_error(mine["logits"], theirs) < 1e-4
 
 
-def prepared(tmp_path, imported):  # noqa: F811
-    prep = tmp_path / "prepare.json"
-    prep.write_text(json.dumps({"validation_fraction": 0.0}))
-    dataset = tmp_path / "data"
-    if not dataset.exists():
-        worker("prepare", "--tokenizer", imported / "tokenizer.json", "--input", ROOT / "tests/fixtures/english.txt",
-               "--out", dataset, "--seq-len", SEQ, "--config", prep)
-    return dataset
-
-
 def test_three_adapter_steps_match_peft_with_torch_adamw_and_peft_loads_the_result(imported, tmp_path):  # noqa: F811
-    base = tiny_base(tmp_path, imported)
+    base = tiny_base(tmp_path, imported, tied=False, seed=5)
     torch.manual_seed(1)
     # PEFT's own initialisation (A kaiming-uniform, B zero) is where both start.
     config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=SAVED)
@@ -116,7 +95,7 @@ def test_three_adapter_steps_match_peft_with_torch_adamw_and_peft_loads_the_resu
     init = tmp_path / "init"
     start.save_pretrained(str(init))
 
-    dataset = prepared(tmp_path, imported)
+    dataset = english_dataset(tmp_path, imported, SEQ)
     blocks = json.loads((dataset / "manifest.json").read_text())["splits"]["train"]["blocks"]
     spec = {
         "name": "peft-parity", "base_model": str(base), "train_data": [{"dataset": str(dataset)}],

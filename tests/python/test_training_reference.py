@@ -28,20 +28,34 @@ def cosine_lr(step):
     return low + (PEAK - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def test_training_matches_pytorch_adamw_step_by_step(imported, tmp_path):  # noqa: F811
+def tiny_base(tmp_path, imported, tied, seed):  # noqa: F811
+    """A random two-layer Llama with SmolLM2's tokenizer, in `tmp_path / "base"`."""
     config = {
         "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 96,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2,
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
     base = tmp_path / "base"
-    worker("init", "--config", tmp_path / "config.json", "--tokenizer", imported / "tokenizer.json", "--out", base, "--seed", 4)
-    prep = tmp_path / "prepare.json"
-    prep.write_text(json.dumps({"validation_fraction": 0.0}))
+    worker("init", "--config", tmp_path / "config.json", "--tokenizer", imported / "tokenizer.json", "--out", base,
+           "--seed", seed)
+    return base
+
+
+def english_dataset(tmp_path, imported, seq_len):  # noqa: F811
+    """The English fixture prepared into `tmp_path / "data"`, every block in the train split."""
     dataset = tmp_path / "data"
-    worker("prepare", "--tokenizer", imported / "tokenizer.json", "--input", ROOT / "tests/fixtures/english.txt",
-           "--out", dataset, "--seq-len", SEQ, "--config", prep)
+    if not dataset.exists():
+        prep = tmp_path / "prepare.json"
+        prep.write_text(json.dumps({"validation_fraction": 0.0}))
+        worker("prepare", "--tokenizer", imported / "tokenizer.json", "--input", ROOT / "tests/fixtures/english.txt",
+               "--out", dataset, "--seq-len", seq_len, "--config", prep)
+    return dataset
+
+
+def test_training_matches_pytorch_adamw_step_by_step(imported, tmp_path):  # noqa: F811
+    base = tiny_base(tmp_path, imported, tied=True, seed=4)
+    dataset = english_dataset(tmp_path, imported, SEQ)
     manifest = json.loads((dataset / "manifest.json").read_text())
     blocks = manifest["splits"]["train"]["blocks"]
     assert blocks >= 2
