@@ -51,6 +51,9 @@ pub enum Event {
     /// A dataset preparation finished: where the dataset is and its manifest (counts, checksums
     /// and the cleaning report, as `cpt-data` writes it).
     Prepared { path: String, manifest: serde_json::Value },
+    /// A vocabulary extension finished: the extended model directory and its report (added
+    /// tokens, fertility before and after), as `cpt-worker extend-vocab` prints it.
+    VocabularyExtended { path: String, report: serde_json::Value },
 }
 
 /// Per-step training metrics.
@@ -130,7 +133,7 @@ impl Event {
             | Event::Sample { step, .. }
             | Event::Warning { step, .. }
             | Event::Finished { step, .. } => Some(*step),
-            Event::Prepared { .. } => None,
+            Event::Prepared { .. } | Event::VocabularyExtended { .. } => None,
         }
     }
 
@@ -145,6 +148,16 @@ impl Event {
             Event::Warning { .. } => "warning",
             Event::Finished { .. } => "finished",
             Event::Prepared { .. } => "prepared",
+            Event::VocabularyExtended { .. } => "vocabulary_extended",
+        }
+    }
+
+    /// What a preparation or a vocabulary extension made: its directory and its report.
+    pub fn product(&self) -> Option<(&str, &serde_json::Value)> {
+        match self {
+            Event::Prepared { path, manifest } => Some((path, manifest)),
+            Event::VocabularyExtended { path, report } => Some((path, report)),
+            _ => None,
         }
     }
 }

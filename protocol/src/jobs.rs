@@ -4,25 +4,30 @@ use serde::{Deserialize, Serialize};
 
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum JobKind {
     /// Continued pretraining from a [`crate::JobSpec`].
     Train,
     /// Dataset preparation from a [`crate::spec::PrepareSpec`].
     Prepare,
+    /// Vocabulary extension from a [`crate::vocabulary::VocabularySpec`].
+    ExtendVocab,
 }
 
 impl JobKind {
+    pub const ALL: [JobKind; 3] = [JobKind::Train, JobKind::Prepare, JobKind::ExtendVocab];
+
     /// The name stored in the database and shown in the API.
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Train => "train",
             JobKind::Prepare => "prepare",
+            JobKind::ExtendVocab => "extend_vocab",
         }
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        [JobKind::Train, JobKind::Prepare].into_iter().find(|k| k.as_str() == text)
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
     }
 }
 
@@ -144,7 +149,7 @@ mod tests {
             assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
         }
         assert_eq!(JobState::parse("paused"), None);
-        for kind in [JobKind::Train, JobKind::Prepare] {
+        for kind in JobKind::ALL {
             assert_eq!(JobKind::parse(kind.as_str()), Some(kind));
             assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
         }

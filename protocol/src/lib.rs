@@ -9,6 +9,7 @@ pub mod plan;
 pub mod prepare;
 pub mod sampling;
 pub mod spec;
+pub mod vocabulary;
 pub mod worker;
 
 pub use events::{Event, StepMetrics, WarningCode};

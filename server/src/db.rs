@@ -89,3 +89,57 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     let stat = rustix::fs::statvfs(dir)?;
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database from before `extend_vocab` existed keeps its jobs, events and attempts when the
+    /// jobs table is rebuilt, and its foreign keys stay enforced.
+    #[tokio::test]
+    async fn rebuilding_the_jobs_table_keeps_rows_and_foreign_keys() {
+        let tmp = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", tmp.path().join("db").display()))
+            .unwrap()
+            .create_if_missing(true)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+        let mut before_vocabularies = sqlx::migrate!("../migrations");
+        let position = before_vocabularies.migrations.iter().position(|m| m.description.contains("extend vocab"));
+        before_vocabularies.migrations = before_vocabularies.migrations[..position.unwrap()].to_vec().into();
+        before_vocabularies.run(&pool).await.unwrap();
+        let insert_job = "INSERT INTO jobs (id, kind, name, spec, state, max_attempts, created_at, updated_at, retries)
+                          VALUES (?, ?, 'n', '{}', 'running', 3, 1, 1, 2)";
+        sqlx::query(insert_job).bind("a").bind("train").execute(&pool).await.unwrap();
+        assert!(sqlx::query(insert_job).bind("b").bind("extend_vocab").execute(&pool).await.is_err());
+        sqlx::query("INSERT INTO events (job_id, attempt, seq, kind, time, data) VALUES ('a', 1, 0, 'step', 1, '{}')")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO attempts (job_id, attempt, worker_id, started_at) VALUES ('a', 1, 'w', 1)")
+            .execute(&pool)
+            .await
+            .unwrap();
+
+        sqlx::migrate!("../migrations").run(&pool).await.unwrap();
+        let kept: (String, i64) =
+            sqlx::query_as("SELECT kind, retries FROM jobs WHERE id = 'a'").fetch_one(&pool).await.unwrap();
+        assert_eq!(kept, ("train".to_string(), 2));
+        let events: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE job_id = 'a'").fetch_one(&pool).await.unwrap();
+        assert_eq!(events, 1);
+        sqlx::query(insert_job).bind("b").bind("extend_vocab").execute(&pool).await.unwrap();
+        let orphans = sqlx::query("PRAGMA foreign_key_check").fetch_all(&pool).await.unwrap();
+        assert!(orphans.is_empty(), "every event and attempt has its job");
+        let orphan =
+            sqlx::query("INSERT INTO attempts (job_id, attempt, worker_id, started_at) VALUES ('nope', 1, 'w', 1)");
+        assert!(orphan.execute(&pool).await.is_err(), "foreign keys are enforced again");
+        let indexes: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs' AND name LIKE 'jobs_by_%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(indexes, 2);
+    }
+}

@@ -4,13 +4,13 @@
 
 pub mod auth;
 pub mod config;
-pub mod datasets;
 pub mod db;
 pub mod error;
 pub mod events;
 pub mod jobs;
 pub mod local_workers;
 pub mod metrics;
+pub mod products;
 pub mod router;
 pub mod workers;
 

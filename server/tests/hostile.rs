@@ -94,6 +94,18 @@ async fn paths_are_checked_without_revealing_what_exists_outside_the_roots_and_s
     let dataset = json!({"name": "d", "tokenizer": tokenizer, "inputs": [pattern]});
     let (status, error) = server.call(Method::POST, "/v1/datasets", Some(dataset)).await;
     assert_eq!((status, error_of(&error).1), (StatusCode::UNPROCESSABLE_ENTITY, Some("inputs[0]")), "{error}");
+    // Nor a vocabulary, whichever of its paths climbs out.
+    std::fs::write(root.join("model/tokenizer.json"), "{}").unwrap();
+    let vocabulary = |field: &str, path: &str| {
+        let mut body = json!({"name": "v", "base_model": root.join("model"), "corpus": [tokenizer], "new_tokens": 8});
+        body[field] = if field == "base_model" { json!(path) } else { json!([path]) };
+        body
+    };
+    for (field, blamed) in [("base_model", "base_model"), ("corpus", "corpus[0]"), ("report_texts", "report_texts[0]")]
+    {
+        let (status, error) = server.call(Method::POST, "/v1/vocabularies", Some(vocabulary(field, &pattern))).await;
+        assert_eq!((status, error_of(&error).1), (StatusCode::UNPROCESSABLE_ENTITY, Some(blamed)), "{error}");
+    }
 
     // Relative paths are resolved by the server, not by each worker.
     let (status, job) = server.call(Method::POST, "/v1/jobs", Some(spec(&root, "ok"))).await;
@@ -131,7 +143,7 @@ async fn cross_site_text_bodies_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let root = data_root(tmp.path());
     let server = Server::start(&tmp.path().join("data"), &root, None).await;
-    for path in ["/v1/jobs", "/v1/datasets"] {
+    for path in ["/v1/jobs", "/v1/datasets", "/v1/vocabularies"] {
         let response = server
             .request(Method::POST, path)
             .header("Content-Type", "text/plain")

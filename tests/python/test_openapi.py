@@ -138,3 +138,17 @@ def test_responses_match_their_documented_schemas(server):
     check("/v1/datasets", "post", *call(base, "POST", "/v1/datasets", {**request, "config": {"seq_len": "long"}}))
     check("/v1/datasets", "get", *call(base, "GET", "/v1/datasets"))
     check("/v1/datasets/{id}", "get", *call(base, "GET", "/v1/datasets/" + dataset["id"]))
+    (root / "model/tokenizer.json").write_text("{}")
+    request = {"name": "v", "base_model": str(root / "model"), "corpus": [str(root / "text.txt")], "new_tokens": 10}
+    status, vocabulary = call(base, "POST", "/v1/vocabularies", request)
+    assert status == 201
+    check("/v1/vocabularies", "post", status, vocabulary)
+    status, body = call(base, "POST", "/v1/vocabularies", {**request, "base_model": str(root / "data")})
+    assert (status, body["error"]["field"]) == (422, "base_model")
+    check("/v1/vocabularies", "post", status, body)
+    check("/v1/vocabularies", "get", *call(base, "GET", "/v1/vocabularies"))
+    check("/v1/vocabularies/{id}", "get", *call(base, "GET", "/v1/vocabularies/" + vocabulary["id"]))
+    check("/v1/vocabularies/{id}", "get", *call(base, "GET", "/v1/vocabularies/" + dataset["id"]))
+    status, jobs = call(base, "GET", "/v1/jobs")
+    assert {job["kind"] for job in jobs["jobs"]} == {"train", "prepare", "extend_vocab"}
+    check("/v1/jobs", "get", status, jobs)

@@ -18,6 +18,9 @@ use tokenizers::Tokenizer;
 use crate::hf::{self, ModelDir, ModelFiles};
 use crate::params::Params;
 
+/// The extended model directory's copy of its [`ExtensionReport`].
+pub const REPORT_FILE: &str = "vocab_extension.json";
+
 /// What an extension did, and the fertility it was for.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExtensionReport {
@@ -206,7 +209,7 @@ pub fn extend(
         fertility: fertility_report,
     };
     let mut extra = hf::passthrough_files(base)?;
-    extra.push(("vocab_extension.json".to_string(), serde_json::to_string_pretty(&report)?));
+    extra.push((REPORT_FILE.to_string(), serde_json::to_string_pretty(&report)?));
     let files = ModelFiles { config_json, params: &params, dtype: DType::F32, tokenizer: &new, extra };
     hf::write_model_dir(out, files)?;
     Ok(report)

@@ -86,5 +86,6 @@ fn describe(event: &Event) -> String {
         Event::Finished { step, outcome, .. } => format!("{outcome} at step {step}"),
         Event::Step(m) => format!("step {} loss {:.4}", m.step, m.loss),
         Event::Prepared { path, .. } => format!("dataset prepared in {path}"),
+        Event::VocabularyExtended { path, .. } => format!("vocabulary extended in {path}"),
     }
 }

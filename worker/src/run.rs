@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use cpt_protocol::vocabulary::VocabularySpec;
 use cpt_protocol::worker::{EventBatch, Finish, Heartbeat, HeartbeatReply, Lease, Outcome, Registered, Registration};
 use cpt_protocol::{Event, JobKind, JobSpec};
 use cpt_train::{train, RunOptions, StopFlag};
@@ -119,6 +120,7 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
         match lease.kind {
             JobKind::Prepare => worker.run_prepare(lease).await,
             JobKind::Train => worker.run_training(lease).await,
+            JobKind::ExtendVocab => worker.run_extend_vocab(lease).await,
         }
     }
     Ok(())
@@ -277,38 +279,70 @@ impl Worker {
         self.finish(&lease, outcome, error).await;
     }
 
-    /// Runs a dataset preparation job (`<data-dir>/datasets/<job-id>`), heartbeating while it works,
-    /// and reports it as a `prepared` event carrying the manifest (with its cleaning report).
+    /// Runs a dataset preparation job (`<data-dir>/datasets/<job-id>`) and reports it as a
+    /// `prepared` event carrying the manifest (with its cleaning report).
     async fn run_prepare(&self, lease: Lease) {
         let out = self.config.data_dir.join("datasets").join(&lease.id);
-        let mut work = {
-            let (out, spec) = (out.clone(), lease.spec.clone());
-            tokio::task::spawn_blocking(move || -> Result<serde_json::Value> {
-                let spec: cpt_protocol::spec::PrepareSpec = serde_json::from_value(spec).context("the job's spec")?;
-                let config = if spec.config.is_null() { serde_json::json!({}) } else { spec.config };
-                let config: cpt_data::prepare::PrepareConfig = serde_json::from_value(config).context("`config`")?;
-                // An earlier attempt may have finished the dataset without reporting it.
-                if !out.join("manifest.json").exists() {
-                    let inputs: Vec<PathBuf> = spec.inputs.iter().map(PathBuf::from).collect();
-                    cpt_data::prepare::prepare(std::path::Path::new(&spec.tokenizer), &inputs, &out, &config, |_| {})?;
-                }
-                Ok(serde_json::to_value(cpt_data::reader::read_manifest(&out)?)?)
-            })
-        };
+        self.run_product(lease, out, |out, spec| {
+            let spec: cpt_protocol::spec::PrepareSpec = serde_json::from_value(spec).context("the job's spec")?;
+            let config = if spec.config.is_null() { serde_json::json!({}) } else { spec.config };
+            let config: cpt_data::prepare::PrepareConfig = serde_json::from_value(config).context("`config`")?;
+            // An earlier attempt may have finished the dataset without reporting it.
+            if !out.join("manifest.json").exists() {
+                let inputs: Vec<PathBuf> = spec.inputs.iter().map(PathBuf::from).collect();
+                cpt_data::prepare::prepare(std::path::Path::new(&spec.tokenizer), &inputs, out, &config, |_| {})?;
+            }
+            let manifest = serde_json::to_value(cpt_data::reader::read_manifest(out)?)?;
+            Ok(Event::Prepared { path: out.display().to_string(), manifest })
+        })
+        .await
+    }
+
+    /// Runs a vocabulary extension job (`<data-dir>/vocabularies/<job-id>`, a model directory) and
+    /// reports it as a `vocabulary_extended` event carrying the extension report.
+    async fn run_extend_vocab(&self, lease: Lease) {
+        let out = self.config.data_dir.join("vocabularies").join(&lease.id);
+        self.run_product(lease, out, |out, spec| {
+            let spec: VocabularySpec = serde_json::from_value(spec).context("the job's spec")?;
+            let report_file = out.join(cpt_train::vocab::REPORT_FILE);
+            // The model directory appears whole (staged, then renamed) or not at all.
+            if !report_file.exists() {
+                let paths = |list: &[String]| list.iter().map(PathBuf::from).collect::<Vec<_>>();
+                let (corpus, texts) = (paths(&spec.corpus), paths(&spec.report_texts));
+                let base = std::path::Path::new(&spec.base_model);
+                cpt_train::vocab::extend(base, &corpus, spec.new_tokens, spec.min_frequency, &texts, out)?;
+            }
+            let text =
+                std::fs::read_to_string(&report_file).with_context(|| format!("reading {}", report_file.display()))?;
+            let report = serde_json::from_str(&text).with_context(|| format!("reading {}", report_file.display()))?;
+            Ok(Event::VocabularyExtended { path: out.display().to_string(), report })
+        })
+        .await
+    }
+
+    /// Runs `make` (blocking) on the job's spec to produce `out`, heartbeating meanwhile, and
+    /// reports the event it returns; an attempt that loses its lease gives up without a word.
+    async fn run_product(
+        &self,
+        lease: Lease,
+        out: PathBuf,
+        make: impl FnOnce(&std::path::Path, serde_json::Value) -> Result<Event> + Send + 'static,
+    ) {
+        let spec = lease.spec.clone();
+        let mut work = tokio::task::spawn_blocking(move || make(&out, spec));
         let mut beat = tokio::time::interval(self.heartbeat);
         let result = loop {
             tokio::select! {
                 result = &mut work => break result.map_err(anyhow::Error::from).and_then(|r| r),
                 _ = beat.tick() => if let Beat::LeaseLost = self.beat(&lease).await {
-                    // Another attempt prepares it now; this one's result would be refused.
-                    tracing::warn!(job = lease.id, "the lease was lost; abandoning the preparation");
+                    // Another attempt makes it now; this one's result would be refused.
+                    tracing::warn!(job = lease.id, "the lease was lost; abandoning the job");
                     return;
                 },
             }
         };
         let (outcome, error) = match result {
-            Ok(manifest) => {
-                let event = Event::Prepared { path: out.display().to_string(), manifest };
+            Ok(event) => {
                 let envelope = cpt_protocol::worker::Envelope { seq: 0, time: now_ms(), event };
                 let body = EventBatch { job_id: lease.id.clone(), attempt: lease.attempt, events: vec![envelope] };
                 self.client.post_retrying(&format!("/v1/workers/{}/events", self.id), &body).await;
