@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.numpy import load_file
@@ -158,3 +159,43 @@ def test_three_adapter_steps_match_peft_with_torch_adamw_and_peft_loads_the_resu
     with torch.no_grad():
         theirs = loaded(input_ids=torch.from_numpy(mine["input_ids"]).unsqueeze(0)).logits[0].numpy()
     assert relative_error(mine["logits"], theirs) < 1e-4
+
+
+@pytest.mark.parametrize("tied,lora", [(False, False), (True, False), (False, True), (True, True)])
+def test_peft_loads_new_rows_trained_alone_or_beside_lora_and_only_those_rows_moved(imported, tmp_path, tied, lora):  # noqa: F811
+    # Stage 1 of the new-language recipe trains only the rows from `train_rows_from` on of
+    # embed_tokens and lm_head, with no LoRA at all (which PEFT's LoraConfig refuses): PEFT stores
+    # that as trainable tokens, alone or beside LoRA. cpt's export must load and mean the same.
+    base = tiny_base(tmp_path, imported, tied=tied, seed=6)
+    first_new = 49000
+    adapter = {"modules_to_save": SAVED, "train_rows_from": first_new, "base_dtype": "f32"}
+    if lora:
+        adapter["lora"] = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    spec = {
+        "name": "rows", "base_model": str(base), "train_data": [{"dataset": str(english_dataset(tmp_path, imported, SEQ))}],
+        "seq_len": SEQ, "micro_batch_size": 2, "lr": 1e-2, "max_steps": 3, "eval_every": 0, "checkpoint_every": 0,
+        "adapter": adapter,
+    }
+    (tmp_path / "rows.json").write_text(json.dumps(spec))
+    worker("train", "--spec", tmp_path / "rows.json", "--run-dir", tmp_path / "rows")
+    checkpoint = tmp_path / "rows/checkpoints/step-3"
+    exported = tmp_path / "rows-export"
+    worker("export", checkpoint, "--out", exported, "--dtype", "f32")
+    mine = our_logits(checkpoint, tmp_path, "rows")
+    plain = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+                                       str(exported))
+    ids = torch.from_numpy(mine["input_ids"]).unsqueeze(0)
+    with torch.no_grad():
+        theirs = loaded(input_ids=ids).logits[0].numpy()
+        merged = loaded.merge_and_unload()
+    assert relative_error(mine["logits"], theirs) < 1e-4
+    stored = load_file(str(exported / "adapter_model.safetensors"))
+    rows = {name: t.shape[0] for name, t in stored.items() if "trainable_tokens_delta" in name}
+    assert rows and set(rows.values()) == {49152 - first_new}, rows
+    assert all(t.shape[0] != 49152 for t in stored.values()), "only the new rows are stored"
+    for table in ("get_output_embeddings", "get_input_embeddings"):
+        before, after = getattr(plain, table)().weight, getattr(merged, table)().weight
+        assert torch.equal(after[:first_new], before[:first_new]), f"{table}: rows below train_rows_from are the base's"
+    out_before, out_after = plain.get_output_embeddings().weight, merged.get_output_embeddings().weight
+    assert (out_after[first_new:] - out_before[first_new:]).abs().max() > 1e-3, "the new rows were trained"

@@ -7,24 +7,20 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use cpt_data::StagedDir;
 use cpt_protocol::adapter::{AdapterSpec, BaseDtype, LoraSpec, LORA_TARGETS};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Uniform};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use crate::config::ModelConfig;
 use crate::hf::ModelDir;
 use crate::model::LoraSettings;
-use crate::params::{write_safetensors, Params};
+use crate::params::Params;
 
-/// The adapter's configuration file, PEFT's name.
-pub const CONFIG_FILE: &str = "adapter_config.json";
-/// The adapter's tensors, PEFT's name.
-pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
-/// PEFT's prefix of every tensor name of a causal LM's adapter.
-const PEFT_PREFIX: &str = "base_model.model.";
+mod peft;
+
+pub use peft::{write_adapter_files, CONFIG_FILE, WEIGHTS_FILE};
 
 /// Whether `dir` holds an adapter rather than a whole model.
 pub fn is_adapter_dir(dir: &Path) -> bool {
@@ -117,8 +113,8 @@ pub fn add_adapters(
     let expected = lora_tensors(config, adapter);
     let (mut loaded, dir, complete) = match start {
         Start::Fresh => (HashMap::new(), Path::new(""), false),
-        Start::Exactly(dir) => (read_tensors(dir, device)?, dir, true),
-        Start::From(dir) => (read_tensors(dir, device)?, dir, false),
+        Start::Exactly(dir) => (peft::read_trained(dir, params, device)?, dir, true),
+        Start::From(dir) => (peft::read_trained(dir, params, device)?, dir, false),
     };
     let saved = saved_shapes(config, adapter);
     for (name, shape) in expected.iter().chain(&saved) {
@@ -157,94 +153,6 @@ fn saved_shapes(config: &ModelConfig, adapter: &AdapterSpec) -> Vec<(String, Vec
     crate::params::expected_tensors(config).into_iter().filter(|(name, _)| is_saved(config, adapter, name)).collect()
 }
 
-/// The tensors of a PEFT adapter directory under cpt's names (PEFT's prefix removed).
-pub fn read_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let path = dir.join(WEIGHTS_FILE);
-    let tensors =
-        candle_core::safetensors::load(&path, device).with_context(|| format!("reading {}", path.display()))?;
-    tensors
-        .into_iter()
-        .map(|(name, tensor)| match name.strip_prefix(PEFT_PREFIX) {
-            Some(ours) => Ok((ours.to_string(), tensor)),
-            None => bail!("{}: tensor `{name}` lacks PEFT's `{PEFT_PREFIX}` prefix", path.display()),
-        })
-        .collect()
-}
-
-/// `adapter_config.json` as PEFT writes it for this adapter over `base_model`.
-pub fn peft_config(adapter: &AdapterSpec, config: &ModelConfig, base_model: &str) -> Value {
-    let lora = adapter.lora.as_ref();
-    // With tied embeddings the one trained tensor is saved as embed_tokens, and PEFT ties lm_head to it.
-    let tied = config.tie_word_embeddings && !adapter.modules_to_save.is_empty();
-    let saved: Vec<&str> =
-        if tied { vec!["embed_tokens"] } else { adapter.modules_to_save.iter().map(String::as_str).collect() };
-    json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": lora.map_or(8, |l| l.rank),
-        "lora_alpha": lora.map_or(8.0, |l| l.alpha),
-        "lora_dropout": lora.map_or(0.0, |l| l.dropout),
-        "use_rslora": lora.is_some_and(|l| l.rslora),
-        "target_modules": lora.map_or(vec![], |l| l.target_modules.clone()),
-        "modules_to_save": if saved.is_empty() { Value::Null } else { json!(saved) },
-        "ensure_weight_tying": tied,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "inference_mode": true,
-        "init_lora_weights": true,
-    })
-}
-
-/// The adapter described by a PEFT `adapter_config.json` (LoRA only).
-pub fn from_peft_config(json: &Value) -> Result<AdapterSpec> {
-    if json["peft_type"] != "LORA" {
-        bail!("peft_type {} is not LORA", json["peft_type"]);
-    }
-    let strings = |v: &Value| -> Vec<String> {
-        v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()).unwrap_or_default()
-    };
-    let targets = strings(&json["target_modules"]);
-    let lora = (!targets.is_empty()).then(|| LoraSpec {
-        rank: json["r"].as_u64().unwrap_or(8) as usize,
-        alpha: json["lora_alpha"].as_f64().unwrap_or(8.0),
-        dropout: json["lora_dropout"].as_f64().unwrap_or(0.0),
-        target_modules: targets,
-        rslora: json["use_rslora"].as_bool().unwrap_or(false),
-    });
-    let adapter = AdapterSpec {
-        lora,
-        modules_to_save: strings(&json["modules_to_save"]),
-        embedding_lr: None,
-        base_dtype: BaseDtype::F32,
-        init_from: None,
-        train_rows_from: None,
-    };
-    adapter.validate().map_err(|e| anyhow::anyhow!("{CONFIG_FILE}: {e}"))?;
-    Ok(adapter)
-}
-
-/// Writes the trained tensors of `params` and `adapter_config.json` into `staged`.
-pub fn write_adapter_files(
-    staged: &StagedDir,
-    params: &Params,
-    adapter: &AdapterSpec,
-    config: &ModelConfig,
-    base_model: &str,
-) -> Result<()> {
-    staged.write(CONFIG_FILE, serde_json::to_string_pretty(&peft_config(adapter, config, base_model))?)?;
-    let mut tensors: Vec<(String, Tensor)> = params
-        .iter()
-        .map(|(name, var)| Ok((format!("{PEFT_PREFIX}{name}"), var.as_tensor().contiguous()?)))
-        .collect::<Result<_>>()?;
-    if config.tie_word_embeddings && is_saved(config, adapter, "model.embed_tokens.weight") {
-        // PEFT ties lm_head's saved copy to embed_tokens' and expects both in the file.
-        tensors
-            .push((format!("{PEFT_PREFIX}lm_head.weight"), params.tensor("model.embed_tokens.weight")?.contiguous()?));
-    }
-    write_safetensors(&staged.path().join(WEIGHTS_FILE), &tensors)
-}
-
 /// An adapter directory opened for use: its base, the adapter, and the combined parameters.
 pub struct Opened {
     pub base: ModelDir,
@@ -259,11 +167,11 @@ pub fn open_dir(dir: &Path, device: &Device) -> Result<Opened> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let json: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let adapter = from_peft_config(&json)?;
     let base_path = json["base_model_name_or_path"]
         .as_str()
         .with_context(|| format!("{}: no base_model_name_or_path", path.display()))?;
     let base = ModelDir::open(Path::new(base_path)).with_context(|| format!("the base model of {}", dir.display()))?;
+    let adapter = peft::from_peft_config(&json, &base.config)?;
     let params = open_params(&base, &adapter, Start::Exactly(dir), 0, device)?;
     let own = dir.join("tokenizer.json");
     let tokenizer = if own.exists() { crate::hf::load_tokenizer(&own)? } else { base.tokenizer()? };
