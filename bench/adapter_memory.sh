@@ -4,6 +4,8 @@
 #   full: every weight in f32 with AdamW state; lora: rank 16 on every projection over a bf16 base;
 #   lora+embeddings: the same plus embed_tokens/lm_head trained in full.
 #   bench/adapter_memory.sh [config] [seq_len] [rounds]     (default: bench/configs/llama-1b.json 256 1)
+# Full training of the 1B (≈22 GiB) does not fit a 24 GiB machine: bench/configs/llama-1b-8-layers.json
+# is the same model with half its layers (0.75B), where all three fit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${1:-bench/configs/llama-1b.json}
