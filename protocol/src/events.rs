@@ -39,6 +39,24 @@ pub enum Event {
         /// Those bytes (special tokens excluded).
         #[serde(default)]
         bytes: u64,
+        /// The perplexity's change relative to step 0 of the run (0.05 is +5%): forgetting on a
+        /// general set, learning (negative) on a domain set.
+        #[serde(default = "not_measured", deserialize_with = "non_finite_as_null")]
+        perplexity_change: f64,
+    },
+    /// An eval set's perplexity rose past its forgetting budget; `action` is what the run does.
+    ForgettingBudget {
+        step: u64,
+        set: String,
+        #[serde(deserialize_with = "non_finite_as_null")]
+        perplexity: f64,
+        /// Its perplexity at step 0.
+        baseline: f64,
+        /// `perplexity / baseline - 1`, and the bound it crossed.
+        #[serde(deserialize_with = "non_finite_as_null")]
+        rise: f64,
+        max_rise: f64,
+        action: crate::budget::BudgetAction,
     },
     /// A checkpoint was written and is complete.
     Checkpoint { step: u64, path: String, tokens_total: u64 },
@@ -132,6 +150,7 @@ impl Event {
             | Event::Checkpoint { step, .. }
             | Event::Sample { step, .. }
             | Event::Warning { step, .. }
+            | Event::ForgettingBudget { step, .. }
             | Event::Finished { step, .. } => Some(*step),
             Event::Prepared { .. } | Event::VocabularyExtended { .. } => None,
         }
@@ -146,6 +165,7 @@ impl Event {
             Event::Checkpoint { .. } => "checkpoint",
             Event::Sample { .. } => "sample",
             Event::Warning { .. } => "warning",
+            Event::ForgettingBudget { .. } => "forgetting_budget",
             Event::Finished { .. } => "finished",
             Event::Prepared { .. } => "prepared",
             Event::VocabularyExtended { .. } => "vocabulary_extended",

@@ -41,16 +41,19 @@ pub enum JobState {
     Succeeded,
     Failed,
     Cancelled,
+    /// Stopped at a checkpoint by a forgetting budget; waits for a resume (or a cancel).
+    Paused,
 }
 
 impl JobState {
-    pub const ALL: [JobState; 6] = [
+    pub const ALL: [JobState; 7] = [
         JobState::Queued,
         JobState::Running,
         JobState::Cancelling,
         JobState::Succeeded,
         JobState::Failed,
         JobState::Cancelled,
+        JobState::Paused,
     ];
 
     /// The name stored in the database and shown in the API.
@@ -62,6 +65,7 @@ impl JobState {
             JobState::Succeeded => "succeeded",
             JobState::Failed => "failed",
             JobState::Cancelled => "cancelled",
+            JobState::Paused => "paused",
         }
     }
 
@@ -74,6 +78,16 @@ impl JobState {
         matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
     }
 
+    /// No worker holds it or will lease it until a user acts: it ended, or it is paused.
+    pub fn is_at_rest(self) -> bool {
+        self.is_terminal() || self == JobState::Paused
+    }
+
+    /// A resume queues it again, to continue from its newest checkpoint.
+    pub fn is_resumable(self) -> bool {
+        matches!(self, JobState::Failed | JobState::Cancelled | JobState::Paused)
+    }
+
     /// A worker holds the job's lease.
     pub fn is_leased(self) -> bool {
         matches!(self, JobState::Running | JobState::Cancelling)
@@ -84,11 +98,12 @@ impl JobState {
 ///
 /// - `queued → running` (a worker leases it) or `→ cancelled` (cancelled before it ran);
 /// - `running → succeeded | failed | cancelled`, `→ cancelling` (cancel requested; the worker
-///   checkpoints first) or `→ queued` (its lease expired, or its worker released it: it is
-///   retried from its last checkpoint);
+///   checkpoints first), `→ queued` (its lease expired, or its worker released it: it is
+///   retried from its last checkpoint) or `→ paused` (a forgetting budget paused it);
 /// - `cancelling → cancelled | succeeded | failed` as the worker reports, `→ queued` never (an
-///   expired lease while cancelling ends in `cancelled`);
-/// - `failed | cancelled → queued` (resume). `succeeded` is final.
+///   expired lease while cancelling ends in `cancelled`; a release or pause, too);
+/// - `paused → cancelled` (cancel);
+/// - `failed | cancelled | paused → queued` (resume). `succeeded` is final.
 pub fn can_transition(from: JobState, to: JobState) -> bool {
     use JobState::*;
     matches!(
@@ -100,11 +115,14 @@ pub fn can_transition(from: JobState, to: JobState) -> bool {
             | (Running, Cancelled)
             | (Running, Cancelling)
             | (Running, Queued)
+            | (Running, Paused)
             | (Cancelling, Cancelled)
             | (Cancelling, Succeeded)
             | (Cancelling, Failed)
             | (Failed, Queued)
             | (Cancelled, Queued)
+            | (Paused, Queued)
+            | (Paused, Cancelled)
     )
 }
 
@@ -133,13 +151,18 @@ mod tests {
             (Cancelling, Failed),
             (Failed, Queued),
             (Cancelled, Queued),
+            (Running, Paused),
+            (Paused, Queued),
+            (Paused, Cancelled),
         ];
         for from in JobState::ALL {
             for to in JobState::ALL {
                 assert_eq!(can_transition(from, to), allowed.contains(&(from, to)), "{from:?} → {to:?}");
             }
         }
-        assert_eq!(sources_of(Queued), vec![Running, Failed, Cancelled]);
+        assert_eq!(sources_of(Queued), vec![Running, Failed, Cancelled, Paused]);
+        let resumable: Vec<JobState> = sources_of(Queued).into_iter().filter(|s| s.is_resumable()).collect();
+        assert_eq!(resumable, vec![Failed, Cancelled, Paused]);
     }
 
     #[test]
@@ -148,7 +171,7 @@ mod tests {
             assert_eq!(JobState::parse(state.as_str()), Some(state));
             assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
         }
-        assert_eq!(JobState::parse("paused"), None);
+        assert_eq!(JobState::parse("pausing"), None);
         for kind in JobKind::ALL {
             assert_eq!(JobKind::parse(kind.as_str()), Some(kind));
             assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());

@@ -2,6 +2,7 @@
 //! their validation, resolved plans, and training events. Pure data and arithmetic, no I/O.
 
 pub mod adapter;
+pub mod budget;
 pub mod events;
 pub mod jobs;
 pub mod model_config;

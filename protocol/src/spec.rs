@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::AdapterSpec;
+use crate::budget::ForgettingBudget;
 use crate::sampling::SampleDecoding;
 
 /// A continued-pretraining job.
@@ -94,6 +95,9 @@ pub struct JobSpec {
     /// Train adapters (and optionally the embeddings) over a frozen base instead of every weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter: Option<AdapterSpec>,
+    /// Per eval set, the largest rise of its perplexity over step 0 and what crossing it does.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub forgetting_budget: BTreeMap<String, ForgettingBudget>,
 }
 
 /// One training source.
@@ -379,6 +383,13 @@ impl JobSpec {
             return Err(problem("spike_factor", "must be greater than 1"));
         }
         self.sample_decoding.as_ref().map_or(Ok(()), SampleDecoding::validate)?;
+        for (set, budget) in &self.forgetting_budget {
+            let field = format!("forgetting_budget.{set}");
+            if !self.eval_data.contains_key(set) {
+                return Err(problem(field, "names no set of eval_data"));
+            }
+            budget.validate(&field)?;
+        }
         self.adapter.as_ref().map_or(Ok(()), AdapterSpec::validate)
     }
 

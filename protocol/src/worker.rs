@@ -99,6 +99,8 @@ pub enum Outcome {
     /// another attempt resumes it at once.
     #[serde(rename = "queued")]
     Released,
+    /// Stopped at a checkpoint by a forgetting budget: the job waits, paused, for a resume.
+    Paused,
 }
 
 /// `POST /v1/workers/{id}/finish`: the worker's attempt ended.

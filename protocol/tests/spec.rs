@@ -45,6 +45,15 @@ fn every_invalid_field_is_named() {
         (json!({"spike_factor": 1.0}), "spike_factor"),
         (json!({"learning_rate": 1e-4}), "learning_rate"),
         (json!({"name": null}), "name"),
+        (json!({"forgetting_budget": {"general": {"max_rise": 0.05}}}), "forgetting_budget.general"),
+        (
+            json!({"eval_data": {"general": "g"}, "forgetting_budget": {"general": {"max_rise": -1}}}),
+            "forgetting_budget.general.max_rise",
+        ),
+        (
+            json!({"eval_data": {"general": "g"}, "forgetting_budget": {"general": {"max_rise": 0.1, "action": "halt"}}}),
+            "forgetting_budget.general.action",
+        ),
     ];
     for (extra, field) in cases {
         let error =
@@ -137,7 +146,8 @@ fn every_step_metric_is_documented_with_the_events() {
             assert!(events.contains(&format!("`{field}`")), "the events table does not document `{field}`");
         }
     }
-    for kind in ["started", "step", "eval", "checkpoint", "sample", "warning", "finished", "prepared"] {
+    let kinds = ["started", "step", "eval", "checkpoint", "sample", "warning", "finished", "prepared"];
+    for kind in kinds.into_iter().chain(["forgetting_budget", "vocabulary_extended"]) {
         assert!(events.contains(&format!("| `{kind}` |")), "the events table lacks `{kind}`");
     }
 }
@@ -161,10 +171,14 @@ fn every_spec_and_adapter_field_is_in_openapi_and_the_examples_readme() {
         "train_rows_from": 10,
     });
     let decoding = json!({"temperature": 0.7, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.2});
-    let spec = JobSpec::from_json_str(&spec_json(json!({ "adapter": adapter, "sample_decoding": decoding }))).unwrap();
+    let budget = json!({"general": {"max_rise": 0.05, "action": "pause"}});
+    let extra = json!({ "adapter": adapter, "sample_decoding": decoding, "eval_data": {"general": "g"},
+                        "forgetting_budget": budget });
+    let spec = JobSpec::from_json_str(&spec_json(extra)).unwrap();
     let value = serde_json::to_value(&spec).unwrap();
     let schemas = [
         ("JobSpec", &value),
+        ("ForgettingBudget", &value["forgetting_budget"]["general"]),
         ("AdapterSpec", &value["adapter"]),
         ("LoraSpec", &value["adapter"]["lora"]),
         ("SampleDecoding", &value["sample_decoding"]),

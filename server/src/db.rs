@@ -94,7 +94,7 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
 mod tests {
     use super::*;
 
-    /// A database from before `extend_vocab` existed keeps its jobs, events and attempts when the
+    /// A database from before `extend_vocab` and `paused` existed keeps its jobs, events and attempts when the
     /// jobs table is rebuilt, and its foreign keys stay enforced.
     #[tokio::test]
     async fn rebuilding_the_jobs_table_keeps_rows_and_foreign_keys() {
@@ -105,7 +105,8 @@ mod tests {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
         let mut before_vocabularies = sqlx::migrate!("../migrations");
-        let position = before_vocabularies.migrations.iter().position(|m| m.description.contains("extend vocab"));
+        let position =
+            before_vocabularies.migrations.iter().position(|m| m.description.contains("job kinds and states"));
         before_vocabularies.migrations = before_vocabularies.migrations[..position.unwrap()].to_vec().into();
         before_vocabularies.run(&pool).await.unwrap();
         let insert_job = "INSERT INTO jobs (id, kind, name, spec, state, max_attempts, created_at, updated_at, retries)
@@ -129,6 +130,7 @@ mod tests {
             sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE job_id = 'a'").fetch_one(&pool).await.unwrap();
         assert_eq!(events, 1);
         sqlx::query(insert_job).bind("b").bind("extend_vocab").execute(&pool).await.unwrap();
+        sqlx::query("UPDATE jobs SET state = 'paused' WHERE id = 'b'").execute(&pool).await.unwrap();
         let orphans = sqlx::query("PRAGMA foreign_key_check").fetch_all(&pool).await.unwrap();
         assert!(orphans.is_empty(), "every event and attempt has its job");
         let orphan =

@@ -39,6 +39,8 @@ pub struct Metrics {
     eval_loss: GaugeVec,
     eval_perplexity: GaugeVec,
     eval_bits_per_byte: GaugeVec,
+    eval_perplexity_change: GaugeVec,
+    budget_exceeded: GaugeVec,
     job_info: GaugeVec,
     jobs: GaugeVec,
     workers: GaugeVec,
@@ -120,6 +122,18 @@ impl Metrics {
                 "Held-out bits per UTF-8 byte per eval set (comparable across tokenizers).",
                 &["job_id", "set"],
             ),
+            eval_perplexity_change: gauge(
+                &r,
+                "cpt_eval_perplexity_change_ratio",
+                "Held-out perplexity per eval set relative to step 0, minus 1 (0.05: +5%).",
+                &["job_id", "set"],
+            ),
+            budget_exceeded: gauge(
+                &r,
+                "cpt_forgetting_budget_exceeded",
+                "1 once an eval set's perplexity rose past its forgetting budget.",
+                &["job_id", "set"],
+            ),
             job_info: gauge(&r, "cpt_job_info", "Always 1; labels describe the job.", &["job_id", "name"]),
             jobs: gauge(&r, "cpt_jobs", "Jobs by state.", &["state"]),
             workers: gauge(
@@ -176,12 +190,20 @@ impl Metrics {
                 }
                 series.tokens = series.tokens.max(m.tokens_total);
             }
-            Event::Eval { set, loss, perplexity, bits_per_byte, .. } => {
+            Event::Eval { set, loss, perplexity, bits_per_byte, perplexity_change, .. } => {
                 self.eval_loss.with_label_values(&[id, set]).set(*loss);
                 self.eval_perplexity.with_label_values(&[id, set]).set(*perplexity);
-                if bits_per_byte.is_finite() {
-                    self.eval_bits_per_byte.with_label_values(&[id, set]).set(*bits_per_byte);
+                for (gauge, value) in
+                    [(&self.eval_bits_per_byte, bits_per_byte), (&self.eval_perplexity_change, perplexity_change)]
+                {
+                    if value.is_finite() {
+                        gauge.with_label_values(&[id, set]).set(*value);
+                    }
                 }
+                series.eval_sets.insert(set.clone());
+            }
+            Event::ForgettingBudget { set, .. } => {
+                self.budget_exceeded.with_label_values(&[id, set]).set(1.0);
                 series.eval_sets.insert(set.clone());
             }
             Event::Started { plan, .. } => {
@@ -218,6 +240,8 @@ impl Metrics {
             let _ = self.eval_loss.remove_label_values(&[job_id, set]);
             let _ = self.eval_perplexity.remove_label_values(&[job_id, set]);
             let _ = self.eval_bits_per_byte.remove_label_values(&[job_id, set]);
+            let _ = self.eval_perplexity_change.remove_label_values(&[job_id, set]);
+            let _ = self.budget_exceeded.remove_label_values(&[job_id, set]);
         }
         let _ = self.job_info.remove_label_values(&[job_id, &series.name]);
         let _ = self.tokens.remove_label_values(&[job_id]);

@@ -103,7 +103,7 @@ async fn listing_pages_newest_first_and_filters_by_state() {
         cancelled["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect::<Vec<_>>(),
         vec![ids[1].as_str()]
     );
-    let (status, error) = server.call(Method::GET, "/v1/jobs?state=paused", None).await;
+    let (status, error) = server.call(Method::GET, "/v1/jobs?state=sleeping", None).await;
     assert_eq!((status, error_of(&error)), (StatusCode::UNPROCESSABLE_ENTITY, ("invalid_field", Some("state"))));
     let (status, error) = server.call(Method::GET, "/v1/jobs?cursor=garbage", None).await;
     assert_eq!((status, error_of(&error)), (StatusCode::UNPROCESSABLE_ENTITY, ("invalid_field", Some("cursor"))));

@@ -286,3 +286,36 @@ async fn metric_series_and_checkpoints_are_derived_from_events_with_reruns_repla
     assert_eq!(status, StatusCode::NOT_FOUND);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_paused_job_waits_for_a_resume_or_a_cancel_and_a_pending_cancel_wins_over_a_pause() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (server, root, worker, id) = with_leased_job(tmp.path()).await;
+    let finish_path = format!("/v1/workers/{worker}/finish");
+    let finish = |job: &str, attempt: u64, outcome: &str| {
+        let body = json!({"job_id": job, "attempt": attempt, "outcome": outcome});
+        server.call(Method::POST, &finish_path, Some(body))
+    };
+    let (status, job) = finish(&id, 1, "paused").await;
+    assert_eq!((status, job["state"].as_str(), job["worker_id"].as_str()), (StatusCode::OK, Some("paused"), None));
+    assert_eq!(lease(&server, &worker, 0).await.0, StatusCode::NO_CONTENT, "a paused job is not leased");
+    let (_, listed) = server.call(Method::GET, "/v1/jobs?state=paused", None).await;
+    assert_eq!(listed["jobs"][0]["id"].as_str(), Some(id.as_str()));
+
+    let (status, job) = server.call(Method::POST, &format!("/v1/jobs/{id}/resume"), None).await;
+    assert_eq!((status, job["state"].as_str()), (StatusCode::OK, Some("queued")));
+    let (_, leased) = lease(&server, &worker, 0).await;
+    assert_eq!((leased["id"].as_str(), leased["attempt"].as_i64()), (Some(id.as_str()), Some(2)));
+    finish(&id, 2, "paused").await;
+    let (status, job) = server.call(Method::POST, &format!("/v1/jobs/{id}/cancel"), None).await;
+    assert_eq!((status, job["state"].as_str()), (StatusCode::OK, Some("cancelled")));
+    assert!(job["finished_at"].is_i64(), "{job}");
+
+    // Cancelled while its worker was pausing it: the cancel wins.
+    let other = submit(&server, &root, "k").await;
+    lease(&server, &worker, 0).await;
+    server.call(Method::POST, &format!("/v1/jobs/{other}/cancel"), None).await;
+    let (_, job) = finish(&other, 1, "paused").await;
+    assert_eq!(job["state"], "cancelled");
+    server.stop().await;
+}

@@ -37,6 +37,10 @@ pub struct TrainerState {
     pub spec_sha256: String,
     /// Seconds spent training so far, over all attempts.
     pub elapsed_seconds: f64,
+    /// Each eval set's perplexity at step 0: what forgetting budgets and perplexity changes are
+    /// measured against.
+    #[serde(default)]
+    pub eval_baseline: std::collections::BTreeMap<String, f64>,
 }
 
 /// The checkpoints directory of a run.

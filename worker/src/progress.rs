@@ -83,6 +83,12 @@ fn describe(event: &Event) -> String {
         Event::Checkpoint { path, .. } => format!("checkpoint {path}"),
         Event::Sample { step, prompt, continuation } => format!("step {step} sample: {prompt}|{continuation}"),
         Event::Warning { message, .. } => format!("warning: {message}"),
+        Event::ForgettingBudget { step, set, rise, max_rise, action, .. } => format!(
+            "step {step} forgetting budget of {set}: perplexity {:+.2}% over step 0 (at most {:+.2}%): {}",
+            rise * 100.0,
+            max_rise * 100.0,
+            action.as_str()
+        ),
         Event::Finished { step, outcome, .. } => format!("{outcome} at step {step}"),
         Event::Step(m) => format!("step {} loss {:.4}", m.step, m.loss),
         Event::Prepared { path, .. } => format!("dataset prepared in {path}"),

@@ -272,6 +272,7 @@ impl Worker {
         let (outcome, error) = match result {
             Ok(_) if cancelled => (Outcome::Cancelled, None),
             // Stopped for shutdown at a checkpoint: release it so another worker resumes at once.
+            Ok(outcome) if outcome.paused => (Outcome::Paused, None),
             Ok(outcome) if outcome.stopped => (Outcome::Released, None),
             Ok(_) => (Outcome::Succeeded, None),
             Err(message) => (Outcome::Failed, Some(message)),

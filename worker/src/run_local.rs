@@ -75,7 +75,11 @@ pub fn train_command(
         return Err(error.context("writing events.jsonl"));
     }
     let outcome = outcome?;
-    let verb = if outcome.stopped { "stopped" } else { "finished" };
+    let verb = match (outcome.paused, outcome.stopped) {
+        (true, _) => "paused by a forgetting budget (resume with --resume)",
+        (_, true) => "stopped",
+        _ => "finished",
+    };
     println!(
         "{verb} at step {} ({} tokens); checkpoint {}",
         outcome.step,

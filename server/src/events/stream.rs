@@ -38,9 +38,10 @@ pub async fn stream(
     let mut live = app.events.subscribe();
     let stream = async_stream::stream! {
         loop {
-            // Whether the job had ended before this drain: then the drain holds its last events.
+            // Whether the job had ended (or paused) before this drain: then the drain holds its
+            // last events.
             let ended = match jobs::get(&app.pool, &id).await {
-                Ok(Some(job)) => job.state.is_terminal(),
+                Ok(Some(job)) => job.state.is_at_rest(),
                 Ok(None) => true,
                 Err(error) => { tracing::error!(%error, "reading a job"); break; }
             };

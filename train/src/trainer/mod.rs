@@ -6,9 +6,11 @@
 //! steps are done or it is asked to stop (then it checkpoints first). The steps are `Run`'s
 //! methods, in `run.rs`.
 
+mod budget;
 pub mod data;
 mod run;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -50,8 +52,11 @@ pub struct RunOptions {
 pub struct Outcome {
     pub step: u64,
     pub tokens_total: u64,
-    /// True when it stopped early (asked to, or `stop_after_steps`); resumable from `checkpoint`.
+    /// True when it stopped early (asked to, `stop_after_steps`, or paused); resumable from
+    /// `checkpoint`.
     pub stopped: bool,
+    /// Stopped by a forgetting budget whose action is `pause`: the job waits for a resume.
+    pub paused: bool,
     pub checkpoint: PathBuf,
 }
 
@@ -68,16 +73,19 @@ fn batch_loss(model: &Llama, batch: &data::Batch) -> Result<Tensor> {
     })
 }
 
-/// Mean loss of each eval set, without a backward graph.
+/// Mean loss of each eval set, without a backward graph, reported with the perplexity's change
+/// from `baseline`; returns each set's perplexity.
 fn evaluate(
     model: &Llama,
     data: &TrainData,
     spec: &JobSpec,
     step: u64,
+    baseline: &BTreeMap<String, f64>,
     device: &Device,
     on_event: &mut impl FnMut(Event),
-) -> Result<()> {
+) -> Result<BTreeMap<String, f64>> {
     let model = model.detached();
+    let mut perplexities = BTreeMap::new();
     for set in &data.eval_sets {
         let (mut total, mut tokens) = (0.0f64, 0u64);
         for chunk in set.blocks.chunks(spec.micro_batch_size) {
@@ -87,10 +95,16 @@ fn evaluate(
         }
         let loss = total / tokens as f64;
         let bits_per_byte = if set.bytes > 0 { total / std::f64::consts::LN_2 / set.bytes as f64 } else { f64::NAN };
-        let (name, bytes) = (set.name.clone(), set.bytes);
-        on_event(Event::Eval { step, set: name, loss, perplexity: loss.exp(), tokens, bits_per_byte, bytes });
+        let (name, bytes, perplexity) = (set.name.clone(), set.bytes, loss.exp());
+        let perplexity_change = match baseline.get(&name) {
+            Some(start) => perplexity / start - 1.0,
+            None if step == 0 => 0.0,
+            None => f64::NAN,
+        };
+        perplexities.insert(name.clone(), perplexity);
+        on_event(Event::Eval { step, set: name, loss, perplexity, tokens, bits_per_byte, bytes, perplexity_change });
     }
-    Ok(())
+    Ok(perplexities)
 }
 
 /// Runs (or resumes) the job `spec` in `run_dir`, reporting progress through `on_event`.

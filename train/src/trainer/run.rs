@@ -8,12 +8,13 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use cpt_data::StagedDir;
+use cpt_protocol::budget::BudgetAction;
 use cpt_protocol::spec::Precision;
 use cpt_protocol::{Event, JobSpec, Plan, StepMetrics, WarningCode};
 use tokenizers::Tokenizer;
 
 use super::data::TrainData;
-use super::{batch_loss, evaluate, spec_sha256, Outcome};
+use super::{batch_loss, budget, evaluate, spec_sha256, Outcome};
 use crate::adapter::{self, Start};
 use crate::checkpoint::{self, TrainerState};
 use crate::hf::{passthrough_files, write_model_files, write_tokenizer, ModelDir, ModelFiles};
@@ -173,9 +174,16 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// The held-out loss of every eval set at `step`.
-    pub fn evaluate(&self, step: u64, on_event: &mut impl FnMut(Event)) -> Result<()> {
-        evaluate(&self.model, &self.data, self.spec, step, &self.device, on_event)
+    /// The held-out loss of every eval set at `step` (at step 0 the baseline of the sets'
+    /// perplexity changes), and the strongest forgetting budget it crossed.
+    pub fn evaluate(&mut self, step: u64, on_event: &mut impl FnMut(Event)) -> Result<Option<budget::Crossing>> {
+        let baseline = &mut self.state.eval_baseline;
+        let perplexities = evaluate(&self.model, &self.data, self.spec, step, baseline, &self.device, on_event)?;
+        if step == 0 {
+            *baseline = perplexities.clone();
+            return Ok(None);
+        }
+        Ok(budget::check(&self.spec.forgetting_budget, baseline, &perplexities, step, on_event))
     }
 
     /// One optimizer step over `grad_accum_steps` micro-batches: gradients summed, the update
@@ -293,22 +301,31 @@ impl<'a> Run<'a> {
         let (spec, step) = (self.spec, self.state.step);
         let due = |every: u64| every > 0 && step.is_multiple_of(every);
         let last = step == self.plan.total_steps;
-        if last || due(spec.eval_every) {
-            self.evaluate(step, on_event)?;
-        }
+        let crossing = if last || due(spec.eval_every) { self.evaluate(step, on_event)? } else { None };
         if !spec.sample_prompts.is_empty() && (last || due(spec.sample_every)) {
             self.sample(on_event)?;
         }
+        let action = crossing.as_ref().map(|c| c.action).filter(|&a| a != BudgetAction::Warn);
         let stop_here = stop_after_steps == Some(step) && !last;
-        if last || stop_here || due(spec.checkpoint_every) {
+        if last || stop_here || action.is_some() || due(spec.checkpoint_every) {
             self.save(on_event)?;
         }
-        if !stop_here {
-            return Ok(None);
+        let tokens_total = self.state.tokens_total;
+        let checkpoint = || self.last_checkpoint.clone().expect("saved above");
+        match (action, crossing) {
+            (Some(BudgetAction::Stop), Some(crossing)) => {
+                bail!("{}; checkpoint {}", crossing.message, checkpoint().display())
+            }
+            (Some(BudgetAction::Pause), _) => {
+                on_event(Event::Finished { step, tokens_total, outcome: "paused".into() });
+                Ok(Some(Outcome { step, tokens_total, stopped: true, paused: true, checkpoint: checkpoint() }))
+            }
+            _ if stop_here => {
+                on_event(Event::Finished { step, tokens_total, outcome: "stopped".into() });
+                Ok(Some(Outcome { step, tokens_total, stopped: true, paused: false, checkpoint: checkpoint() }))
+            }
+            _ => Ok(None),
         }
-        on_event(Event::Finished { step, tokens_total: self.state.tokens_total, outcome: "stopped".into() });
-        let checkpoint = self.last_checkpoint.clone().expect("saved above");
-        Ok(Some(Outcome { step, tokens_total: self.state.tokens_total, stopped: true, checkpoint }))
     }
 
     /// Asked to stop between steps: checkpoint, then report the run as stopped (resumable).
@@ -316,7 +333,7 @@ impl<'a> Run<'a> {
         let checkpoint = self.save(on_event)?;
         let (step, tokens_total) = (self.state.step, self.state.tokens_total);
         on_event(Event::Finished { step, tokens_total, outcome: "stopped".into() });
-        Ok(Outcome { step, tokens_total, stopped: true, checkpoint })
+        Ok(Outcome { step, tokens_total, stopped: true, paused: false, checkpoint })
     }
 
     /// Every planned step is done.
@@ -328,7 +345,7 @@ impl<'a> Run<'a> {
         };
         let (step, tokens_total) = (self.state.step, self.state.tokens_total);
         on_event(Event::Finished { step, tokens_total, outcome: "succeeded".into() });
-        Ok(Outcome { step, tokens_total, stopped: false, checkpoint })
+        Ok(Outcome { step, tokens_total, stopped: false, paused: false, checkpoint })
     }
 
     /// Writes a checkpoint of the current state (keeping the newest `keep_checkpoints`).
@@ -408,5 +425,6 @@ fn fresh_state(spec: &JobSpec, plan: &Plan, spec_sha256: String) -> TrainerState
         consecutive_bad_steps: 0,
         spec_sha256,
         elapsed_seconds: 0.0,
+        eval_baseline: BTreeMap::new(),
     }
 }

@@ -1,6 +1,8 @@
 //! Small models and tokenizers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod runs;
+
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use cpt_train::{ModelConfig, Params};

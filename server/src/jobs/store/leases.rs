@@ -63,7 +63,8 @@ pub async fn heartbeat(
 }
 
 /// Ends `worker`'s `attempt` of a job with `outcome`, in one statement guarded by worker, attempt
-/// and state. A job whose cancel was requested while it was being released ends `cancelled`.
+/// and state. A job whose cancel was requested while it was being released or paused ends
+/// `cancelled`.
 pub async fn finish(
     pool: &SqlitePool,
     id: &str,
@@ -77,8 +78,11 @@ pub async fn finish(
         Outcome::Failed => JobState::Failed,
         Outcome::Cancelled => JobState::Cancelled,
         Outcome::Released => JobState::Queued,
+        Outcome::Paused => JobState::Paused,
     };
-    let released = outcome == Outcome::Released;
+    // Released or paused: given up at a checkpoint, not ended, so it keeps no worker and no
+    // finish time, its retry is given back, and a cancel that was pending wins.
+    let gave_up = matches!(outcome, Outcome::Released | Outcome::Paused);
     let sql = format!(
         "UPDATE jobs SET state = CASE WHEN ?1 AND state = 'cancelling' THEN 'cancelled' ELSE ?2 END,
                 error = ?3, lease_expires_at = NULL, updated_at = ?4,
@@ -92,7 +96,7 @@ pub async fn finish(
     let now = now_ms();
     let mut tx = WriteTx::begin(pool).await?;
     let row = sqlx::query(&sql)
-        .bind(released)
+        .bind(gave_up)
         .bind(to.as_str())
         .bind(error)
         .bind(now)

@@ -223,15 +223,16 @@ async fn refusal(pool: &SqlitePool, id: &str, verb: &'static str) -> JobError {
     }
 }
 
-/// `queued → cancelled` at once, `running → cancelling` until its worker has checkpointed.
+/// `queued | paused → cancelled` at once, `running → cancelling` until its worker has checkpointed.
 pub async fn cancel(pool: &SqlitePool, id: &str) -> Result<Job, JobError> {
     debug_assert!(can_transition(JobState::Queued, JobState::Cancelled));
+    debug_assert!(can_transition(JobState::Paused, JobState::Cancelled));
     debug_assert!(can_transition(JobState::Running, JobState::Cancelling));
     let now = now_ms();
     let row = sqlx::query(
-        "UPDATE jobs SET state = CASE state WHEN 'queued' THEN 'cancelled' ELSE 'cancelling' END, updated_at = ?1,
-                finished_at = CASE state WHEN 'queued' THEN ?1 ELSE finished_at END
-         WHERE id = ?2 AND state IN ('queued', 'running') RETURNING *",
+        "UPDATE jobs SET state = CASE state WHEN 'running' THEN 'cancelling' ELSE 'cancelled' END, updated_at = ?1,
+                finished_at = CASE state WHEN 'running' THEN finished_at ELSE ?1 END
+         WHERE id = ?2 AND state IN ('queued', 'running', 'paused') RETURNING *",
     )
     .bind(now)
     .bind(id)
@@ -243,13 +244,13 @@ pub async fn cancel(pool: &SqlitePool, id: &str) -> Result<Job, JobError> {
     }
 }
 
-/// `failed | cancelled → queued`: a new attempt continues from the newest valid checkpoint, with
-/// its retries counted afresh. The attempt number keeps growing.
+/// `failed | cancelled | paused → queued`: a new attempt continues from the newest valid
+/// checkpoint, with its retries counted afresh. The attempt number keeps growing.
 pub async fn resume(pool: &SqlitePool, id: &str) -> Result<Job, JobError> {
     let sql = format!(
         "UPDATE jobs SET state = 'queued', error = NULL, retries = 0, worker_id = NULL, lease_expires_at = NULL,
                 finished_at = NULL, updated_at = ? WHERE id = ? AND kind = 'train' AND {} RETURNING *",
-        from_states(JobState::Queued, JobState::is_terminal)
+        from_states(JobState::Queued, JobState::is_resumable)
     );
     let row = sqlx::query(&sql).bind(now_ms()).bind(id).fetch_optional(pool).await?;
     match row {

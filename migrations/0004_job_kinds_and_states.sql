@@ -1,4 +1,4 @@
--- Jobs of kind `extend_vocab`. SQLite cannot alter a CHECK constraint, so `jobs` is rebuilt. sqlx
+-- Jobs of kind `extend_vocab`, and the state `paused`. SQLite cannot alter a CHECK constraint, so `jobs` is rebuilt. sqlx
 -- runs a SQLite migration inside a transaction, where foreign keys cannot be switched off; deferred
 -- instead, the drop leaves events and attempts orphaned for a moment, and re-inserting each job
 -- re-parents them before the commit checks.
@@ -10,7 +10,7 @@ CREATE TABLE jobs (
     kind            TEXT NOT NULL CHECK (kind IN ('train', 'prepare', 'extend_vocab')),
     name            TEXT NOT NULL,
     spec            TEXT NOT NULL,
-    state           TEXT NOT NULL CHECK (state IN ('queued', 'running', 'cancelling', 'succeeded', 'failed', 'cancelled')),
+    state           TEXT NOT NULL CHECK (state IN ('queued', 'running', 'cancelling', 'succeeded', 'failed', 'cancelled', 'paused')),
     attempt         INTEGER NOT NULL DEFAULT 0,
     max_attempts    INTEGER NOT NULL,
     idempotency_key TEXT UNIQUE,
