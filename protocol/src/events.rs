@@ -138,6 +138,8 @@ pub enum WarningCode {
     CorruptCheckpoint,
     /// A dataset was tokenized with a different tokenizer.json than the model's.
     TokenizerMismatch,
+    /// `lr: "auto"` scaled the rate from a batch far from this job's (see the plan's `lr.warning`).
+    LrExtrapolated,
 }
 
 impl Event {

@@ -13,19 +13,26 @@ pub const DEFAULT_BASE_BATCH_TOKENS: u64 = 4 * 1024 * 1024;
 /// CPT starts from this fraction of the pretraining peak (Gupta et al. 2023; Ibrahim et al. 2024).
 pub const CPT_LR_FRACTION: f64 = 0.1;
 
+/// `lr: "auto"` warns when its batch is further than this factor from the pretraining batch (the
+/// square-root rule then scales the rate by more than √64 = 8× either way).
+pub const AUTO_LR_BATCH_RATIO_LIMIT: f64 = 64.0;
+
 /// The learning rate a job will use and why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResolvedLr {
     pub peak: f64,
     pub min: f64,
     pub reasoning: String,
+    /// Why the automatic choice may be wrong for this job (see [`AUTO_LR_BATCH_RATIO_LIMIT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// Resolves `lr`: a fixed value as given, or `"auto"` = 10% of the pretraining peak scaled by the
 /// square root of the batch ratio (4× the batch → 2× the rate).
 pub fn resolve_lr(spec: &JobSpec) -> ResolvedLr {
-    let (peak, reasoning) = match spec.lr {
-        LearningRate::Fixed(lr) => (lr, format!("lr {lr:e} as given")),
+    let (peak, reasoning, warning) = match spec.lr {
+        LearningRate::Fixed(lr) => (lr, format!("lr {lr:e} as given"), None),
         LearningRate::Auto(_) => {
             let base = spec.base_lr.unwrap_or(DEFAULT_BASE_LR);
             let base_batch = spec.base_batch_tokens.unwrap_or(DEFAULT_BASE_BATCH_TOKENS);
@@ -37,10 +44,21 @@ pub fn resolve_lr(spec: &JobSpec) -> ResolvedLr {
                 "auto: {CPT_LR_FRACTION} × pretraining peak {base:e} ({base_source}) × sqrt(batch {} / pretraining batch {base_batch} ({batch_source}) tokens) = {peak:e}",
                 spec.tokens_per_step()
             );
-            (peak, reasoning)
+            let far = !(1.0 / AUTO_LR_BATCH_RATIO_LIMIT..=AUTO_LR_BATCH_RATIO_LIMIT).contains(&ratio);
+            let warning = far.then(|| {
+                format!(
+                    "lr \"auto\" extrapolated the square-root rule from a pretraining batch of {base_batch} tokens to {} \
+                     ({ratio:.2e}×), giving {peak:.2e}: the rule is a fit for Adam near the batch a rate was tuned at, \
+                     and this far from it the rate {}. Give lr explicitly (CPT at small batches typically uses \
+                     1e-5 to 1e-4; sweep it) or base_lr/base_batch_tokens that match your model",
+                    spec.tokens_per_step(),
+                    if ratio < 1.0 { "may barely move the model" } else { "may diverge" }
+                )
+            });
+            (peak, reasoning, warning)
         }
     };
-    ResolvedLr { peak, min: peak * spec.min_lr_ratio, reasoning }
+    ResolvedLr { peak, min: peak * spec.min_lr_ratio, reasoning, warning }
 }
 
 /// Model FLOPs per trained token (forward + backward): `6·N + 12·L·(heads·head_dim)·seq_len`, where

@@ -73,8 +73,26 @@ fn auto_lr_is_a_tenth_of_the_pretraining_peak_scaled_by_the_root_batch_ratio() {
     assert!((lr.peak - 0.1 * 1e-3 * 2.0).abs() < 1e-15, "{lr:?}");
     assert!((lr.min - lr.peak * 0.1).abs() < 1e-18);
     assert!(lr.reasoning.contains("given"), "{}", lr.reasoning);
+    assert_eq!(lr.warning, None, "4× the batch is within the rule's range");
     let default = resolve_lr(&JobSpec::from_json_str(&spec_json(json!({}))).unwrap());
     assert!(default.reasoning.contains("default") && default.peak < 0.1 * DEFAULT_BASE_LR);
+}
+
+#[test]
+fn auto_lr_far_from_the_pretraining_batch_says_so_and_a_given_lr_never_does() {
+    // 2048 tokens a step against LLaMA's 4M: the rule gives ~6.6e-7.
+    let small = JobSpec::from_json_str(&spec_json(json!({"lr": "auto", "seq_len": 2048}))).unwrap();
+    let lr = resolve_lr(&small);
+    assert!((lr.peak - 0.1 * DEFAULT_BASE_LR * (2048.0f64 / 4194304.0).sqrt()).abs() < 1e-15);
+    let warning = lr.warning.expect("a warning");
+    assert!(warning.contains("barely move") && warning.contains("6.63e-7"), "{warning}");
+    let huge = json!({"lr": "auto", "base_batch_tokens": 16, "seq_len": 2048});
+    assert!(resolve_lr(&JobSpec::from_json_str(&spec_json(huge)).unwrap()).warning.unwrap().contains("diverge"));
+    let given = JobSpec::from_json_str(&spec_json(json!({"lr": 1e-4, "seq_len": 2048}))).unwrap();
+    assert_eq!(resolve_lr(&given).warning, None);
+    // At the limit itself the rule is trusted.
+    let edge = json!({"lr": "auto", "base_batch_tokens": 64 * 128, "seq_len": 128});
+    assert_eq!(resolve_lr(&JobSpec::from_json_str(&spec_json(edge)).unwrap()).warning, None);
 }
 
 #[test]

@@ -83,6 +83,9 @@ impl<'a> Run<'a> {
             AdamWConfig { beta1: spec.betas[0], beta2: spec.betas[1], eps: spec.eps, weight_decay: spec.weight_decay };
 
         let mut warnings = Vec::new();
+        if let Some(warning) = &plan.lr.warning {
+            warnings.push((WarningCode::LrExtrapolated, warning.clone()));
+        }
         let resumed = if resume {
             checkpoint::latest_valid(run_dir, device, |dir, error| {
                 let message = format!("skipping checkpoint {}: {error:#}", dir.display());
