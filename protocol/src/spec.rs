@@ -98,6 +98,23 @@ pub struct JobSpec {
     /// Per eval set, the largest rise of its perplexity over step 0 and what crossing it does.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub forgetting_budget: BTreeMap<String, ForgettingBudget>,
+    /// Start from another run's checkpoint with its optimizer state and data position (set by
+    /// `POST /v1/jobs/{id}/continue`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continue_from: Option<ContinueFrom>,
+}
+
+/// Where a continued job starts: a checkpoint of its parent, whose weights, AdamW moments,
+/// step-0 perplexities and data cursors it takes over; its own schedule starts afresh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContinueFrom {
+    /// The parent's checkpoint directory.
+    pub checkpoint: String,
+    /// The parent's `train_data` datasets in order: a source of this job at the same position
+    /// and on the same dataset carries its cursor on (no block seen twice), others start afresh.
+    #[serde(default)]
+    pub train_data: Vec<String>,
 }
 
 /// One training source.
@@ -389,6 +406,13 @@ impl JobSpec {
                 return Err(problem(field, "names no set of eval_data"));
             }
             budget.validate(&field)?;
+        }
+        if let Some(from) = &self.continue_from {
+            if from.checkpoint.trim().is_empty() {
+                return Err(problem("continue_from.checkpoint", "must name a checkpoint directory"));
+            }
+            at_most(from.checkpoint.len() as u64, limits::PATH_BYTES, "continue_from.checkpoint")?;
+            at_most(from.train_data.len() as u64, limits::SOURCES, "continue_from.train_data")?;
         }
         self.adapter.as_ref().map_or(Ok(()), AdapterSpec::validate)
     }

@@ -138,6 +138,18 @@ pub struct Loaded {
     pub optimizer_tensors: std::collections::HashMap<String, candle_core::Tensor>,
 }
 
+/// The checkpoint `dir`, verified, with its trainer and optimizer state.
+pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
+    verify(dir)?;
+    let text = std::fs::read_to_string(dir.join("trainer_state.json"))?;
+    let state: TrainerState = serde_json::from_str(&text).context("parsing trainer_state.json")?;
+    let optimizer_tensors = candle_core::safetensors::load(dir.join("optimizer.safetensors"), device)?
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
+    Ok(Loaded { dir: dir.to_path_buf(), state, optimizer_tensors })
+}
+
 /// The newest checkpoint that verifies; each one that does not is reported to `on_corrupt` and skipped.
 pub fn latest_valid(
     run_dir: &Path,
@@ -146,16 +158,7 @@ pub fn latest_valid(
 ) -> Result<Option<Loaded>> {
     for step in list(run_dir)?.into_iter().rev() {
         let dir = checkpoints_dir(run_dir).join(checkpoint_name(step));
-        let loaded = verify(&dir).and_then(|()| {
-            let text = std::fs::read_to_string(dir.join("trainer_state.json"))?;
-            let state: TrainerState = serde_json::from_str(&text).context("parsing trainer_state.json")?;
-            let optimizer_tensors = candle_core::safetensors::load(dir.join("optimizer.safetensors"), device)?
-                .into_iter()
-                .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
-                .collect::<Result<_>>()?;
-            Ok(Loaded { dir: dir.clone(), state, optimizer_tensors })
-        });
-        match loaded {
+        match load(&dir, device) {
             Ok(loaded) => return Ok(Some(loaded)),
             Err(error) => on_corrupt(&dir, &error),
         }

@@ -7,6 +7,7 @@
 //! methods, in `run.rs`.
 
 mod budget;
+mod continued;
 pub mod data;
 mod run;
 

@@ -14,7 +14,7 @@ use cpt_protocol::{Event, JobSpec, Plan, StepMetrics, WarningCode};
 use tokenizers::Tokenizer;
 
 use super::data::TrainData;
-use super::{batch_loss, budget, evaluate, spec_sha256, Outcome};
+use super::{batch_loss, budget, continued, evaluate, spec_sha256, Outcome};
 use crate::adapter::{self, Start};
 use crate::checkpoint::{self, TrainerState};
 use crate::hf::{passthrough_files, write_model_files, write_tokenizer, ModelDir, ModelFiles};
@@ -112,6 +112,10 @@ impl<'a> Run<'a> {
                     AdamW::restore(&params, adamw, loaded.optimizer_tensors, loaded.state.optimizer_updates)?;
                 (params, optimizer, loaded.state)
             }
+            None if spec.continue_from.is_some() => {
+                let from = spec.continue_from.as_ref().expect("matched");
+                continued::open(spec, &base, from, adamw, fresh_state(spec, &plan, spec_hash), device)?
+            }
             None => {
                 let params = match &spec.adapter {
                     Some(adapter) => {
@@ -125,7 +129,7 @@ impl<'a> Run<'a> {
                 (params, optimizer, fresh_state(spec, &plan, spec_hash))
             }
         };
-        let data_state = (state.step > 0).then(|| state.data.clone());
+        let data_state = (state.step > 0 || spec.continue_from.is_some()).then(|| state.data.clone());
         let mut data = TrainData::open(spec, &config, &tokenizer_sha256, data_state.as_ref())?;
         warnings.append(&mut data.notes);
         for set in &mut data.eval_sets {
@@ -183,7 +187,10 @@ impl<'a> Run<'a> {
         let baseline = &mut self.state.eval_baseline;
         let perplexities = evaluate(&self.model, &self.data, self.spec, step, baseline, &self.device, on_event)?;
         if step == 0 {
-            *baseline = perplexities.clone();
+            // A continued job keeps its lineage's step-0 values.
+            for (set, perplexity) in perplexities {
+                baseline.entry(set).or_insert(perplexity);
+            }
             return Ok(None);
         }
         Ok(budget::check(&self.spec.forgetting_budget, baseline, &perplexities, step, on_event))
