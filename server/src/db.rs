@@ -94,7 +94,7 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
 mod tests {
     use super::*;
 
-    /// A database from before `extend_vocab` and `paused` existed keeps its jobs, events and attempts when the
+    /// A database from before `extend_vocab`, `paused` and `parent_id` existed keeps its jobs, events and attempts when the
     /// jobs table is rebuilt, and its foreign keys stay enforced.
     #[tokio::test]
     async fn rebuilding_the_jobs_table_keeps_rows_and_foreign_keys() {
@@ -106,7 +106,7 @@ mod tests {
         let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
         let mut before_vocabularies = sqlx::migrate!("../migrations");
         let position =
-            before_vocabularies.migrations.iter().position(|m| m.description.contains("job kinds and states"));
+            before_vocabularies.migrations.iter().position(|m| m.description.contains("job kinds states and lineage"));
         before_vocabularies.migrations = before_vocabularies.migrations[..position.unwrap()].to_vec().into();
         before_vocabularies.run(&pool).await.unwrap();
         let insert_job = "INSERT INTO jobs (id, kind, name, spec, state, max_attempts, created_at, updated_at, retries)
@@ -142,6 +142,6 @@ mod tests {
         .fetch_one(&pool)
         .await
         .unwrap();
-        assert_eq!(indexes, 2);
+        assert_eq!(indexes, 3);
     }
 }

@@ -54,6 +54,7 @@ pub struct Metrics {
 #[derive(Default)]
 struct JobSeries {
     name: String,
+    root: String,
     tokens: u64,
     flops: f64,
     eval_sets: std::collections::BTreeSet<String>,
@@ -134,7 +135,12 @@ impl Metrics {
                 "1 once an eval set's perplexity rose past its forgetting budget.",
                 &["job_id", "set"],
             ),
-            job_info: gauge(&r, "cpt_job_info", "Always 1; labels describe the job.", &["job_id", "name"]),
+            job_info: gauge(
+                &r,
+                "cpt_job_info",
+                "Always 1; labels describe the job (root_id: the first job of the chain it continues, else itself).",
+                &["job_id", "name", "root_id"],
+            ),
             jobs: gauge(&r, "cpt_jobs", "Jobs by state.", &["state"]),
             workers: gauge(
                 &r,
@@ -152,13 +158,14 @@ impl Metrics {
         }
     }
 
-    /// Updates the training series from a newly stored event of job `name`.
-    pub fn observe(&self, event: &StoredEvent, name: &str) {
+    /// Updates the training series from a newly stored event of job `name`, whose lineage starts
+    /// at job `root`.
+    pub fn observe(&self, event: &StoredEvent, name: &str, root: &str) {
         let id = event.job_id.as_str();
-        self.job_info.with_label_values(&[id, name]).set(1.0);
+        self.job_info.with_label_values(&[id, name, root]).set(1.0);
         let mut seen = self.seen.lock().expect("metrics lock");
         let series = seen.entry(id.to_string()).or_default();
-        series.name = name.to_string();
+        (series.name, series.root) = (name.to_string(), root.to_string());
         match &event.envelope.event {
             Event::Step(m) => {
                 let set = |gauge: &GaugeVec, value: f64| {
@@ -243,7 +250,7 @@ impl Metrics {
             let _ = self.eval_perplexity_change.remove_label_values(&[job_id, set]);
             let _ = self.budget_exceeded.remove_label_values(&[job_id, set]);
         }
-        let _ = self.job_info.remove_label_values(&[job_id, &series.name]);
+        let _ = self.job_info.remove_label_values(&[job_id, &series.name, &series.root]);
         let _ = self.tokens.remove_label_values(&[job_id]);
         let _ = self.step_duration.remove_label_values(&[job_id]);
     }
@@ -352,6 +359,7 @@ mod tests {
         metrics.observe(
             &event("step", json!({"loss": 2.0, "tokens_total": 100, "flops_total": 1e9, "step_seconds": 0.5})),
             "a",
+            "j1",
         );
         metrics.observe(
             &event(
@@ -360,10 +368,11 @@ mod tests {
                        "data_seconds": 0.25, "compute_seconds": 0.25}),
             ),
             "a",
+            "j1",
         );
-        metrics.observe(&event("started", json!({"plan": {"total_tokens": 1000}})), "a");
-        metrics.observe(&event("checkpoint", json!({"step": 2, "path": "x"})), "a");
-        metrics.observe(&event("eval", json!({"set": "domain", "loss": 1.0, "perplexity": 2.5})), "a");
+        metrics.observe(&event("started", json!({"plan": {"total_tokens": 1000}})), "a", "j1");
+        metrics.observe(&event("checkpoint", json!({"step": 2, "path": "x"})), "a", "j1");
+        metrics.observe(&event("eval", json!({"set": "domain", "loss": 1.0, "perplexity": 2.5})), "a", "j1");
         let text = metrics.text();
         assert!(text.contains("cpt_tokens_total{job_id=\"j1\"} 300"), "{text}");
         assert!(text.contains("cpt_model_flops_total{job_id=\"j1\"} 3000000000"), "{text}");

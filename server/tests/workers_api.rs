@@ -229,7 +229,7 @@ async fn metrics_show_training_series_job_and_worker_counts_and_pass_promtool() 
         format!("cpt_train_loss{{job_id=\"{id}\"}} 2.5"),
         format!("cpt_tokens_total{{job_id=\"{id}\"}} 128"),
         format!("cpt_eval_perplexity{{job_id=\"{id}\",set=\"general\"}} 20.0855"),
-        format!("cpt_job_info{{job_id=\"{id}\",name=\"j\"}} 1"),
+        format!("cpt_job_info{{job_id=\"{id}\",name=\"j\",root_id=\"{id}\"}} 1"),
         "cpt_jobs{state=\"running\"} 1".to_string(),
         "cpt_workers{state=\"active\"} 1".to_string(),
         "cpt_http_requests_total{method=\"POST\",route=\"/v1/workers/{id}/events\",status=\"200\"} 1".to_string(),

@@ -52,6 +52,11 @@ pub async fn ingest(
         return Err(ApiError::invalid_field("events", format!("at most {MAX_BATCH_EVENTS} events per batch")));
     }
     let job = jobs::existing(&app.pool, &batch.job_id).await?;
+    // The chain a continued job belongs to labels its series (read before the write transaction).
+    let root = match &job.parent_id {
+        Some(_) => jobs::lineage(&app.pool, &job).await?.root_id,
+        None => job.id.clone(),
+    };
     let mut tx = WriteTx::begin(&app.pool).await?;
     let sender = jobs::event_sender(tx.conn(), &job.id, batch.attempt, &worker).await?;
     let current = matches!(sender, Sender::Current { .. });
@@ -71,7 +76,7 @@ pub async fn ingest(
     let reply = BatchReply { stored: stored.len() as u64, duplicates: (batch.events.len() - stored.len()) as u64 };
     for event in stored {
         if current {
-            app.metrics.observe(&event, &job.name);
+            app.metrics.observe(&event, &job.name, &root);
         }
         // No subscriber is fine: the events are in the database for whoever asks later.
         let _ = app.events.send(event);

@@ -1,4 +1,5 @@
-//! `/v1/jobs`: submit (with dry runs and idempotency keys), list, inspect, cancel, resume.
+//! `/v1/jobs`: submit (with dry runs and idempotency keys), list, inspect, cancel, resume (and
+//! continue, in `continued.rs`).
 
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, Query, State};
@@ -26,6 +27,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/jobs/{id}/resume", post(resume))
+        .route("/v1/jobs/{id}/continue", post(super::continued::continue_job))
 }
 
 /// Resolves the spec's paths inside the data roots (in place), checks each dataset's manifest, and
@@ -38,6 +40,9 @@ fn resolve_paths(roots: &[std::path::PathBuf], spec: &mut JobSpec) -> Result<Mod
     spec.base_model = base.display().to_string();
     if let Some(init_from) = spec.adapter.as_mut().and_then(|a| a.init_from.as_mut()) {
         *init_from = inside_roots(roots, "adapter.init_from", init_from)?.display().to_string();
+    }
+    if let Some(from) = spec.continue_from.as_mut() {
+        from.checkpoint = inside_roots(roots, "continue_from.checkpoint", &from.checkpoint)?.display().to_string();
     }
     let seq_len = spec.seq_len;
     let train = spec
@@ -97,7 +102,7 @@ pub fn idempotency(headers: &HeaderMap, request: &impl serde::Serialize) -> Resu
 #[derive(Deserialize)]
 pub struct CreateQuery {
     #[serde(default)]
-    dry_run: bool,
+    pub dry_run: bool,
 }
 
 /// `POST /v1/jobs`.
@@ -108,18 +113,35 @@ pub async fn create(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the body is not UTF-8"))?;
-    let mut spec = JobSpec::from_json_str(body).map_err(|e| {
+    let spec = parse_spec(body)?;
+    let idempotency = idempotency(&headers, &spec)?;
+    submit(&app, spec, query.dry_run, idempotency, None).await
+}
+
+/// A spec from JSON text, its errors naming their field.
+pub fn parse_spec(text: &str) -> Result<JobSpec, ApiError> {
+    JobSpec::from_json_str(text).map_err(|e| {
         if e.field.is_empty() {
             ApiError::bad_request(e.message)
         } else {
             ApiError::invalid_field(e.field, e.message)
         }
-    })?;
-    let idempotency = idempotency(&headers, &spec)?;
+    })
+}
+
+/// Resolves `spec`'s paths, plans it and refuses what no worker could hold; then answers a dry run
+/// with the plan, or queues the job (200 for a repeated `Idempotency-Key`, 201 for a new job).
+pub async fn submit(
+    app: &AppState,
+    mut spec: JobSpec,
+    dry_run: bool,
+    idempotency: Option<(String, String)>,
+    parent_id: Option<&str>,
+) -> Result<Response, ApiError> {
     let config = resolve_paths(&app.config.data_roots, &mut spec)?;
     let plan = Plan::new(&spec, &config);
-    crate::workers::check_memory(&app, plan.memory_estimate_bytes).await?;
-    if query.dry_run {
+    crate::workers::check_memory(app, plan.memory_estimate_bytes).await?;
+    if dry_run {
         return Ok(Json(json!({"plan": plan})).into_response());
     }
     let spec_json = serde_json::to_value(&spec).map_err(ApiError::internal)?;
@@ -132,6 +154,7 @@ pub async fn create(
         total_steps: Some(plan.total_steps as i64),
         max_attempts: app.config.max_attempts,
         idempotency: idempotency.as_ref().map(|(key, hash)| (key.as_str(), hash.clone())),
+        parent_id,
     };
     let (job, created) = store::create(&app.pool, new).await?;
     app.queue.notify_waiters();
@@ -172,9 +195,13 @@ pub async fn list(State(app): State<AppState>, Query(query): Query<ListQuery>) -
     Ok(Json(json!({"jobs": jobs, "next_cursor": next.map(|n| n.to_string())})))
 }
 
-/// `GET /v1/jobs/{id}`.
-pub async fn get_job(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<Job>, ApiError> {
-    Ok(Json(store::existing(&app.pool, &id).await?))
+/// `GET /v1/jobs/{id}`: the job and its lineage.
+pub async fn get_job(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, ApiError> {
+    let job = store::existing(&app.pool, &id).await?;
+    let lineage = store::lineage(&app.pool, &job).await?;
+    let mut view = serde_json::to_value(&job).map_err(ApiError::internal)?;
+    view["lineage"] = serde_json::to_value(&lineage).map_err(ApiError::internal)?;
+    Ok(Json(view))
 }
 
 /// `POST /v1/jobs/{id}/cancel`: a queued job is cancelled at once; a running one becomes

@@ -79,6 +79,7 @@ async fn submit(
         total_steps: None,
         max_attempts: app.config.max_attempts,
         idempotency: idempotency.as_ref().map(|(key, hash)| (key.as_str(), hash.clone())),
+        parent_id: None,
     };
     let (job, created) = store::create(&app.pool, new).await?;
     app.queue.notify_waiters();

@@ -4,8 +4,10 @@
 //! racing on the same job cannot both win, and a stale worker changes nothing.
 
 mod leases;
+mod lineage;
 
 pub use leases::{claim, event_sender, expire_leases, extend_leases, finish, heartbeat, Expired, Sender};
+pub use lineage::{lineage, Lineage};
 
 use cpt_protocol::jobs::{can_transition, sources_of};
 use cpt_protocol::{JobKind, JobState};
@@ -39,6 +41,8 @@ pub struct Job {
     pub updated_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// The job this one continues (`POST /v1/jobs/{id}/continue`).
+    pub parent_id: Option<String>,
 }
 
 /// How far a job is.
@@ -105,6 +109,7 @@ pub(super) fn job_from_row(row: &SqliteRow) -> sqlx::Result<Job> {
         updated_at: row.try_get("updated_at")?,
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
+        parent_id: row.try_get("parent_id")?,
     })
 }
 
@@ -125,6 +130,8 @@ pub struct NewJob<'a> {
     pub max_attempts: i64,
     /// The client's Idempotency-Key and a hash of the request it came with.
     pub idempotency: Option<(&'a str, String)>,
+    /// The job it continues.
+    pub parent_id: Option<&'a str>,
 }
 
 /// Inserts a queued job, or returns the existing one with the same idempotency key (`created`
@@ -147,8 +154,9 @@ pub async fn create(pool: &SqlitePool, new: NewJob<'_>) -> Result<(Job, bool), J
         }
     }
     let row = sqlx::query(
-        "INSERT INTO jobs (id, kind, name, spec, state, max_attempts, idempotency_key, request_hash, plan, total_steps, created_at, updated_at)
-         VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+        "INSERT INTO jobs (id, kind, name, spec, state, max_attempts, idempotency_key, request_hash, plan, total_steps,
+                           created_at, updated_at, parent_id)
+         VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
     )
     .bind(&id)
     .bind(new.kind.as_str())
@@ -161,6 +169,7 @@ pub async fn create(pool: &SqlitePool, new: NewJob<'_>) -> Result<(Job, bool), J
     .bind(new.total_steps)
     .bind(now)
     .bind(now)
+    .bind(new.parent_id)
     .fetch_one(tx.conn())
     .await?;
     let job = job_from_row(&row)?;

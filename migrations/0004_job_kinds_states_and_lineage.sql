@@ -1,7 +1,8 @@
--- Jobs of kind `extend_vocab`, and the state `paused`. SQLite cannot alter a CHECK constraint, so `jobs` is rebuilt. sqlx
--- runs a SQLite migration inside a transaction, where foreign keys cannot be switched off; deferred
--- instead, the drop leaves events and attempts orphaned for a moment, and re-inserting each job
--- re-parents them before the commit checks.
+-- Jobs of kind `extend_vocab`, the state `paused`, and `parent_id`: the job a continued job
+-- started from (`POST /v1/jobs/{id}/continue`). SQLite cannot alter a CHECK constraint, so `jobs`
+-- is rebuilt. sqlx runs a SQLite migration inside a transaction, where foreign keys cannot be
+-- switched off; deferred instead, the drop leaves events and attempts orphaned for a moment, and
+-- re-inserting each job re-parents them before the commit checks.
 PRAGMA defer_foreign_keys = ON;
 CREATE TEMP TABLE jobs_copy AS SELECT * FROM jobs;
 DROP TABLE jobs;
@@ -27,7 +28,8 @@ CREATE TABLE jobs (
     started_at      INTEGER,
     finished_at     INTEGER,
     retries         INTEGER NOT NULL DEFAULT 0,
-    request_hash    TEXT
+    request_hash    TEXT,
+    parent_id       TEXT REFERENCES jobs (id)
 );
 INSERT INTO jobs (id, kind, name, spec, state, attempt, max_attempts, idempotency_key, worker_id, lease_expires_at,
     error, plan, step, total_steps, tokens_total, latest_metrics, created_at, updated_at, started_at,
@@ -38,3 +40,4 @@ SELECT id, kind, name, spec, state, attempt, max_attempts, idempotency_key, work
 DROP TABLE jobs_copy;
 CREATE INDEX jobs_by_state ON jobs (state, created_at);
 CREATE INDEX jobs_by_created ON jobs (created_at DESC, id DESC);
+CREATE INDEX jobs_by_parent ON jobs (parent_id);
