@@ -42,20 +42,24 @@ impl Mixture {
                 acc
             })
             .collect();
-        let mut streams: Vec<BlockStream> = sources.into_iter().map(|(s, _)| s).collect();
-        let draws = match state {
-            Some(state) => {
-                if state.cursors.len() != streams.len() {
-                    bail!("the saved data state has {} sources, the spec has {}", state.cursors.len(), streams.len());
-                }
-                for (stream, cursor) in streams.iter_mut().zip(&state.cursors) {
-                    stream.cursor = *cursor;
-                }
-                state.draws
-            }
-            None => 0,
-        };
-        Ok(Self { sources: streams, cumulative, seed, draws })
+        let streams: Vec<BlockStream> = sources.into_iter().map(|(s, _)| s).collect();
+        let mut mixture = Self { sources: streams, cumulative, seed, draws: 0 };
+        if let Some(state) = state {
+            mixture.restore(state)?;
+        }
+        Ok(mixture)
+    }
+
+    /// Moves every source and the draw count to `state` (of a mixture of the same sources).
+    pub fn restore(&mut self, state: &MixtureState) -> Result<()> {
+        if state.cursors.len() != self.sources.len() {
+            bail!("the saved data state has {} sources, the spec has {}", state.cursors.len(), self.sources.len());
+        }
+        for (stream, cursor) in self.sources.iter_mut().zip(&state.cursors) {
+            stream.cursor = *cursor;
+        }
+        self.draws = state.draws;
+        Ok(())
     }
 
     /// The source index draw `k` comes from.

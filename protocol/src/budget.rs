@@ -1,5 +1,6 @@
-//! Forgetting budgets: per eval set, how far its perplexity may rise above its value at step 0
-//! before the job warns, pauses or stops.
+//! What a run does when it goes wrong in ways it can measure: forgetting budgets (per eval set, how
+//! far its perplexity may rise above its value at step 0 before the job warns, pauses or stops) and
+//! loss-spike rollback.
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +54,48 @@ impl ForgettingBudget {
         let rise = perplexity / baseline - 1.0;
         // A NaN perplexity (a diverged model) crosses any bound.
         (rise, !(rise <= self.max_rise))
+    }
+}
+
+/// On a loss spike (`spike_factor` × the moving average), roll back instead of only warning:
+/// return to the newest checkpoint (or the start), skip the data window since then, and lower the
+/// learning rate for a while.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpikeRollback {
+    /// The learning rate is multiplied by this for `cooldown_steps` steps after a rollback.
+    #[serde(default = "one")]
+    pub lr_scale: f64,
+    #[serde(default)]
+    pub cooldown_steps: u64,
+    /// The run fails after this many rollbacks: a run that keeps spiking needs a person.
+    #[serde(default = "five")]
+    pub max_rollbacks: u32,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn five() -> u32 {
+    5
+}
+
+impl SpikeRollback {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        let problem = |field: &str, message: &str| {
+            Err(FieldError { field: format!("spike_rollback.{field}"), message: message.into() })
+        };
+        if !(self.lr_scale > 0.0 && self.lr_scale <= 1.0) {
+            return problem("lr_scale", "must be in (0, 1]");
+        }
+        if self.cooldown_steps > crate::spec::limits::STEPS {
+            return problem("cooldown_steps", "is too large");
+        }
+        if self.max_rollbacks == 0 {
+            return problem("max_rollbacks", "must be positive");
+        }
+        Ok(())
     }
 }
 

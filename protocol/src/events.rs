@@ -44,6 +44,21 @@ pub enum Event {
         #[serde(default = "not_measured", deserialize_with = "non_finite_as_null")]
         perplexity_change: f64,
     },
+    /// A loss spike at `step` rolled the run back to `to_step` (its newest checkpoint, or 0): the
+    /// steps in between are undone, their data skipped, and the learning rate scaled by
+    /// `lr_scale` up to step `cooldown_until`.
+    Rollback {
+        step: u64,
+        to_step: u64,
+        #[serde(deserialize_with = "non_finite_as_null")]
+        loss: f64,
+        average: f64,
+        skipped_tokens: u64,
+        lr_scale: f64,
+        cooldown_until: u64,
+        /// Rollbacks of this run so far, this one included.
+        rollbacks: u32,
+    },
     /// An eval set's perplexity rose past its forgetting budget; `action` is what the run does.
     ForgettingBudget {
         step: u64,
@@ -153,6 +168,7 @@ impl Event {
             | Event::Sample { step, .. }
             | Event::Warning { step, .. }
             | Event::ForgettingBudget { step, .. }
+            | Event::Rollback { step, .. }
             | Event::Finished { step, .. } => Some(*step),
             Event::Prepared { .. } | Event::VocabularyExtended { .. } => None,
         }
@@ -168,6 +184,7 @@ impl Event {
             Event::Sample { .. } => "sample",
             Event::Warning { .. } => "warning",
             Event::ForgettingBudget { .. } => "forgetting_budget",
+            Event::Rollback { .. } => "rollback",
             Event::Finished { .. } => "finished",
             Event::Prepared { .. } => "prepared",
             Event::VocabularyExtended { .. } => "vocabulary_extended",

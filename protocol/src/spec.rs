@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::AdapterSpec;
-use crate::budget::ForgettingBudget;
+use crate::budget::{ForgettingBudget, SpikeRollback};
 use crate::sampling::SampleDecoding;
 
 /// A continued-pretraining job.
@@ -89,6 +89,9 @@ pub struct JobSpec {
     /// Warn when a step's loss exceeds its moving average by this factor.
     #[serde(default = "defaults::spike_factor")]
     pub spike_factor: f64,
+    /// Roll back on such a spike instead of only warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spike_rollback: Option<SpikeRollback>,
     /// How sample continuations are decoded (greedy when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_decoding: Option<SampleDecoding>,
@@ -400,6 +403,7 @@ impl JobSpec {
             return Err(problem("spike_factor", "must be greater than 1"));
         }
         self.sample_decoding.as_ref().map_or(Ok(()), SampleDecoding::validate)?;
+        self.spike_rollback.as_ref().map_or(Ok(()), SpikeRollback::validate)?;
         for (set, budget) in &self.forgetting_budget {
             let field = format!("forgetting_budget.{set}");
             if !self.eval_data.contains_key(set) {

@@ -54,6 +54,8 @@ fn every_invalid_field_is_named() {
             json!({"eval_data": {"general": "g"}, "forgetting_budget": {"general": {"max_rise": 0.1, "action": "halt"}}}),
             "forgetting_budget.general.action",
         ),
+        (json!({"spike_rollback": {"lr_scale": 0}}), "spike_rollback.lr_scale"),
+        (json!({"spike_rollback": {"max_rollbacks": 0}}), "spike_rollback.max_rollbacks"),
     ];
     for (extra, field) in cases {
         let error =
@@ -165,7 +167,7 @@ fn every_step_metric_is_documented_with_the_events() {
         }
     }
     let kinds = ["started", "step", "eval", "checkpoint", "sample", "warning", "finished", "prepared"];
-    for kind in kinds.into_iter().chain(["forgetting_budget", "vocabulary_extended"]) {
+    for kind in kinds.into_iter().chain(["forgetting_budget", "rollback", "vocabulary_extended"]) {
         assert!(events.contains(&format!("| `{kind}` |")), "the events table lacks `{kind}`");
     }
 }
@@ -190,13 +192,15 @@ fn every_spec_and_adapter_field_is_in_openapi_and_the_examples_readme() {
     });
     let decoding = json!({"temperature": 0.7, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.2});
     let budget = json!({"general": {"max_rise": 0.05, "action": "pause"}});
+    let rollback = json!({"lr_scale": 0.5, "cooldown_steps": 10, "max_rollbacks": 3});
     let extra = json!({ "adapter": adapter, "sample_decoding": decoding, "eval_data": {"general": "g"},
-                        "forgetting_budget": budget });
+                        "forgetting_budget": budget, "spike_rollback": rollback });
     let spec = JobSpec::from_json_str(&spec_json(extra)).unwrap();
     let value = serde_json::to_value(&spec).unwrap();
     let schemas = [
         ("JobSpec", &value),
         ("ForgettingBudget", &value["forgetting_budget"]["general"]),
+        ("SpikeRollback", &value["spike_rollback"]),
         ("AdapterSpec", &value["adapter"]),
         ("LoraSpec", &value["adapter"]["lora"]),
         ("SampleDecoding", &value["sample_decoding"]),

@@ -41,11 +41,21 @@ pub struct TrainerState {
     /// measured against.
     #[serde(default)]
     pub eval_baseline: std::collections::BTreeMap<String, f64>,
+    /// Loss-spike rollbacks so far, and the last step of the lowered learning rate after the latest.
+    #[serde(default)]
+    pub rollbacks: u32,
+    #[serde(default)]
+    pub cooldown_until: u64,
 }
 
 /// The checkpoints directory of a run.
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
+}
+
+/// The directory of the checkpoint of `step`.
+pub fn dir_of(run_dir: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(checkpoint_name(step))
 }
 
 fn checkpoint_name(step: u64) -> String {
@@ -75,10 +85,11 @@ pub fn to_delete(steps: &[u64], keep: usize) -> Vec<u64> {
 }
 
 /// Writes the checkpoint of `state.step` (its weights through `write_weights`: a model directory's
-/// files, or an adapter's), then prunes old ones down to `keep`.
+/// files, or an adapter's), then prunes old ones down to `keep`, never `protect`.
 pub fn save(
     run_dir: &Path,
     write_weights: impl FnOnce(&StagedDir) -> Result<()>,
+    protect: Option<u64>,
     optimizer: &AdamW,
     state: &TrainerState,
     keep: usize,
@@ -100,7 +111,7 @@ pub fn save(
     }
     staged.write("checksums.json", serde_json::to_string_pretty(&checksums)?)?;
     let path = staged.commit()?;
-    for step in to_delete(&list(run_dir)?, keep) {
+    for step in to_delete(&list(run_dir)?, keep).into_iter().filter(|&step| Some(step) != protect) {
         std::fs::remove_dir_all(checkpoints_dir(run_dir).join(checkpoint_name(step)))?;
     }
     Ok(path)

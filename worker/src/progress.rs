@@ -83,6 +83,9 @@ fn describe(event: &Event) -> String {
         Event::Checkpoint { path, .. } => format!("checkpoint {path}"),
         Event::Sample { step, prompt, continuation } => format!("step {step} sample: {prompt}|{continuation}"),
         Event::Warning { message, .. } => format!("warning: {message}"),
+        Event::Rollback { step, to_step, loss, average, .. } => {
+            format!("step {step}: loss {loss:.4} spiked over its average {average:.4}; rolled back to step {to_step}")
+        }
         Event::ForgettingBudget { step, set, rise, max_rise, action, .. } => format!(
             "step {step} forgetting budget of {set}: perplexity {:+.2}% over step 0 (at most {:+.2}%): {}",
             rise * 100.0,

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::model::Llama;
 use data::TrainData;
-use run::Run;
+use run::{Run, Stepped};
 
 /// Asks a run to stop at the next step boundary (it checkpoints first). Cheap to clone and share.
 #[derive(Clone, Default)]
@@ -125,7 +125,13 @@ pub fn train(
         if stop.is_stopped() {
             return run.stop(&mut on_event);
         }
-        let metrics = run.step(&mut on_event)?;
+        let metrics = match run.step(&mut on_event)? {
+            Stepped::Done(metrics) => metrics,
+            Stepped::Spiked { step, loss, average } => {
+                run = run.roll_back(step, loss, average, &mut on_event)?;
+                continue;
+            }
+        };
         on_event(Event::Step(metrics));
         if let Some(stopped) = run.after_step(options.stop_after_steps, &mut on_event)? {
             return Ok(stopped);

@@ -24,6 +24,34 @@ use crate::params::Params;
 use crate::schedule::LrSchedule;
 use crate::text::{self, Decoding, Sampling};
 
+/// Where [`Run::open_at`] starts.
+enum Reopen {
+    Fresh,
+    /// The newest valid checkpoint, if any.
+    Latest,
+    Step(u64),
+}
+
+/// The checkpoint a rollback at or after `step` returns to: the newest scheduled one (a multiple of
+/// `checkpoint_every`, whatever stops added), `None` for the start. Stops and resumes do not move
+/// it, so a resumed run rolls back exactly as an uninterrupted one.
+fn rollback_target(spec: &JobSpec, step: u64) -> Option<u64> {
+    let every = spec.checkpoint_every;
+    (every > 0).then(|| step / every * every).filter(|&s| s > 0)
+}
+
+/// What one optimizer step did.
+pub(super) enum Stepped {
+    Done(StepMetrics),
+    /// The loss spiked past `spike_factor` × its moving average and `spike_rollback` is on: nothing
+    /// was applied.
+    Spiked {
+        step: u64,
+        loss: f64,
+        average: f64,
+    },
+}
+
 /// Everything a run holds between steps.
 pub(super) struct Run<'a> {
     spec: &'a JobSpec,
@@ -50,6 +78,11 @@ impl<'a> Run<'a> {
     /// Loads the base model, or the newest valid checkpoint in `run_dir` when resuming, and opens
     /// the data where that checkpoint left it.
     pub fn open(spec: &'a JobSpec, run_dir: &'a Path, resume: bool, device: &Device) -> Result<Self> {
+        Self::open_at(spec, run_dir, if resume { Reopen::Latest } else { Reopen::Fresh }, device)
+    }
+
+    /// [`Run::open`] from the checkpoint `at` says.
+    fn open_at(spec: &'a JobSpec, run_dir: &'a Path, at: Reopen, device: &Device) -> Result<Self> {
         spec.validate()?;
         if spec.precision == Precision::Bf16 && device.is_cpu() {
             bail!("`precision`: bf16 training needs a CUDA device; use f32 on the CPU");
@@ -86,13 +119,13 @@ impl<'a> Run<'a> {
         if let Some(warning) = &plan.lr.warning {
             warnings.push((WarningCode::LrExtrapolated, warning.clone()));
         }
-        let resumed = if resume {
-            checkpoint::latest_valid(run_dir, device, |dir, error| {
+        let resumed = match at {
+            Reopen::Latest => checkpoint::latest_valid(run_dir, device, |dir, error| {
                 let message = format!("skipping checkpoint {}: {error:#}", dir.display());
                 warnings.push((WarningCode::CorruptCheckpoint, message));
-            })?
-        } else {
-            None
+            })?,
+            Reopen::Step(step) => Some(checkpoint::load(&checkpoint::dir_of(run_dir, step), device)?),
+            Reopen::Fresh => None,
         };
         let (params, optimizer, state) = match resumed {
             Some(loaded) => {
@@ -199,7 +232,7 @@ impl<'a> Run<'a> {
     /// One optimizer step over `grad_accum_steps` micro-batches: gradients summed, the update
     /// skipped when the loss or gradient is not finite (failing after `max_bad_steps` in a row),
     /// clipped, applied; a loss spike is reported.
-    pub fn step(&mut self, on_event: &mut impl FnMut(Event)) -> Result<StepMetrics> {
+    pub fn step(&mut self, on_event: &mut impl FnMut(Event)) -> Result<Stepped> {
         let (spec, plan) = (self.spec, &self.plan);
         let step = self.state.step + 1;
         let started = Instant::now();
@@ -224,6 +257,12 @@ impl<'a> Run<'a> {
             }
         }
         let loss = loss_sum / spec.grad_accum_steps as f64;
+        if let (Some(_), Some(average)) = (spec.spike_rollback, self.state.loss_average.filter(|_| step > 10)) {
+            if loss > spec.spike_factor * average {
+                // Nothing of this step is applied: the run rolls back from here.
+                return Ok(Stepped::Spiked { step, loss, average });
+            }
+        }
         if let Some((adapter, first)) = spec.adapter.as_ref().and_then(|a| Some((a, a.train_rows_from?))) {
             // Only the rows from `first` on are trained: the others' gradient neither counts in the
             // norm nor reaches the optimizer.
@@ -234,7 +273,8 @@ impl<'a> Run<'a> {
             }
         }
         let grad_norm = global_norm(&grads)?;
-        let lr = self.state.schedule.lr_at(step);
+        let cooling = self.state.rollbacks > 0 && step <= self.state.cooldown_until;
+        let lr = self.state.schedule.lr_at(step) * spec.spike_rollback.filter(|_| cooling).map_or(1.0, |r| r.lr_scale);
         let skipped = !(loss.is_finite() && grad_norm.is_finite());
         let state = &mut self.state;
         if skipped {
@@ -282,7 +322,7 @@ impl<'a> Run<'a> {
         state.elapsed_seconds += step_seconds;
         state.data = self.data.mixture.state();
         let flops_per_second = flops_per_step / step_seconds;
-        Ok(StepMetrics {
+        Ok(Stepped::Done(StepMetrics {
             step,
             loss,
             lr,
@@ -298,7 +338,51 @@ impl<'a> Run<'a> {
             step_seconds,
             data_seconds,
             compute_seconds: step_seconds - data_seconds,
-        })
+        }))
+    }
+
+    /// After a spike at `step`: the run reopened at its newest checkpoint (or its start) with the
+    /// data where it is now, so the window since is skipped, and the learning rate lowered for the
+    /// spec's cooldown. Deterministic: a resume that meets the same spike rolls back the same way.
+    pub fn roll_back(self, step: u64, loss: f64, average: f64, on_event: &mut impl FnMut(Event)) -> Result<Run<'a>> {
+        let rollback = self.spec.spike_rollback.context("rolling back without spike_rollback")?;
+        let rollbacks = self.state.rollbacks + 1;
+        if rollbacks > rollback.max_rollbacks {
+            bail!(
+                "step {step}: loss {loss:.4} is {:.1}× its moving average {average:.4}, and the run has rolled back \
+                 {} times already (spike_rollback.max_rollbacks)",
+                loss / average,
+                rollback.max_rollbacks
+            );
+        }
+        let (spec, run_dir, device) = (self.spec, self.run_dir, self.device.clone());
+        let (data, baseline) = (self.data.mixture.state(), self.state.eval_baseline.clone());
+        drop(self); // one copy of the model at a time
+        let target = rollback_target(spec, step - 1);
+        // Checkpoints after the target (a stop's) hold the window being undone.
+        for newer in checkpoint::list(run_dir)?.into_iter().filter(|&s| s > target.unwrap_or(0)) {
+            std::fs::remove_dir_all(checkpoint::dir_of(run_dir, newer))?;
+        }
+        let mut run = Run::open_at(spec, run_dir, target.map_or(Reopen::Fresh, Reopen::Step), &device)?;
+        run.warnings.clear(); // announced when the run started
+        let to_step = run.state.step;
+        run.data.mixture.restore(&data)?;
+        let state = &mut run.state;
+        state.data = data;
+        state.eval_baseline = baseline;
+        state.rollbacks = rollbacks;
+        state.cooldown_until = to_step + rollback.cooldown_steps;
+        on_event(Event::Rollback {
+            step,
+            to_step,
+            loss,
+            average,
+            skipped_tokens: (step - to_step) * run.plan.tokens_per_step,
+            lr_scale: rollback.lr_scale,
+            cooldown_until: state.cooldown_until,
+            rollbacks,
+        });
+        Ok(run)
     }
 
     /// What is due after the step just taken: an evaluation, samples, a checkpoint; `Some` when
@@ -379,7 +463,9 @@ impl<'a> Run<'a> {
             }
         };
         let keep = self.spec.keep_checkpoints;
-        let path = checkpoint::save(self.run_dir, write_weights, &self.optimizer, &self.state, keep)?;
+        // A rollback returns to the newest scheduled checkpoint: retention keeps it.
+        let protect = self.spec.spike_rollback.and_then(|_| rollback_target(self.spec, self.state.step));
+        let path = checkpoint::save(self.run_dir, write_weights, protect, &self.optimizer, &self.state, keep)?;
         on_event(Event::Checkpoint {
             step: self.state.step,
             path: path.display().to_string(),
@@ -436,5 +522,7 @@ fn fresh_state(spec: &JobSpec, plan: &Plan, spec_sha256: String) -> TrainerState
         spec_sha256,
         elapsed_seconds: 0.0,
         eval_baseline: BTreeMap::new(),
+        rollbacks: 0,
+        cooldown_until: 0,
     }
 }
