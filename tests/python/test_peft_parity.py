@@ -61,24 +61,31 @@ def test_adapter_logits_match_peft_and_the_merged_export_matches_transformers(im
     assert relative_error(merged_logits.numpy(), reference) < 1e-4
 
 
+def train_export_and_load(tmp_path, imported, base, name, adapter):  # noqa: F811
+    """Three steps of cpt with `adapter` over `base` at lr 1e-2, exported as a PEFT directory:
+    (cpt's logits of its checkpoint, PEFT's model loaded from the export, the export's directory)."""
+    spec = {
+        "name": name, "base_model": str(base), "train_data": [{"dataset": str(english_dataset(tmp_path, imported, SEQ))}],
+        "seq_len": SEQ, "micro_batch_size": 2, "lr": 1e-2, "max_steps": 3, "eval_every": 0, "checkpoint_every": 0,
+        "adapter": adapter,
+    }
+    (tmp_path / f"{name}.json").write_text(json.dumps(spec))
+    worker("train", "--spec", tmp_path / f"{name}.json", "--run-dir", tmp_path / name)
+    checkpoint = tmp_path / f"{name}/checkpoints/step-3"
+    exported = tmp_path / f"{name}-export"
+    worker("export", checkpoint, "--out", exported, "--dtype", "f32")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+                                       str(exported))
+    return our_logits(checkpoint, tmp_path, name), loaded, exported
+
+
 def test_a_tied_embedding_trained_by_cpt_is_the_one_peft_ties_the_output_to(imported, tmp_path):  # noqa: F811
     # SmolLM2's case: embed_tokens and lm_head are one tensor. cpt trains it as one and exports it as
     # embed_tokens with ensure_weight_tying, which PEFT must honour for the output layer too.
     base = tiny_base(tmp_path, imported, tied=True, seed=5)
-    spec = {
-        "name": "tied", "base_model": str(base), "train_data": [{"dataset": str(english_dataset(tmp_path, imported, SEQ))}],
-        "seq_len": SEQ, "micro_batch_size": 2, "lr": 1e-2, "max_steps": 3, "eval_every": 0, "checkpoint_every": 0,
-        "adapter": {"lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-                    "modules_to_save": ["embed_tokens"], "base_dtype": "f32"},
-    }
-    (tmp_path / "tied.json").write_text(json.dumps(spec))
-    worker("train", "--spec", tmp_path / "tied.json", "--run-dir", tmp_path / "tied")
-    checkpoint = tmp_path / "tied/checkpoints/step-3"
-    exported = tmp_path / "tied-export"
-    worker("export", checkpoint, "--out", exported, "--dtype", "f32")
-    mine = our_logits(checkpoint, tmp_path, "tied")
-    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
-                                       str(exported))
+    adapter = {"lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+               "modules_to_save": ["embed_tokens"], "base_dtype": "f32"}
+    mine, loaded, _ = train_export_and_load(tmp_path, imported, base, "tied", adapter)
     with torch.no_grad():
         theirs = loaded(input_ids=torch.from_numpy(mine["input_ids"]).unsqueeze(0)).logits[0].numpy()
         plain = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)(
@@ -171,20 +178,8 @@ def test_peft_loads_new_rows_trained_alone_or_beside_lora_and_only_those_rows_mo
     adapter = {"modules_to_save": SAVED, "train_rows_from": first_new, "base_dtype": "f32"}
     if lora:
         adapter["lora"] = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    spec = {
-        "name": "rows", "base_model": str(base), "train_data": [{"dataset": str(english_dataset(tmp_path, imported, SEQ))}],
-        "seq_len": SEQ, "micro_batch_size": 2, "lr": 1e-2, "max_steps": 3, "eval_every": 0, "checkpoint_every": 0,
-        "adapter": adapter,
-    }
-    (tmp_path / "rows.json").write_text(json.dumps(spec))
-    worker("train", "--spec", tmp_path / "rows.json", "--run-dir", tmp_path / "rows")
-    checkpoint = tmp_path / "rows/checkpoints/step-3"
-    exported = tmp_path / "rows-export"
-    worker("export", checkpoint, "--out", exported, "--dtype", "f32")
-    mine = our_logits(checkpoint, tmp_path, "rows")
+    mine, loaded, exported = train_export_and_load(tmp_path, imported, base, "rows", adapter)
     plain = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
-                                       str(exported))
     ids = torch.from_numpy(mine["input_ids"]).unsqueeze(0)
     with torch.no_grad():
         theirs = loaded(input_ids=ids).logits[0].numpy()

@@ -9,8 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 async fn evals(harness: &Harness, id: &str) -> Vec<Value> {
-    let page = harness.get(&format!("/v1/jobs/{id}/events?kind=eval&limit=1000")).await;
-    page["events"].as_array().unwrap_or_else(|| panic!("{page}")).iter().map(|e| e["data"].clone()).collect()
+    harness.events(id, Some("eval")).await.into_iter().map(|e| e["data"].clone()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -61,18 +60,11 @@ async fn a_continued_job_starts_where_its_parent_ended_and_shows_its_lineage() {
     assert!(metrics.contains(&info), "{metrics}");
 
     // What a continuation may not change, and what cannot be continued.
-    let call = |path: String, body: Value| {
-        let request = harness.http.post(format!("{}{path}", harness.base)).json(&body);
-        async move {
-            let response = request.send().await.unwrap();
-            (response.status(), response.json::<Value>().await.unwrap())
-        }
-    };
-    let (status, error) = call(format!("/v1/jobs/{parent_id}/continue"), json!({"seq_len": 32})).await;
+    let (status, error) = harness.call(&format!("/v1/jobs/{parent_id}/continue"), json!({"seq_len": 32})).await;
     assert_eq!((status, error["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("seq_len")));
-    let (status, error) = call(format!("/v1/jobs/{parent_id}/continue"), json!({"lr": 7.0})).await;
+    let (status, error) = harness.call(&format!("/v1/jobs/{parent_id}/continue"), json!({"lr": 7.0})).await;
     assert_eq!((status, error["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("lr")));
-    let (status, _) = call("/v1/jobs/no-such-job/continue".into(), json!({})).await;
+    let (status, _) = harness.call("/v1/jobs/no-such-job/continue", json!({})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     harness.stop().await;
 }

@@ -242,16 +242,7 @@ async fn a_dataset_prepared_through_the_api_trains_a_job() {
 
     let mut outside = request;
     outside["inputs"] = json!(["/etc/passwd"]);
-    let refused: Value = harness
-        .http
-        .post(format!("{}/v1/datasets", harness.base))
-        .json(&outside)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let refused = harness.post("/v1/datasets", outside).await;
     assert_eq!(refused["error"]["field"], "inputs[0]", "{refused}");
     harness.stop().await;
 }

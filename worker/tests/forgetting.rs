@@ -11,8 +11,7 @@ use serde_json::{json, Value};
 
 /// (attempt, step) of every step event, and the events of `kind`, in order.
 async fn history(harness: &Harness, id: &str) -> (Vec<(u64, u64)>, Vec<Value>) {
-    let page = harness.get(&format!("/v1/jobs/{id}/events?limit=1000")).await;
-    let events = page["events"].as_array().unwrap_or_else(|| panic!("{page}"));
+    let events = harness.events(id, None).await;
     let steps = events
         .iter()
         .filter(|e| e["kind"] == "step")

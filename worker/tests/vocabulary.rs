@@ -19,10 +19,9 @@ async fn make(harness: &Harness, collection: &str, body: Value) -> Value {
     made
 }
 
-/// The job's events of `kind`.
+/// What the job's events of `kind` say.
 async fn events(harness: &Harness, id: &str, kind: &str) -> Vec<Value> {
-    let page = harness.get(&format!("/v1/jobs/{id}/events?kind={kind}&limit=1000")).await;
-    page["events"].as_array().unwrap_or_else(|| panic!("{page}")).iter().map(|e| e["data"].clone()).collect()
+    harness.events(id, Some(kind)).await.into_iter().map(|e| e["data"].clone()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -86,16 +85,7 @@ async fn a_vocabulary_extended_through_the_api_trains_in_two_stages() {
 
     let mut outside = request;
     outside["report_texts"] = json!(["/etc/passwd"]);
-    let refused: Value = harness
-        .http
-        .post(format!("{}/v1/vocabularies", harness.base))
-        .json(&outside)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let refused = harness.post("/v1/vocabularies", outside).await;
     assert_eq!(refused["error"]["field"], "report_texts[0]", "{refused}");
     harness.stop().await;
 }

@@ -38,6 +38,7 @@ const AMENDABLE: [&str; 14] = [
 /// Fields that replace each other: amending one drops the parent's value of both.
 const EITHER: [[&str; 2]; 2] = [["max_steps", "max_tokens"], ["warmup_steps", "warmup_ratio"]];
 
+/// `POST /v1/jobs/{id}/continue` (see the module's documentation).
 pub async fn continue_job(
     State(app): State<AppState>,
     UrlPath(id): UrlPath<String>,
@@ -76,7 +77,9 @@ pub async fn continue_job(
         fields["train_data"].as_array().into_iter().flatten().map(|source| source["dataset"].clone()).collect();
     for pair in EITHER {
         if pair.iter().any(|key| amendments.contains_key(*key)) {
-            pair.iter().for_each(|key| drop(fields.remove(*key)));
+            for key in pair {
+                fields.remove(key);
+            }
         }
     }
     if !amendments.contains_key("name") {

@@ -65,7 +65,9 @@ pub fn peft_config(adapter: &AdapterSpec, config: &ModelConfig, base_model: &str
         });
     };
     let (modules_to_save, token_indices) = match rows {
-        Some(rows) => (Value::Null, json!(saved.iter().map(|m| (*m, rows.clone())).collect::<HashMap<_, _>>())),
+        Some(rows) => {
+            (Value::Null, json!(saved.iter().map(|m| (*m, rows.clone())).collect::<std::collections::BTreeMap<_, _>>()))
+        }
         None if saved.is_empty() => (Value::Null, Value::Null),
         None => (json!(saved), Value::Null),
     };

@@ -165,8 +165,23 @@ impl Harness {
         self.worker = spawn_worker(root, &self.base);
     }
 
+    /// POSTs `body` and returns the answer's JSON, whatever its status.
     pub async fn post(&self, path: &str, body: Value) -> Value {
-        self.http.post(format!("{}{path}", self.base)).json(&body).send().await.unwrap().json().await.unwrap()
+        self.call(path, body).await.1
+    }
+
+    /// POSTs `body` and returns the status and the answer's JSON.
+    pub async fn call(&self, path: &str, body: Value) -> (reqwest::StatusCode, Value) {
+        let response = self.http.post(format!("{}{path}", self.base)).json(&body).send().await.unwrap();
+        (response.status(), response.json().await.unwrap())
+    }
+
+    /// The job's stored events (`{id, attempt, seq, kind, time, data}`), oldest first, optionally
+    /// of one kind.
+    pub async fn events(&self, id: &str, kind: Option<&str>) -> Vec<Value> {
+        let filter = kind.map_or(String::new(), |kind| format!("&kind={kind}"));
+        let page = self.get(&format!("/v1/jobs/{id}/events?limit=1000{filter}")).await;
+        page["events"].as_array().unwrap_or_else(|| panic!("{page}")).clone()
     }
 
     pub async fn get(&self, path: &str) -> Value {
