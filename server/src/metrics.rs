@@ -35,6 +35,7 @@ pub struct Metrics {
     data_seconds: CounterVec,
     compute_seconds: CounterVec,
     checkpoints: CounterVec,
+    rollbacks: CounterVec,
     last_checkpoint_step: GaugeVec,
     eval_loss: GaugeVec,
     eval_perplexity: GaugeVec,
@@ -114,6 +115,7 @@ impl Metrics {
             data_seconds: counter(&r, "cpt_data_wait_seconds_total", "Step time spent waiting for data."),
             compute_seconds: counter(&r, "cpt_compute_seconds_total", "Step time spent computing."),
             checkpoints: counter(&r, "cpt_checkpoints_total", "Checkpoints written."),
+            rollbacks: counter(&r, "cpt_rollbacks_total", "Loss-spike rollbacks (spike_rollback)."),
             last_checkpoint_step: gauge(&r, "cpt_last_checkpoint_step", "Step of the newest checkpoint.", job),
             eval_loss: gauge(&r, "cpt_eval_loss", "Held-out loss per eval set (nats/token).", &["job_id", "set"]),
             eval_perplexity: gauge(&r, "cpt_eval_perplexity", "Held-out perplexity per eval set.", &["job_id", "set"]),
@@ -209,6 +211,7 @@ impl Metrics {
                 }
                 series.eval_sets.insert(set.clone());
             }
+            Event::Rollback { .. } => self.rollbacks.with_label_values(&[id]).inc(),
             Event::ForgettingBudget { set, .. } => {
                 self.budget_exceeded.with_label_values(&[id, set]).set(1.0);
                 series.eval_sets.insert(set.clone());
@@ -240,7 +243,9 @@ impl Metrics {
         ] {
             let _ = gauge.remove_label_values(&[job_id]);
         }
-        for counter in [&self.model_flops, &self.data_seconds, &self.compute_seconds, &self.checkpoints] {
+        for counter in
+            [&self.model_flops, &self.data_seconds, &self.compute_seconds, &self.checkpoints, &self.rollbacks]
+        {
             let _ = counter.remove_label_values(&[job_id]);
         }
         for set in &series.eval_sets {
@@ -373,7 +378,11 @@ mod tests {
         metrics.observe(&event("started", json!({"plan": {"total_tokens": 1000}})), "a", "j1");
         metrics.observe(&event("checkpoint", json!({"step": 2, "path": "x"})), "a", "j1");
         metrics.observe(&event("eval", json!({"set": "domain", "loss": 1.0, "perplexity": 2.5})), "a", "j1");
+        let rollback = json!({"step": 12, "to_step": 10, "loss": 9.0, "average": 3.0, "skipped_tokens": 64,
+                              "lr_scale": 0.5, "cooldown_until": 13, "rollbacks": 1});
+        metrics.observe(&event("rollback", rollback), "a", "j1");
         let text = metrics.text();
+        assert!(text.contains("cpt_rollbacks_total{job_id=\"j1\"} 1"), "{text}");
         assert!(text.contains("cpt_tokens_total{job_id=\"j1\"} 300"), "{text}");
         assert!(text.contains("cpt_model_flops_total{job_id=\"j1\"} 3000000000"), "{text}");
         assert!(text.contains("cpt_train_loss{job_id=\"j1\"} 1.5"), "{text}");

@@ -1,6 +1,6 @@
 //! `cpt-worker watch`: follow a job on a cpt-server from the terminal — live progress from its SSE
 //! stream (reconnecting with `Last-Event-ID` if the server restarts), then learning versus
-//! forgetting per eval set. Exits non-zero unless the job succeeded.
+//! forgetting per eval set. Exits when the job ends or pauses, non-zero unless it succeeded.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -59,11 +59,12 @@ impl Api {
     }
 }
 
-fn is_final(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "cancelled")
+/// Nothing will happen to a job in `state` until someone acts: it ended, or a budget paused it.
+fn is_at_rest(state: &str) -> bool {
+    matches!(state, "succeeded" | "failed" | "cancelled" | "paused")
 }
 
-/// Follows job `id` until it ends.
+/// Follows job `id` until it ends or pauses.
 pub async fn watch(server: String, token: Option<String>, id: &str) -> Result<()> {
     let api = Api { client: ServerClient::new(&server, token) };
     let job = api.job(id).await.with_context(|| format!("reading job {id}"))?;
@@ -90,7 +91,7 @@ pub async fn watch(server: String, token: Option<String>, id: &str) -> Result<()
             .await;
         // The stream ends with the job, or broke: ask the job itself.
         match (followed, api.job(id).await) {
-            (_, Ok(job)) if is_final(job["state"].as_str().unwrap_or("")) => break job,
+            (_, Ok(job)) if is_at_rest(job["state"].as_str().unwrap_or("")) => break job,
             (Ok(()), Ok(_)) => unreachable_since = None,
             (Err(error), _) | (_, Err(error)) => {
                 let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
@@ -118,6 +119,7 @@ pub async fn watch(server: String, token: Option<String>, id: &str) -> Result<()
     println!("job {id} {state} at step {}", job["progress"]["step"]);
     match state {
         "succeeded" => Ok(()),
+        "paused" => bail!("job {id} is paused by a forgetting budget; POST /v1/jobs/{id}/resume continues it"),
         _ => bail!("job {id} ended {state}: {}", job["error"].as_str().unwrap_or("no error recorded")),
     }
 }

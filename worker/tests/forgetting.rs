@@ -65,6 +65,13 @@ async fn a_pausing_budget_pauses_the_job_and_a_resume_continues_it_exactly() {
     assert!(metrics.contains(&exceeded), "{metrics}");
     assert!(metrics.contains(&format!("cpt_eval_perplexity_change_ratio{{job_id=\"{id}\",set=\"english\"}}")));
 
+    // `cpt-worker watch` stops at a pause too, and says how to go on.
+    let watched = tokio::task::block_in_place(|| {
+        common::worker_bin().args(["watch", &id, "--server", &harness.base]).output().unwrap()
+    });
+    let said = String::from_utf8_lossy(&watched.stderr);
+    assert!(!watched.status.success() && said.contains("paused by a forgetting budget"), "{said}");
+
     let resumed = harness.post(&format!("/v1/jobs/{id}/resume"), json!({})).await;
     assert_eq!(resumed["state"], "queued", "{resumed}");
     harness.follow(&id, |_| false).await;
