@@ -44,9 +44,9 @@ pub enum Event {
         #[serde(default = "not_measured", deserialize_with = "non_finite_as_null")]
         perplexity_change: f64,
     },
-    /// A loss spike at `step` rolled the run back to `to_step` (its newest checkpoint, or 0): the
-    /// steps in between are undone, their data skipped, and the learning rate scaled by
-    /// `lr_scale` up to step `cooldown_until`.
+    /// A loss spike at `step` rolled the run back to `to_step` (its newest scheduled checkpoint,
+    /// or 0): the steps in between are undone, their data skipped, and the learning rate scaled
+    /// by `lr_scale` up to step `cooldown_until`.
     Rollback {
         step: u64,
         to_step: u64,
