@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 pub enum JobKind {
     /// Continued pretraining from a [`crate::JobSpec`].
     Train,
-    /// Dataset preparation from a [`crate::spec::PrepareSpec`].
+    /// Dataset preparation from a [`crate::prepare::PrepareSpec`].
     Prepare,
     /// Vocabulary extension from a [`crate::vocabulary::VocabularySpec`].
     ExtendVocab,

@@ -1,5 +1,5 @@
-//! How text becomes a dataset: the preparation config that `cpt-worker prepare --config` and
-//! `POST /v1/datasets` take. Only the settings live here (the server validates them without linking
+//! How text becomes a dataset: the request of `POST /v1/datasets` and the preparation config it
+//! and `cpt-worker prepare --config` take. Only the settings live here (the server validates them without linking
 //! the text pipeline); `cpt-data` does the work.
 
 use serde::{Deserialize, Serialize};
@@ -187,4 +187,20 @@ impl ManifestSummary {
     pub fn split(&self, name: &str) -> SplitSummary {
         self.splits.get(name).cloned().unwrap_or_default()
     }
+}
+
+/// A dataset preparation, as submitted to `POST /v1/datasets`: clean, deduplicate, tokenize and
+/// pack `inputs` with `tokenizer` into `<data-dir>/datasets/<job-id>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrepareSpec {
+    pub name: String,
+    /// A `tokenizer.json` (normally the base model's).
+    pub tokenizer: String,
+    /// Files, directories or glob patterns of `.txt`, `.jsonl` and their `.gz`.
+    pub inputs: Vec<String>,
+    /// The preparation config (`cpt-worker prepare --config`): `seq_len`, `validation_fraction`,
+    /// `clean`, `dedup`, …; absent fields take their defaults.
+    #[serde(default)]
+    pub config: serde_json::Value,
 }

@@ -444,19 +444,3 @@ impl JobSpec {
         }
     }
 }
-
-/// A dataset preparation, as submitted to `POST /v1/datasets`: clean, deduplicate, tokenize and
-/// pack `inputs` with `tokenizer` into `<data-dir>/datasets/<job-id>`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrepareSpec {
-    pub name: String,
-    /// A `tokenizer.json` (normally the base model's).
-    pub tokenizer: String,
-    /// Files, directories or glob patterns of `.txt`, `.jsonl` and their `.gz`.
-    pub inputs: Vec<String>,
-    /// The preparation config (`cpt-worker prepare --config`): `seq_len`, `validation_fraction`,
-    /// `clean`, `dedup`, …; absent fields take their defaults.
-    #[serde(default)]
-    pub config: serde_json::Value,
-}

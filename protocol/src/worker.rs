@@ -37,7 +37,7 @@ pub struct Lease {
     pub kind: JobKind,
     /// Grows by one with every lease of the job, never repeats: events carry it.
     pub attempt: u64,
-    /// A [`crate::JobSpec`] for `train`, a [`crate::spec::PrepareSpec`] for `prepare`.
+    /// A [`crate::JobSpec`] for `train`, a [`crate::prepare::PrepareSpec`] for `prepare`.
     pub spec: serde_json::Value,
 }
 

@@ -285,7 +285,7 @@ impl Worker {
     async fn run_prepare(&self, lease: Lease) {
         let out = self.config.data_dir.join("datasets").join(&lease.id);
         self.run_product(lease, out, |out, spec| {
-            let spec: cpt_protocol::spec::PrepareSpec = serde_json::from_value(spec).context("the job's spec")?;
+            let spec: cpt_protocol::prepare::PrepareSpec = serde_json::from_value(spec).context("the job's spec")?;
             let config = if spec.config.is_null() { serde_json::json!({}) } else { spec.config };
             let config: cpt_data::prepare::PrepareConfig = serde_json::from_value(config).context("`config`")?;
             // An earlier attempt may have finished the dataset without reporting it.

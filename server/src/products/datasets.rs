@@ -6,8 +6,8 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use cpt_protocol::prepare::PrepareConfig;
+use cpt_protocol::prepare::PrepareSpec;
 use cpt_protocol::spec::limits::NAME_BYTES;
-use cpt_protocol::spec::PrepareSpec;
 use serde_json::json;
 
 use crate::error::ApiError;

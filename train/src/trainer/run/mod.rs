@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use cpt_data::StagedDir;
 use cpt_protocol::budget::BudgetAction;
 use cpt_protocol::spec::Precision;
 use cpt_protocol::{Event, JobSpec, Plan, StepMetrics, WarningCode};
@@ -17,12 +16,16 @@ use super::data::TrainData;
 use super::{batch_loss, budget, continued, evaluate, spec_sha256, Outcome};
 use crate::adapter::{self, Start};
 use crate::checkpoint::{self, TrainerState};
-use crate::hf::{passthrough_files, write_model_files, write_tokenizer, ModelDir, ModelFiles};
+use crate::hf::{passthrough_files, ModelDir};
 use crate::model::Llama;
 use crate::optim::{clip, global_norm, AdamW, AdamWConfig};
 use crate::params::Params;
 use crate::schedule::LrSchedule;
-use crate::text::{self, Decoding, Sampling};
+
+mod outputs;
+mod rollback;
+
+use rollback::rollback_target;
 
 /// Where [`Run::open_at`] starts.
 enum Reopen {
@@ -30,14 +33,6 @@ enum Reopen {
     /// The newest valid checkpoint, if any.
     Latest,
     Step(u64),
-}
-
-/// The checkpoint a rollback at or after `step` returns to: the newest scheduled one (a multiple of
-/// `checkpoint_every`, whatever stops added), `None` for the start. Stops and resumes do not move
-/// it, so a resumed run rolls back exactly as an uninterrupted one.
-fn rollback_target(spec: &JobSpec, step: u64) -> Option<u64> {
-    let every = spec.checkpoint_every;
-    (every > 0).then(|| step / every * every).filter(|&s| s > 0)
 }
 
 /// What one optimizer step did.
@@ -341,50 +336,6 @@ impl<'a> Run<'a> {
         }))
     }
 
-    /// After a spike at `step`: the run reopened at its newest checkpoint (or its start) with the
-    /// data where it is now, so the window since is skipped, and the learning rate lowered for the
-    /// spec's cooldown. Deterministic: a resume that meets the same spike rolls back the same way.
-    pub fn roll_back(self, step: u64, loss: f64, average: f64, on_event: &mut impl FnMut(Event)) -> Result<Run<'a>> {
-        let rollback = self.spec.spike_rollback.context("rolling back without spike_rollback")?;
-        let rollbacks = self.state.rollbacks + 1;
-        if rollbacks > rollback.max_rollbacks {
-            bail!(
-                "step {step}: loss {loss:.4} is {:.1}× its moving average {average:.4}, and the run has rolled back \
-                 {} times already (spike_rollback.max_rollbacks)",
-                loss / average,
-                rollback.max_rollbacks
-            );
-        }
-        let (spec, run_dir, device) = (self.spec, self.run_dir, self.device.clone());
-        let (data, baseline) = (self.data.mixture.state(), self.state.eval_baseline.clone());
-        drop(self); // one copy of the model at a time
-        let target = rollback_target(spec, step - 1);
-        // Checkpoints after the target (a stop's) hold the window being undone.
-        for newer in checkpoint::list(run_dir)?.into_iter().filter(|&s| s > target.unwrap_or(0)) {
-            std::fs::remove_dir_all(checkpoint::dir_of(run_dir, newer))?;
-        }
-        let mut run = Run::open_at(spec, run_dir, target.map_or(Reopen::Fresh, Reopen::Step), &device)?;
-        run.warnings.clear(); // announced when the run started
-        let to_step = run.state.step;
-        run.data.mixture.restore(&data)?;
-        let state = &mut run.state;
-        state.data = data;
-        state.eval_baseline = baseline;
-        state.rollbacks = rollbacks;
-        state.cooldown_until = to_step + rollback.cooldown_steps;
-        on_event(Event::Rollback {
-            step,
-            to_step,
-            loss,
-            average,
-            skipped_tokens: (step - to_step) * run.plan.tokens_per_step,
-            lr_scale: rollback.lr_scale,
-            cooldown_until: state.cooldown_until,
-            rollbacks,
-        });
-        Ok(run)
-    }
-
     /// What is due after the step just taken: an evaluation, samples, a checkpoint; `Some` when
     /// the run stops here (`stop_after_steps`).
     pub fn after_step(
@@ -440,63 +391,6 @@ impl<'a> Run<'a> {
         let (step, tokens_total) = (self.state.step, self.state.tokens_total);
         on_event(Event::Finished { step, tokens_total, outcome: "succeeded".into() });
         Ok(Outcome { step, tokens_total, stopped: false, paused: false, checkpoint })
-    }
-
-    /// Writes a checkpoint of the current state (keeping the newest `keep_checkpoints`).
-    fn save(&mut self, on_event: &mut impl FnMut(Event)) -> Result<PathBuf> {
-        let write_weights = |staged: &StagedDir| match &self.spec.adapter {
-            // An adapter checkpoint is a PEFT adapter directory over the base (plus the tokenizer).
-            Some(adapter) => {
-                let base = self.base.path.display().to_string();
-                adapter::write_adapter_files(staged, &self.params, adapter, &self.base.config, &base)?;
-                write_tokenizer(staged, &self.tokenizer)
-            }
-            None => {
-                let files = ModelFiles {
-                    config_json: self.base.config_json.clone(),
-                    params: &self.params,
-                    dtype: DType::F32,
-                    tokenizer: &self.tokenizer,
-                    extra: self.extra.clone(),
-                };
-                write_model_files(staged, files)
-            }
-        };
-        let keep = self.spec.keep_checkpoints;
-        // A rollback returns to the newest scheduled checkpoint: retention keeps it.
-        let protect = self.spec.spike_rollback.and_then(|_| rollback_target(self.spec, self.state.step));
-        let path = checkpoint::save(self.run_dir, write_weights, protect, &self.optimizer, &self.state, keep)?;
-        on_event(Event::Checkpoint {
-            step: self.state.step,
-            path: path.display().to_string(),
-            tokens_total: self.state.tokens_total,
-        });
-        self.last_checkpoint = Some(path.clone());
-        Ok(path)
-    }
-
-    /// A continuation of every sample prompt (greedy, or as `sample_decoding` says, seeded by the
-    /// job's seed, the step and the prompt), on detached weights.
-    fn sample(&self, on_event: &mut impl FnMut(Event)) -> Result<()> {
-        let model = self.model.detached();
-        for (i, prompt) in self.spec.sample_prompts.iter().enumerate() {
-            let decoding = match self.spec.sample_decoding {
-                None => Decoding::GREEDY,
-                Some(d) => Decoding {
-                    sampling: (d.temperature > 0.0).then_some(Sampling {
-                        temperature: d.temperature,
-                        top_k: d.top_k,
-                        top_p: d.top_p,
-                        seed: self.spec.seed ^ (self.state.step << 8 | i as u64),
-                    }),
-                    repetition_penalty: d.repetition_penalty,
-                },
-            };
-            let tokens = self.spec.sample_tokens;
-            let continuation = text::generate(&model, &self.tokenizer, prompt, tokens, decoding, &self.device)?;
-            on_event(Event::Sample { step: self.state.step, prompt: prompt.clone(), continuation });
-        }
-        Ok(())
     }
 }
 
