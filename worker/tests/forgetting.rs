@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{prepare_inputs, spec, succeed, Harness};
+use common::{prepare, prepare_inputs, spec, Harness};
 use serde_json::{json, Value};
 
 /// (attempt, step) of every step event, and the events of `kind`, in order.
@@ -27,22 +27,8 @@ async fn a_pausing_budget_pauses_the_job_and_a_resume_continues_it_exactly() {
     let root = tmp.path();
     tokio::task::block_in_place(|| {
         prepare_inputs(root);
-        let p = |name: &str| root.join(name).display().to_string();
         let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/chinese-docs.txt");
-        let tokenizer = root.join("smollm2/tokenizer.json");
-        succeed(&[
-            "prepare",
-            "--tokenizer",
-            tokenizer.to_str().unwrap(),
-            "--input",
-            docs.to_str().unwrap(),
-            "--out",
-            &p("chinese"),
-            "--seq-len",
-            "16",
-            "--config",
-            &p("heldout.json"),
-        ]);
+        prepare(root, &docs, "chinese", "heldout.json");
     });
     let harness = Harness::start(root).await;
     let p = |name: &str| root.join(name).display().to_string();

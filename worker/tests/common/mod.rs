@@ -23,6 +23,27 @@ pub fn assets() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cpt/assets"))
 }
 
+/// `text` prepared with SmolLM2's tokenizer into 16-token blocks at `<root>/<out>`, with the config
+/// `<root>/<config>` (`prepare.json`: all for training; `heldout.json`: all held out).
+pub fn prepare(root: &Path, text: &Path, out: &str, config: &str) {
+    let p = |name: &str| root.join(name).display().to_string();
+    let tokenizer = p("smollm2/tokenizer.json");
+    let text = text.to_str().unwrap();
+    succeed(&[
+        "prepare",
+        "--tokenizer",
+        &tokenizer,
+        "--input",
+        text,
+        "--out",
+        &p(out),
+        "--seq-len",
+        "16",
+        "--config",
+        &p(config),
+    ]);
+}
+
 /// A tiny model with SmolLM2's tokenizer and a dataset of the English fixture, under `root`.
 pub fn prepare_inputs(root: &Path) {
     let smol = root.join("smollm2");
@@ -37,37 +58,10 @@ pub fn prepare_inputs(root: &Path) {
     succeed(&["init", "--config", &p("config.json"), "--tokenizer", tokenizer.to_str().unwrap(), "--out", &p("tiny")]);
     std::fs::write(root.join("prepare.json"), r#"{"validation_fraction": 0.0}"#).unwrap();
     let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/english.txt");
-    succeed(&[
-        "prepare",
-        "--tokenizer",
-        tokenizer.to_str().unwrap(),
-        "--input",
-        text.to_str().unwrap(),
-        "--out",
-        &p("data"),
-        "--seq-len",
-        "16",
-        "--config",
-        &p("prepare.json"),
-    ]);
+    prepare(root, &text, "data", "prepare.json");
     // The same text, all of it held out: an eval set.
     std::fs::write(root.join("heldout.json"), r#"{"validation_fraction": 1.0}"#).unwrap();
-    let (heldout, config) = (p("heldout"), p("heldout.json"));
-    let text = text.to_str().unwrap();
-    let tokenizer = tokenizer.to_str().unwrap();
-    succeed(&[
-        "prepare",
-        "--tokenizer",
-        tokenizer,
-        "--input",
-        text,
-        "--out",
-        &heldout,
-        "--seq-len",
-        "16",
-        "--config",
-        &config,
-    ]);
+    prepare(root, &text, "heldout", "heldout.json");
 }
 
 pub fn spec(root: &Path, steps: u64) -> Value {
