@@ -10,6 +10,7 @@ pub mod plan;
 pub mod prepare;
 pub mod sampling;
 pub mod spec;
+pub mod sweep;
 pub mod vocabulary;
 pub mod worker;
 

@@ -22,7 +22,7 @@ fn authorized(request: &Request, token: Option<&str>) -> bool {
     scheme.eq_ignore_ascii_case("bearer") && bool::from(credentials.trim().as_bytes().ct_eq(token.as_bytes()))
 }
 
-/// `/v1/jobs`, `/v1/datasets`, `/v1/vocabularies` and `/metrics`: the API token.
+/// `/v1/jobs`, `/v1/datasets`, `/v1/vocabularies`, `/v1/sweeps` and `/metrics`: the API token.
 pub async fn require_api_token(State(app): State<AppState>, request: Request, next: Next) -> Response {
     if !authorized(&request, app.config.api_token.as_deref()) {
         return ApiError::unauthorized().into_response();

@@ -12,6 +12,7 @@ pub mod local_workers;
 pub mod metrics;
 pub mod products;
 pub mod router;
+pub mod sweeps;
 pub mod workers;
 
 use std::future::Future;

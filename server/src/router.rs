@@ -56,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::jobs::routes::routes())
         .merge(crate::events::routes::routes())
         .merge(crate::products::routes())
+        .merge(crate::sweeps::routes())
         .route("/metrics", get(crate::metrics::scrape))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_token));
     let worker = crate::workers::routes()

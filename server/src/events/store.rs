@@ -30,7 +30,7 @@ impl StoredEvent {
     }
 }
 
-fn from_row(row: &SqliteRow) -> sqlx::Result<StoredEvent> {
+pub fn from_row(row: &SqliteRow) -> sqlx::Result<StoredEvent> {
     let data: String = row.try_get("data")?;
     let envelope = serde_json::from_str(&data).map_err(|e| sqlx::Error::Decode(format!("stored event: {e}").into()))?;
     Ok(StoredEvent {

@@ -129,32 +129,64 @@ pub fn parse_spec(text: &str) -> Result<JobSpec, ApiError> {
     })
 }
 
-/// Resolves `spec`'s paths, plans it and refuses what no worker could hold; then answers a dry run
-/// with the plan, or queues the job (200 for a repeated `Idempotency-Key`, 201 for a new job).
+/// Resolves `spec`'s paths inside the data roots and plans it, refusing what no worker could hold.
+pub async fn plan_job(app: &AppState, mut spec: JobSpec) -> Result<(JobSpec, Plan), ApiError> {
+    let config = resolve_paths(&app.config.data_roots, &mut spec)?;
+    let plan = Plan::new(&spec, &config);
+    crate::workers::check_memory(app, plan.memory_estimate_bytes).await?;
+    Ok((spec, plan))
+}
+
+/// A training job's row, from its resolved spec and plan.
+pub struct TrainJob {
+    pub spec: Value,
+    pub plan: Value,
+    pub total_steps: i64,
+}
+
+impl TrainJob {
+    pub fn new(spec: &JobSpec, plan: &Plan) -> Result<TrainJob, ApiError> {
+        Ok(TrainJob {
+            spec: serde_json::to_value(spec).map_err(ApiError::internal)?,
+            plan: serde_json::to_value(plan).map_err(ApiError::internal)?,
+            total_steps: plan.total_steps as i64,
+        })
+    }
+
+    /// The row to insert (`name` is the spec's).
+    pub fn row<'a>(&'a self, app: &AppState, name: &'a str) -> NewJob<'a> {
+        NewJob {
+            kind: JobKind::Train,
+            name,
+            spec: &self.spec,
+            plan: Some(&self.plan),
+            total_steps: Some(self.total_steps),
+            max_attempts: app.config.max_attempts,
+            idempotency: None,
+            parent_id: None,
+            sweep: None,
+        }
+    }
+}
+
+/// Plans `spec` (see [`plan_job`]); then answers a dry run with the plan, or queues the job (200
+/// for a repeated `Idempotency-Key`, 201 for a new job).
 pub async fn submit(
     app: &AppState,
-    mut spec: JobSpec,
+    spec: JobSpec,
     dry_run: bool,
     idempotency: Option<(String, String)>,
     parent_id: Option<&str>,
 ) -> Result<Response, ApiError> {
-    let config = resolve_paths(&app.config.data_roots, &mut spec)?;
-    let plan = Plan::new(&spec, &config);
-    crate::workers::check_memory(app, plan.memory_estimate_bytes).await?;
+    let (spec, plan) = plan_job(app, spec).await?;
     if dry_run {
         return Ok(Json(json!({"plan": plan})).into_response());
     }
-    let spec_json = serde_json::to_value(&spec).map_err(ApiError::internal)?;
-    let plan_json = serde_json::to_value(&plan).map_err(ApiError::internal)?;
+    let job = TrainJob::new(&spec, &plan)?;
     let new = NewJob {
-        kind: JobKind::Train,
-        name: &spec.name,
-        spec: &spec_json,
-        plan: Some(&plan_json),
-        total_steps: Some(plan.total_steps as i64),
-        max_attempts: app.config.max_attempts,
         idempotency: idempotency.as_ref().map(|(key, hash)| (key.as_str(), hash.clone())),
         parent_id,
+        ..job.row(app, &spec.name)
     };
     let (job, created) = store::create(&app.pool, new).await?;
     app.queue.notify_waiters();

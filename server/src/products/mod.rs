@@ -80,6 +80,7 @@ async fn submit(
         max_attempts: app.config.max_attempts,
         idempotency: idempotency.as_ref().map(|(key, hash)| (key.as_str(), hash.clone())),
         parent_id: None,
+        sweep: None,
     };
     let (job, created) = store::create(&app.pool, new).await?;
     app.queue.notify_waiters();

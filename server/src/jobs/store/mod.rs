@@ -43,6 +43,9 @@ pub struct Job {
     pub finished_at: Option<i64>,
     /// The job this one continues (`POST /v1/jobs/{id}/continue`).
     pub parent_id: Option<String>,
+    /// The sweep this job is a point of, and the grid's values there.
+    pub sweep_id: Option<String>,
+    pub sweep_point: Option<Value>,
 }
 
 /// How far a job is.
@@ -81,7 +84,7 @@ fn json_column(row: &SqliteRow, column: &str) -> sqlx::Result<Option<Value>> {
     }
 }
 
-pub(super) fn job_from_row(row: &SqliteRow) -> sqlx::Result<Job> {
+pub fn job_from_row(row: &SqliteRow) -> sqlx::Result<Job> {
     let step: i64 = row.try_get("step")?;
     let total_steps: Option<i64> = row.try_get("total_steps")?;
     let state: String = row.try_get("state")?;
@@ -110,6 +113,8 @@ pub(super) fn job_from_row(row: &SqliteRow) -> sqlx::Result<Job> {
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
         parent_id: row.try_get("parent_id")?,
+        sweep_id: row.try_get("sweep_id")?,
+        sweep_point: json_column(row, "sweep_point")?,
     })
 }
 
@@ -132,33 +137,42 @@ pub struct NewJob<'a> {
     pub idempotency: Option<(&'a str, String)>,
     /// The job it continues.
     pub parent_id: Option<&'a str>,
+    /// The sweep it is a point of, and the grid's values there.
+    pub sweep: Option<(&'a str, &'a Value)>,
 }
 
 /// Inserts a queued job, or returns the existing one with the same idempotency key (`created`
 /// false); the same key with a different request is [`JobError::KeyReused`].
 pub async fn create(pool: &SqlitePool, new: NewJob<'_>) -> Result<(Job, bool), JobError> {
-    let id = uuid::Uuid::new_v4().to_string();
-    let now = now_ms();
-    let (key, hash) = new.idempotency.map_or((None, None), |(k, h)| (Some(k), Some(h)));
     let mut tx = WriteTx::begin(pool).await?;
-    if let Some(key) = key {
+    if let Some((key, hash)) = &new.idempotency {
         let existing =
             sqlx::query("SELECT * FROM jobs WHERE idempotency_key = ?").bind(key).fetch_optional(tx.conn()).await?;
         if let Some(row) = existing {
             // Jobs created before hashes were kept (NULL) match any request, as they always did.
             let stored: Option<String> = row.try_get("request_hash")?;
-            if stored.is_some() && stored != hash {
+            if stored.is_some() && stored.as_ref() != Some(hash) {
                 return Err(JobError::KeyReused);
             }
             return Ok((job_from_row(&row)?, false));
         }
     }
+    let job = insert(tx.conn(), new).await?;
+    tx.commit().await?;
+    Ok((job, true))
+}
+
+/// Inserts a queued job inside the caller's transaction.
+pub async fn insert(conn: &mut SqliteConnection, new: NewJob<'_>) -> sqlx::Result<Job> {
+    let now = now_ms();
+    let (key, hash) = new.idempotency.map_or((None, None), |(k, h)| (Some(k), Some(h)));
+    let (sweep_id, sweep_point) = new.sweep.map_or((None, None), |(id, point)| (Some(id), Some(point.to_string())));
     let row = sqlx::query(
         "INSERT INTO jobs (id, kind, name, spec, state, max_attempts, idempotency_key, request_hash, plan, total_steps,
-                           created_at, updated_at, parent_id)
-         VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                           created_at, updated_at, parent_id, sweep_id, sweep_point)
+         VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
     )
-    .bind(&id)
+    .bind(uuid::Uuid::new_v4().to_string())
     .bind(new.kind.as_str())
     .bind(new.name)
     .bind(new.spec.to_string())
@@ -170,11 +184,11 @@ pub async fn create(pool: &SqlitePool, new: NewJob<'_>) -> Result<(Job, bool), J
     .bind(now)
     .bind(now)
     .bind(new.parent_id)
-    .fetch_one(tx.conn())
+    .bind(sweep_id)
+    .bind(sweep_point)
+    .fetch_one(conn)
     .await?;
-    let job = job_from_row(&row)?;
-    tx.commit().await?;
-    Ok((job, true))
+    job_from_row(&row)
 }
 
 pub async fn get(pool: &SqlitePool, id: &str) -> sqlx::Result<Option<Job>> {
