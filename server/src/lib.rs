@@ -10,6 +10,8 @@ pub mod events;
 pub mod jobs;
 pub mod local_workers;
 pub mod metrics;
+pub mod pages;
+pub mod plots;
 pub mod products;
 pub mod router;
 pub mod sweeps;

@@ -211,7 +211,7 @@ async fn every_operation_in_openapi_yaml_is_served_and_the_document_is_served_as
             operations += 1;
         }
     }
-    assert_eq!(operations, 31);
+    assert_eq!(operations, 37);
     let (status, error) = server.call(Method::GET, "/v1/nothing-here", None).await;
     assert_eq!((status, error_of(&error).0), (StatusCode::NOT_FOUND, "not_found"));
     server.stop().await;

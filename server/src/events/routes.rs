@@ -9,7 +9,7 @@ use cpt_protocol::Event;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{series, store, stream};
+use super::{charts, series, store, stream};
 use crate::db::WriteTx;
 use crate::error::{ApiError, Body};
 use crate::jobs::store::{self as jobs, Sender};
@@ -21,6 +21,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/jobs/{id}/events", get(list))
         .route("/v1/jobs/{id}/events/stream", get(stream::stream))
         .route("/v1/jobs/{id}/metrics", get(series::metrics))
+        .route("/v1/jobs/{id}/plot.svg", get(charts::plot))
         .route("/v1/jobs/{id}/checkpoints", get(series::checkpoints))
 }
 
@@ -72,6 +73,18 @@ pub async fn ingest(
         let latest = serde_json::to_value(metrics).map_err(ApiError::internal)?;
         jobs::record_progress(tx.conn(), &job.id, metrics.step, metrics.tokens_total, &latest).await?;
     }
+    let evals: Vec<(&str, Value)> = stored
+        .iter()
+        .filter_map(|e| match &e.envelope.event {
+            Event::Eval { step, set, perplexity, bits_per_byte, perplexity_change, .. } if current => Some((
+                set.as_str(),
+                json!({"step": step, "perplexity": perplexity, "bits_per_byte": bits_per_byte,
+                       "perplexity_change": perplexity_change}),
+            )),
+            _ => None,
+        })
+        .collect();
+    jobs::record_evals(tx.conn(), &job.id, &evals).await?;
     tx.commit().await?;
     let reply = BatchReply { stored: stored.len() as u64, duplicates: (batch.events.len() - stored.len()) as u64 };
     for event in stored {

@@ -20,14 +20,34 @@ async fn events_of(app: &AppState, id: &str, kind: &str) -> Result<Vec<StoredEve
     Ok(store::all_of_kind(&app.pool, id, kind).await?)
 }
 
-/// `GET /v1/jobs/{id}/metrics`: per-step training series and per-set eval series, as columns.
-pub async fn metrics(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, ApiError> {
-    let mut steps: BTreeMap<u64, StepMetrics> = BTreeMap::new();
-    for event in events_of(&app, &id, "step").await? {
+/// A job's step metrics by step.
+pub async fn steps_of(app: &AppState, id: &str) -> Result<BTreeMap<u64, StepMetrics>, ApiError> {
+    let mut steps = BTreeMap::new();
+    for event in events_of(app, id, "step").await? {
         if let Event::Step(metrics) = event.envelope.event {
             steps.insert(metrics.step, metrics);
         }
     }
+    Ok(steps)
+}
+
+/// One eval: (loss, perplexity, bits per byte).
+pub type EvalValues = (f64, f64, f64);
+
+/// A job's evals by set, then step.
+pub async fn evals_of(app: &AppState, id: &str) -> Result<BTreeMap<String, BTreeMap<u64, EvalValues>>, ApiError> {
+    let mut evals: BTreeMap<String, BTreeMap<u64, EvalValues>> = BTreeMap::new();
+    for event in events_of(app, id, "eval").await? {
+        if let Event::Eval { step, set, loss, perplexity, bits_per_byte, .. } = event.envelope.event {
+            evals.entry(set).or_default().insert(step, (loss, perplexity, bits_per_byte));
+        }
+    }
+    Ok(evals)
+}
+
+/// `GET /v1/jobs/{id}/metrics`: per-step training series and per-set eval series, as columns.
+pub async fn metrics(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, ApiError> {
+    let steps = steps_of(&app, &id).await?;
     let column = |value: fn(&StepMetrics) -> f64| steps.values().map(value).collect::<Vec<f64>>();
     let columns = json!({
         "step": steps.keys().copied().collect::<Vec<_>>(),
@@ -39,13 +59,8 @@ pub async fn metrics(State(app): State<AppState>, UrlPath(id): UrlPath<String>) 
         "mfu": column(|m| m.mfu),
         "step_seconds": column(|m| m.step_seconds),
     });
-    let mut evals: BTreeMap<String, BTreeMap<u64, (f64, f64, f64)>> = BTreeMap::new();
-    for event in events_of(&app, &id, "eval").await? {
-        if let Event::Eval { step, set, loss, perplexity, bits_per_byte, .. } = event.envelope.event {
-            evals.entry(set).or_default().insert(step, (loss, perplexity, bits_per_byte));
-        }
-    }
-    let evals: serde_json::Map<String, Value> = evals
+    let evals: serde_json::Map<String, Value> = evals_of(&app, &id)
+        .await?
         .into_iter()
         .map(|(set, points)| {
             let series = json!({

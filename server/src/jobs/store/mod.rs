@@ -37,6 +37,8 @@ pub struct Job {
     pub plan: Option<Value>,
     pub progress: Progress,
     pub latest_metrics: Option<Value>,
+    /// Per eval set, its latest eval: `{step, perplexity, bits_per_byte, perplexity_change}`.
+    pub latest_evals: Option<Value>,
     pub created_at: i64,
     pub updated_at: i64,
     pub started_at: Option<i64>,
@@ -108,6 +110,7 @@ pub fn job_from_row(row: &SqliteRow) -> sqlx::Result<Job> {
             fraction: total_steps.filter(|t| *t > 0).map(|t| (step as f64 / t as f64).min(1.0)),
         },
         latest_metrics: json_column(row, "latest_metrics")?,
+        latest_evals: json_column(row, "latest_evals")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         started_at: row.try_get("started_at")?,
@@ -301,5 +304,25 @@ pub async fn record_progress(
     .bind(id)
     .execute(conn)
     .await?;
+    Ok(())
+}
+
+/// Records the newest eval of each set in `evals`, inside the transaction that stored them.
+pub async fn record_evals(conn: &mut SqliteConnection, id: &str, evals: &[(&str, Value)]) -> sqlx::Result<()> {
+    if evals.is_empty() {
+        return Ok(());
+    }
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT latest_evals FROM jobs WHERE id = ?").bind(id).fetch_one(&mut *conn).await?;
+    let mut latest: serde_json::Map<String, Value> =
+        stored.and_then(|text| serde_json::from_str(&text).ok()).unwrap_or_default();
+    for (set, eval) in evals {
+        latest.insert(set.to_string(), eval.clone());
+    }
+    sqlx::query("UPDATE jobs SET latest_evals = ? WHERE id = ?")
+        .bind(Value::Object(latest).to_string())
+        .bind(id)
+        .execute(conn)
+        .await?;
     Ok(())
 }

@@ -1,0 +1,110 @@
+//! `GET /v1/jobs/{id}/plot.svg?chart=…`: a job's curves as SVG — train loss (raw and smoothed),
+//! learning rate, throughput, and each eval set's perplexity or bits per byte — for the job page
+//! and anyone with curl.
+
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::series::{evals_of, steps_of};
+use crate::error::ApiError;
+use crate::jobs::store as jobs;
+use crate::plots::{render, Chart, Scale, Series};
+use crate::AppState;
+
+/// The charts there are.
+pub const CHARTS: [&str; 5] = ["loss", "lr", "throughput", "perplexity", "bits_per_byte"];
+
+/// How much of the past the smoothed loss keeps per step (TensorBoard's smoothing weight).
+const SMOOTHING: f64 = 0.9;
+
+/// An exponential moving average, debiased so that it starts at the first value.
+pub fn smoothed(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let (mut average, mut weight) = (0.0, 0.0);
+    points
+        .iter()
+        .filter(|p| p.1.is_finite())
+        .map(|&(x, y)| {
+            average = SMOOTHING * average + (1.0 - SMOOTHING) * y;
+            weight = SMOOTHING * weight + (1.0 - SMOOTHING);
+            (x, average / weight)
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+pub struct PlotQuery {
+    chart: Option<String>,
+}
+
+fn line(label: &str, points: Vec<(f64, f64)>) -> Series {
+    Series { label: label.to_string(), points, faint: false }
+}
+
+/// `GET /v1/jobs/{id}/plot.svg?chart=loss|lr|throughput|perplexity|bits_per_byte` (default loss).
+pub async fn plot(
+    State(app): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Query(query): Query<PlotQuery>,
+) -> Result<Response, ApiError> {
+    let chart = query.chart.unwrap_or_else(|| "loss".into());
+    if !CHARTS.contains(&chart.as_str()) {
+        return Err(ApiError::invalid_field("chart", format!("one of {}", CHARTS.join(", "))));
+    }
+    let job = jobs::existing(&app.pool, &id).await?;
+    let (series, y_desc, y_scale) = if matches!(chart.as_str(), "perplexity" | "bits_per_byte") {
+        let evals = evals_of(&app, &id).await?;
+        let pick = |v: &super::series::EvalValues| if chart == "perplexity" { v.1 } else { v.2 };
+        let series: Vec<Series> = evals
+            .iter()
+            .map(|(set, points)| line(set, points.iter().map(|(s, v)| (*s as f64, pick(v))).collect()))
+            .collect();
+        let (desc, scale) = if chart == "perplexity" {
+            ("perplexity (log scale)", Scale::Log)
+        } else {
+            ("bits per byte", Scale::Linear)
+        };
+        (series, desc, scale)
+    } else {
+        let steps = steps_of(&app, &id).await?;
+        let column = |value: fn(&cpt_protocol::StepMetrics) -> f64| -> Vec<(f64, f64)> {
+            steps.iter().map(|(s, m)| (*s as f64, value(m))).collect()
+        };
+        match chart.as_str() {
+            "loss" => {
+                let raw = column(|m| m.loss);
+                let smooth = smoothed(&raw);
+                let raw = Series { label: "train loss".into(), points: raw, faint: true };
+                (vec![raw, line("smoothed", smooth)], "nats per token", Scale::Linear)
+            }
+            "lr" => (vec![line("", column(|m| m.lr))], "learning rate", Scale::Linear),
+            _ => (vec![line("", column(|m| m.tokens_per_second))], "tokens per second", Scale::Linear),
+        }
+    };
+    let title = format!("{} — {chart}", job.name);
+    let svg = render(&Chart {
+        title: &title,
+        x_desc: "step",
+        y_desc,
+        x_scale: Scale::Linear,
+        y_scale,
+        series: &series,
+        marks: matches!(chart.as_str(), "perplexity" | "bits_per_byte"),
+        size: (720, 360),
+    })
+    .map_err(ApiError::internal)?;
+    Ok(([("content-type", "image/svg+xml")], svg).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smoothing_starts_at_the_first_value_and_follows_a_step() {
+        let points: Vec<(f64, f64)> = (0..50).map(|i| (i as f64, if i < 10 { 4.0 } else { 2.0 })).collect();
+        let s = smoothed(&points);
+        assert!((s[0].1 - 4.0).abs() < 1e-12 && (s[9].1 - 4.0).abs() < 1e-12);
+        assert!(s[12].1 < 4.0 && s[12].1 > 2.5 && (s[49].1 - 2.0).abs() < 0.05);
+    }
+}
