@@ -152,3 +152,20 @@ def test_responses_match_their_documented_schemas(server):
     status, jobs = call(base, "GET", "/v1/jobs")
     assert {job["kind"] for job in jobs["jobs"]} == {"train", "prepare", "extend_vocab"}
     check("/v1/jobs", "get", status, jobs)
+    sweep = {"name": "s", "base": spec, "grid": {"lr": [1e-4, 1e-3]}}
+    check("/v1/sweeps", "post", *call(base, "POST", "/v1/sweeps?dry_run=true", sweep))
+    status, made = call(base, "POST", "/v1/sweeps", sweep)
+    assert status == 201 and len(made["jobs"]) == 2
+    check("/v1/sweeps", "post", status, made)
+    status, body = call(base, "POST", "/v1/sweeps", {**sweep, "grid": {"lr": [1e-4, 2.0]}})
+    assert (status, body["error"]["field"]) == (422, "grid.lr")
+    check("/v1/sweeps", "post", status, body)
+    check("/v1/sweeps", "get", *call(base, "GET", "/v1/sweeps"))
+    check("/v1/sweeps/{id}", "get", *call(base, "GET", "/v1/sweeps/" + made["id"]))
+    check("/v1/sweeps/{id}", "get", *call(base, "GET", "/v1/sweeps/none"))
+    with urllib.request.urlopen(f"{base}/v1/sweeps/{made['id']}/plot.svg?x=domain&y=domain") as plot:
+        assert plot.headers["Content-Type"] == "image/svg+xml" and plot.read().startswith(b"<svg")
+    check("/v1/sweeps/{id}/cancel", "post", *call(base, "POST", f"/v1/sweeps/{made['id']}/cancel"))
+    status, resumed = call(base, "POST", f"/v1/sweeps/{made['id']}/resume")
+    assert resumed["state"] == "queued"
+    check("/v1/sweeps/{id}/resume", "post", status, resumed)

@@ -124,6 +124,20 @@ enum Command {
         #[arg(long, env = "CPT_API_TOKEN")]
         token: Option<String>,
     },
+    /// A sweep's comparison table: per job, its grid point, state, progress and, per eval set,
+    /// the final perplexity, its change from step 0 and the best one.
+    Sweep {
+        /// The sweep's id.
+        sweep: String,
+        #[arg(long, env = "CPT_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// The server's API token.
+        #[arg(long, env = "CPT_API_TOKEN")]
+        token: Option<String>,
+        /// Also save its learning-versus-forgetting plot (SVG) here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
     /// Run a job spec standalone; events go to <run-dir>/events.jsonl.
     Train {
         /// A job spec (JSON, the schema of `POST /v1/jobs`).
@@ -277,6 +291,10 @@ impl Cli {
                 .enable_all()
                 .build()?
                 .block_on(crate::watch::watch(server, token, &job)),
+            Command::Sweep { sweep, server, token, plot } => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(crate::sweep::show(server, token, &sweep, plot.as_deref())),
             Command::Train { spec, run_dir, resume, stop_after_steps } => {
                 crate::run_local::train_command(&spec, &run_dir, resume, stop_after_steps, device)
             }

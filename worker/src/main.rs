@@ -9,6 +9,7 @@ mod progress;
 mod run;
 mod run_local;
 mod spool;
+mod sweep;
 mod watch;
 
 use clap::Parser;
