@@ -46,6 +46,7 @@ id=$(field id <<<"$job")
 case $(field state <<<"$job") in
   cancelled | failed) curl -sf -XPOST "$URL/v1/jobs/$id/resume" >/dev/null ;;
 esac
+echo "job page:   $URL/jobs/$id   (live curves, checkpoints, samples; every job at $URL/)"
 # In the background so that a signal reaches the traps at once (bash runs them only between commands).
 "$bin/cpt-worker" watch "$id" --server "$URL" &
 watcher=$!
@@ -65,6 +66,7 @@ try:        $bin/cpt-worker generate --model $final --prompt '床前明月光，
 
 The server stops with this script; its database keeps everything. To explore:
   $bin/cpt-server --data-dir $DATA &
+  # then open $URL/jobs/$id in a browser: the job page (curves, checkpoints, samples)
   curl -s $URL/v1/jobs/$id                      # state, progress, latest metrics
   curl -s '$URL/v1/jobs/$id/events?kind=eval'   # every evaluation
   curl -s $URL/v1/jobs/$id/metrics              # per-step series for plotting

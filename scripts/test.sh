@@ -5,11 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-assets.sh >/dev/null
-# Debian's prometheus (promtool checks /metrics; a real Prometheus scrapes a job) and docker-compose
-# (validates docker-compose.yml without a Docker daemon).
+# Debian's prometheus (promtool checks /metrics; a real Prometheus scrapes a job), docker-compose
+# (validates docker-compose.yml without a Docker daemon) and chromium (the job page, headless).
 missing=()
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
+command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

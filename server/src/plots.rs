@@ -36,8 +36,8 @@ impl Scale {
             Scale::Linear => v,
             Scale::Log => v.exp(),
         };
-        if value == 0.0 || !value.is_finite() {
-            return format!("{value}");
+        if value == 0.0 || !value.is_finite() || (value.fract() == 0.0 && value.abs() < 1e6) {
+            return format!("{value:.0}");
         }
         let magnitude = value.abs().log10().floor() as i32;
         if !(-3..6).contains(&magnitude) {
@@ -93,6 +93,16 @@ pub fn render(chart: &Chart) -> Result<String, String> {
     {
         let root = SVGBackend::with_string(&mut svg, chart.size).into_drawing_area();
         root.fill(&WHITE).map_err(draw_error)?;
+        if axis.iter().all(Vec::is_empty) {
+            let note = format!("{} (no data yet)", chart.title);
+            ChartBuilder::on(&root)
+                .caption(note, ("sans-serif", 20))
+                .build_cartesian_2d(0.0..1.0, 0.0..1.0)
+                .map_err(draw_error)?;
+            root.present().map_err(draw_error)?;
+            drop(root);
+            return Ok(svg);
+        }
         let xs = range(axis.iter().flatten().map(|p| p.0));
         let ys = range(axis.iter().flatten().map(|p| p.1));
         let mut plot = ChartBuilder::on(&root)
@@ -150,11 +160,12 @@ mod tests {
 
     #[test]
     fn labels_read_in_the_values_scale() {
-        assert_eq!(Scale::Log.label(40f64.ln()), "40.0");
+        assert_eq!(Scale::Log.label(45.5f64.ln()), "45.5");
         assert_eq!(Scale::Linear.label(3e-4), "3.00e-4");
         assert_eq!(Scale::Linear.label(0.005), "0.00500");
         assert_eq!(Scale::Linear.label(2.5e-7), "2.50e-7");
         assert_eq!(Scale::Linear.label(1234.5), "1234");
+        assert_eq!(Scale::Linear.label(70.0), "70");
         let r = range([2.0, 4.0].into_iter());
         assert!(r.start < 2.0 && r.end > 4.0);
         assert_eq!(range(std::iter::empty()), 0.0..1.0);

@@ -90,7 +90,7 @@ pub async fn plot(
         y_scale,
         series: &series,
         marks: matches!(chart.as_str(), "perplexity" | "bits_per_byte"),
-        size: (720, 360),
+        size: (640, 320),
     })
     .map_err(ApiError::internal)?;
     Ok(([("content-type", "image/svg+xml")], svg).into_response())
