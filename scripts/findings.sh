@@ -110,4 +110,6 @@ for job in jobs:
     }
 json.dump(series, open(f"{out}/series.json", "w"), indent=1, ensure_ascii=False)
 PY
-echo "wrote $OUT/: lr-sweep.json lr-plot.svg replay-sweep.json replay-plot.svg series.json"
+
+python3 scripts/findings-tables.py "$OUT" >/dev/null
+echo "wrote $OUT/: lr-sweep.json lr-plot.svg replay-sweep.json replay-plot.svg series.json tables.md"

@@ -90,6 +90,20 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
+/// One page of rows fetched newest first with `LIMIT limit + 1` (the extra row only says there is
+/// more): the page's items and the cursor of the next page (the last item's `rowid`).
+pub fn page<T>(
+    rows: &[sqlx::sqlite::SqliteRow],
+    limit: i64,
+    item: impl Fn(&sqlx::sqlite::SqliteRow) -> sqlx::Result<T>,
+) -> sqlx::Result<(Vec<T>, Option<i64>)> {
+    use sqlx::Row;
+    let more = rows.len() as i64 > limit;
+    let rows = &rows[..rows.len().min(limit as usize)];
+    let next = if more { rows.last().map(|r| r.get::<i64, _>("rowid")) } else { None };
+    Ok((rows.iter().map(item).collect::<sqlx::Result<_>>()?, next))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,6 @@ every URL, its loss chart grows as steps arrive, and its cancel button cancels t
 
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -13,6 +12,7 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from test_hf_parity import TARGET, WORKER, imported  # noqa: F401
+from test_openapi import free_port, wait_until_ready
 from test_peft_parity import english_dataset, tiny_base
 
 SERVER = TARGET / "release/cpt-server"
@@ -37,21 +37,13 @@ def server(tmp_path, imported):  # noqa: F811
     assert SERVER.exists(), f"{SERVER} is missing: cargo build --release"
     base_model = tiny_base(tmp_path, imported, tied=True, seed=0)
     dataset = english_dataset(tmp_path, imported, 16)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [str(SERVER), "--data-dir", str(tmp_path / "server"), "--bind", f"127.0.0.1:{port}", "--data-roots", str(tmp_path),
          "--local-workers", "1", "--worker-binary", str(WORKER), "--api-token", TOKEN, "--worker-token", TOKEN],
         stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(500):
-        try:
-            urllib.request.urlopen(base + "/readyz").read()
-            break
-        except OSError:
-            assert process.poll() is None, "cpt-server exited"
-            time.sleep(0.02)
+    wait_until_ready(base, process)
     yield base, base_model, dataset
     process.terminate()
     process.wait(timeout=60)

@@ -52,6 +52,24 @@ def call(base, method, path, body=None):
         return error.code, json.loads(error.read())
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_ready(base, process):
+    """Polls /readyz of a cpt-server just started (a process: its exit is a failure, not a wait)."""
+    for _ in range(500):
+        try:
+            urllib.request.urlopen(base + "/readyz").read()
+            return
+        except OSError:
+            assert process.poll() is None, "cpt-server exited"
+            time.sleep(0.02)
+    raise AssertionError(f"{base} was not ready within 10 s")
+
+
 def serve(tmp_path, token=None):
     """A real cpt-server on a free loopback port with a data root holding a model config and a
     dataset manifest; with `token`, both tokens are set to it. Yields (base URL, data root)."""
@@ -64,20 +82,12 @@ def serve(tmp_path, token=None):
     (root / "data").mkdir()
     split = {"documents": 4, "tokens": 128, "blocks": 4, "dropped_tail_tokens": 0, "shards": []}
     (root / "data/manifest.json").write_text(json.dumps({"seq_len": 32, "vocab_size": 256, "splits": {"train": split, "validation": split}}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     tokens = ["--api-token", token, "--worker-token", token] if token else []
     process = subprocess.Popen([str(SERVER), "--data-dir", str(tmp_path / "db"), "--bind", f"127.0.0.1:{port}",
                                 "--data-roots", str(root), "--local-workers", "0", *tokens], stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(500):
-        try:
-            urllib.request.urlopen(base + "/readyz").read()
-            break
-        except OSError:
-            assert process.poll() is None, "cpt-server exited"
-            time.sleep(0.02)
+    wait_until_ready(base, process)
     yield base, root
     process.terminate()
     assert process.wait(timeout=30) == 0, "cpt-server shuts down cleanly on SIGTERM"

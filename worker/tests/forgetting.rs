@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{prepare, prepare_inputs, spec, Harness};
+use common::{prepare_inputs_and_chinese, spec, Harness};
 use serde_json::{json, Value};
 
 /// (attempt, step) of every step event, and the events of `kind`, in order.
@@ -25,11 +23,7 @@ async fn history(harness: &Harness, id: &str) -> (Vec<(u64, u64)>, Vec<Value>) {
 async fn a_pausing_budget_pauses_the_job_and_a_resume_continues_it_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    tokio::task::block_in_place(|| {
-        prepare_inputs(root);
-        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/chinese-docs.txt");
-        prepare(root, &docs, "chinese", "heldout.json");
-    });
+    tokio::task::block_in_place(|| prepare_inputs_and_chinese(root));
     let harness = Harness::start(root).await;
     let p = |name: &str| root.join(name).display().to_string();
     let mut job = spec(root, 8);

@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{prepare, prepare_inputs, spec, Harness};
+use common::{prepare_inputs_and_chinese, spec, Harness};
 use serde_json::{json, Value};
 
 /// The perplexity of every eval of `set` in a job's events, by step.
@@ -21,11 +19,7 @@ fn perplexities(events: &[Value], set: &str) -> Vec<(u64, f64)> {
 async fn a_sweep_runs_every_job_and_its_table_plot_and_terminal_view_match_their_evals() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    tokio::task::block_in_place(|| {
-        prepare_inputs(root);
-        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/chinese-docs.txt");
-        prepare(root, &docs, "chinese", "heldout.json");
-    });
+    tokio::task::block_in_place(|| prepare_inputs_and_chinese(root));
     let harness = Harness::start(root).await;
     let p = |name: &str| root.join(name).display().to_string();
     let mut base = spec(root, 6);

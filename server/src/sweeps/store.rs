@@ -88,10 +88,7 @@ pub async fn list(pool: &SqlitePool, cursor: Option<i64>, limit: i64) -> sqlx::R
         .bind(limit + 1)
         .fetch_all(pool)
         .await?;
-    let more = rows.len() as i64 > limit;
-    let rows = &rows[..rows.len().min(limit as usize)];
-    let next = if more { rows.last().map(|r| r.get::<i64, _>("rowid")) } else { None };
-    Ok((rows.iter().map(from_row).collect::<sqlx::Result<_>>()?, next))
+    crate::db::page(&rows, limit, from_row)
 }
 
 /// The sweep's jobs, in the grid's order.

@@ -64,6 +64,14 @@ pub fn prepare_inputs(root: &Path) {
     prepare(root, &text, "heldout", "heldout.json");
 }
 
+/// [`prepare_inputs`], and the Chinese fixture held out whole as the dataset `chinese`: a set the
+/// English training text makes less likely.
+pub fn prepare_inputs_and_chinese(root: &Path) {
+    prepare_inputs(root);
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/chinese-docs.txt");
+    prepare(root, &docs, "chinese", "heldout.json");
+}
+
 pub fn spec(root: &Path, steps: u64) -> Value {
     let p = |name: &str| root.join(name).display().to_string();
     json!({"name": "e2e", "base_model": p("tiny"), "train_data": [{"dataset": p("data")}], "seq_len": 16,

@@ -223,10 +223,7 @@ pub async fn list(
     .bind(limit + 1)
     .fetch_all(pool)
     .await?;
-    let more = rows.len() as i64 > limit;
-    let rows = &rows[..rows.len().min(limit as usize)];
-    let next = if more { rows.last().map(|r| r.get::<i64, _>("rowid")) } else { None };
-    Ok((rows.iter().map(job_from_row).collect::<sqlx::Result<_>>()?, next))
+    crate::db::page(&rows, limit, job_from_row)
 }
 
 /// Jobs per state, every state present.
