@@ -17,24 +17,26 @@ def pct(x):
 
 
 def sweep_table(sweep, label):
+    general_set = sweep["base"]["eval_data"]["general"]
     rows = [f"| {label} | domain ppl 0 → final (Δ) | best (step) | general ppl 0 → final (Δ) | domain bits/byte | general bits/byte | tokens | wall |",
             "| --- | --- | --- | --- | --- | --- | ---: | ---: |"]
     for job in sweep["jobs"]:
         d, g = job["eval"]["domain"], job["eval"]["general"]
         rows.append(
-            f"| {point(job)} | {d['initial']:.2f} → {d['final']:.2f} ({pct(d['change'])}) | {d['best']:.2f} ({d['best_step']}) "
+            f"| {point(job, general_set)} | {d['initial']:.2f} → {d['final']:.2f} ({pct(d['change'])}) | {d['best']:.2f} ({d['best_step']}) "
             f"| {g['initial']:.2f} → {g['final']:.2f} ({pct(g['change'])}) "
             f"| {d['bits_per_byte_initial']:.3f} → {d['bits_per_byte_final']:.3f} | {g['bits_per_byte_initial']:.3f} → {g['bits_per_byte_final']:.3f} "
             f"| {job['tokens_total']} | {job['wall_seconds'] / 60:.1f} min |")
     return "\n".join(rows)
 
 
-def point(job):
+def point(job, general_set):
+    """A job's grid point: its peak lr, or the share of general text in its training mixture."""
     value = job["point"]
     if "lr" in value:
         return f"peak lr {value['lr']:g}"
     sources = value["train_data"]
-    general = sum(s.get("weight", 1.0) for s in sources if "brown" in s["dataset"])
+    general = sum(s.get("weight", 1.0) for s in sources if s["dataset"] == general_set)
     return f"replay {100 * general / sum(s.get('weight', 1.0) for s in sources):.0f}%"
 
 

@@ -158,4 +158,48 @@ mod tests {
         .unwrap();
         assert_eq!(indexes, 3 + 1, "the three 0004 rebuilt, and 0005's jobs_by_sweep");
     }
+
+    /// Jobs that evaluated before 0006 get their latest eval per set from their events.
+    #[tokio::test]
+    async fn latest_evals_are_filled_from_the_events_of_earlier_jobs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", tmp.path().join("db").display()))
+            .unwrap()
+            .create_if_missing(true);
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+        let mut before = sqlx::migrate!("../migrations");
+        let position = before.migrations.iter().position(|m| m.description.contains("latest evals")).unwrap();
+        before.migrations = before.migrations[..position].to_vec().into();
+        before.run(&pool).await.unwrap();
+        for id in ["a", "b"] {
+            sqlx::query("INSERT INTO jobs (id, kind, name, spec, state, max_attempts, created_at, updated_at) VALUES (?, 'train', 'n', '{}', 'succeeded', 3, 1, 1)")
+                .bind(id)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        let evals = [(1, 0, "domain", 50.0), (1, 1, "general", 40.0), (1, 2, "domain", 30.0), (2, 0, "domain", 31.0)];
+        for (attempt, seq, set, perplexity) in evals {
+            let data = format!(
+                r#"{{"seq": {seq}, "time": 1, "kind": "eval", "step": {seq}, "set": "{set}", "loss": 1.0, "perplexity": {perplexity}, "tokens": 8}}"#
+            );
+            sqlx::query("INSERT INTO events (job_id, attempt, seq, kind, time, data) VALUES ('a', ?, ?, 'eval', 1, ?)")
+                .bind(attempt)
+                .bind(seq)
+                .bind(data)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        sqlx::migrate!("../migrations").run(&pool).await.unwrap();
+        let latest = |id: &'static str| {
+            sqlx::query_scalar::<_, Option<String>>("SELECT latest_evals FROM jobs WHERE id = ?")
+                .bind(id)
+                .fetch_one(&pool)
+        };
+        let a: serde_json::Value = serde_json::from_str(&latest("a").await.unwrap().unwrap()).unwrap();
+        assert_eq!((a["domain"]["perplexity"].as_f64(), a["domain"]["step"].as_u64()), (Some(31.0), Some(0)), "{a}");
+        assert_eq!(a["general"]["perplexity"].as_f64(), Some(40.0));
+        assert_eq!(latest("b").await.unwrap(), None, "a job without evals has none");
+    }
 }
