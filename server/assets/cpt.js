@@ -194,6 +194,8 @@ async function jobView(main, id) {
     } finally { following = false; }
   }
   await refresh();
+  // Follow from now: the charts already hold everything stored so far.
+  lastId.value = job.last_event_id || 0;
   live();
   return null;
 }

@@ -41,6 +41,9 @@ async fn pages_hold_no_data_and_the_charts_they_draw_need_the_token() {
     let (_, job) = server.call(Method::GET, &format!("/v1/jobs/{id}"), None).await;
     assert_eq!(job["latest_evals"]["general"]["perplexity"], 20.09, "{job}");
     assert_eq!(job["latest_evals"]["domain"]["step"], 5);
+    let (_, stored) = server.call(Method::GET, &format!("/v1/jobs/{id}/events"), None).await;
+    let newest = stored["events"].as_array().unwrap().iter().map(|e| e["id"].as_i64().unwrap()).max();
+    assert_eq!(job["last_event_id"].as_i64(), newest, "where the page starts following the stream");
 
     let chart = |name: &str| server.request(Method::GET, &format!("/v1/jobs/{id}/plot.svg?chart={name}")).send();
     let loss = chart("loss").await.unwrap();

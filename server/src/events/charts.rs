@@ -18,6 +18,24 @@ pub const CHARTS: [&str; 5] = ["loss", "lr", "throughput", "perplexity", "bits_p
 /// How much of the past the smoothed loss keeps per step (TensorBoard's smoothing weight).
 const SMOOTHING: f64 = 0.9;
 
+/// At most this many points per line: a chart of a long run stays a few hundred kilobytes, whose
+/// redraw the job page can afford every couple of seconds.
+const MAX_POINTS: usize = 2000;
+
+/// Every k-th point (and the last), so that at most [`MAX_POINTS`] remain.
+pub fn thinned(points: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
+    if points.len() <= MAX_POINTS {
+        return points;
+    }
+    let stride = points.len().div_ceil(MAX_POINTS - 1);
+    let last = points[points.len() - 1];
+    let mut kept: Vec<(f64, f64)> = points.into_iter().step_by(stride).collect();
+    if kept.last() != Some(&last) {
+        kept.push(last);
+    }
+    kept
+}
+
 /// An exponential moving average, debiased so that it starts at the first value.
 pub fn smoothed(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
     let (mut average, mut weight) = (0.0, 0.0);
@@ -38,7 +56,7 @@ pub struct PlotQuery {
 }
 
 fn line(label: &str, points: Vec<(f64, f64)>) -> Series {
-    Series { label: label.to_string(), points, faint: false }
+    Series { label: label.to_string(), points: thinned(points), faint: false }
 }
 
 /// `GET /v1/jobs/{id}/plot.svg?chart=loss|lr|throughput|perplexity|bits_per_byte` (default loss).
@@ -74,7 +92,7 @@ pub async fn plot(
             "loss" => {
                 let raw = column(|m| m.loss);
                 let smooth = smoothed(&raw);
-                let raw = Series { label: "train loss".into(), points: raw, faint: true };
+                let raw = Series { label: "train loss".into(), points: thinned(raw), faint: true };
                 (vec![raw, line("smoothed", smooth)], "nats per token", Scale::Linear)
             }
             "lr" => (vec![line("", column(|m| m.lr))], "learning rate", Scale::Linear),
@@ -99,6 +117,15 @@ pub async fn plot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_runs_are_thinned_to_at_most_max_points_keeping_both_ends() {
+        let points: Vec<(f64, f64)> = (1..=100_000).map(|i| (i as f64, 1.0 / i as f64)).collect();
+        let kept = thinned(points.clone());
+        assert!(kept.len() <= MAX_POINTS && kept.len() > MAX_POINTS / 2, "{}", kept.len());
+        assert_eq!((kept[0], *kept.last().unwrap()), (points[0], points[99_999]));
+        assert_eq!(thinned(points[..10].to_vec()), points[..10]);
+    }
 
     #[test]
     fn smoothing_starts_at_the_first_value_and_follows_a_step() {

@@ -98,6 +98,12 @@ pub async fn all_of_kind(pool: &SqlitePool, job_id: &str, kind: &str) -> sqlx::R
     rows.iter().map(from_row).collect()
 }
 
+/// The id of a job's newest event (0 when it has none): where a client that has just read the job
+/// starts following its stream.
+pub async fn latest_id(pool: &SqlitePool, job_id: &str) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM events WHERE job_id = ?").bind(job_id).fetch_one(pool).await
+}
+
 /// The newest event of `kind` of a job.
 pub async fn latest_of_kind(pool: &SqlitePool, job_id: &str, kind: &str) -> sqlx::Result<Option<StoredEvent>> {
     let row = sqlx::query("SELECT * FROM events WHERE job_id = ? AND kind = ? ORDER BY id DESC LIMIT 1")

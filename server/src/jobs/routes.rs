@@ -227,12 +227,13 @@ pub async fn list(State(app): State<AppState>, Query(query): Query<ListQuery>) -
     Ok(Json(json!({"jobs": jobs, "next_cursor": next.map(|n| n.to_string())})))
 }
 
-/// `GET /v1/jobs/{id}`: the job and its lineage.
+/// `GET /v1/jobs/{id}`: the job, its lineage, and the id of its newest event.
 pub async fn get_job(State(app): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, ApiError> {
     let job = store::existing(&app.pool, &id).await?;
     let lineage = store::lineage(&app.pool, &job).await?;
     let mut view = serde_json::to_value(&job).map_err(ApiError::internal)?;
     view["lineage"] = serde_json::to_value(&lineage).map_err(ApiError::internal)?;
+    view["last_event_id"] = crate::events::store::latest_id(&app.pool, &id).await?.into();
     Ok(Json(view))
 }
 

@@ -109,7 +109,7 @@ fn counts(jobs: &[Job]) -> Value {
 
 /// A sweep with its state, its jobs' counts and the comparison table.
 async fn view(app: &AppState, sweep: Sweep) -> Result<Value, ApiError> {
-    let jobs = store::jobs_of(&app.pool, &sweep.id).await?;
+    let jobs = jobs::of_sweep(&app.pool, &sweep.id).await?;
     let courses = report::courses(&store::evals_of(&app.pool, &sweep.id).await?);
     let now = now_ms();
     let lines: Vec<report::Line> = jobs.iter().map(|job| report::line(job, &courses, now)).collect();
@@ -137,7 +137,7 @@ async fn list(State(app): State<AppState>, Query(query): Query<ListQuery>) -> Re
     let (sweeps, next) = store::list(&app.pool, cursor, limit).await?;
     let mut items = Vec::with_capacity(sweeps.len());
     for sweep in sweeps {
-        let jobs = store::jobs_of(&app.pool, &sweep.id).await?;
+        let jobs = jobs::of_sweep(&app.pool, &sweep.id).await?;
         items.push(json!({"id": sweep.id, "name": sweep.name, "state": report::state(&jobs), "counts": counts(&jobs),
                           "created_at": sweep.created_at, "grid": sweep.request["grid"]}));
     }
@@ -163,7 +163,7 @@ async fn plot_svg(
     Query(query): Query<PlotQuery>,
 ) -> Result<Response, ApiError> {
     let sweep = existing(&app, &id).await?;
-    let jobs = store::jobs_of(&app.pool, &sweep.id).await?;
+    let jobs = jobs::of_sweep(&app.pool, &sweep.id).await?;
     let courses = report::courses(&store::evals_of(&app.pool, &sweep.id).await?);
     let (x, y) = match (query.x, query.y) {
         (Some(x), Some(y)) => (x, y),
@@ -193,7 +193,7 @@ enum Action {
 /// by a race) are left as they are.
 async fn for_each_job(app: &AppState, id: &str, action: Action) -> Result<Value, ApiError> {
     let sweep = existing(app, id).await?;
-    for job in store::jobs_of(&app.pool, id).await? {
+    for job in jobs::of_sweep(&app.pool, id).await? {
         let done = match action {
             Action::Cancel if matches!(job.state, JobState::Queued | JobState::Running | JobState::Paused) => {
                 jobs::cancel(&app.pool, &job.id).await

@@ -1,4 +1,5 @@
-//! Every SQL statement that touches `sweeps`. A sweep's jobs are rows of `jobs` that name it.
+//! Every SQL statement that touches `sweeps`. A sweep's jobs are rows of `jobs` that name it
+//! (inserted here with it, read by [`jobs::of_sweep`]).
 
 use serde::Serialize;
 use serde_json::Value;
@@ -7,7 +8,7 @@ use sqlx::{Row, SqlitePool};
 
 use crate::db::WriteTx;
 use crate::events::store::{self as events, StoredEvent};
-use crate::jobs::store::{self as jobs, Job, JobError, NewJob};
+use crate::jobs::store::{self as jobs, JobError, NewJob};
 use crate::now_ms;
 
 /// A sweep as stored: the request it was made from.
@@ -89,13 +90,6 @@ pub async fn list(pool: &SqlitePool, cursor: Option<i64>, limit: i64) -> sqlx::R
         .fetch_all(pool)
         .await?;
     crate::db::page(&rows, limit, from_row)
-}
-
-/// The sweep's jobs, in the grid's order.
-pub async fn jobs_of(pool: &SqlitePool, sweep_id: &str) -> sqlx::Result<Vec<Job>> {
-    let rows =
-        sqlx::query("SELECT * FROM jobs WHERE sweep_id = ? ORDER BY rowid").bind(sweep_id).fetch_all(pool).await?;
-    rows.iter().map(jobs::job_from_row).collect()
 }
 
 /// Every eval event of the sweep's jobs, each job's oldest attempt first, each attempt in order.

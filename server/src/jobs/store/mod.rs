@@ -86,7 +86,7 @@ fn json_column(row: &SqliteRow, column: &str) -> sqlx::Result<Option<Value>> {
     }
 }
 
-pub fn job_from_row(row: &SqliteRow) -> sqlx::Result<Job> {
+pub(super) fn job_from_row(row: &SqliteRow) -> sqlx::Result<Job> {
     let step: i64 = row.try_get("step")?;
     let total_steps: Option<i64> = row.try_get("total_steps")?;
     let state: String = row.try_get("state")?;
@@ -224,6 +224,13 @@ pub async fn list(
     .fetch_all(pool)
     .await?;
     crate::db::page(&rows, limit, job_from_row)
+}
+
+/// The jobs of a sweep, in the grid's order.
+pub async fn of_sweep(pool: &SqlitePool, sweep_id: &str) -> sqlx::Result<Vec<Job>> {
+    let rows =
+        sqlx::query("SELECT * FROM jobs WHERE sweep_id = ? ORDER BY rowid").bind(sweep_id).fetch_all(pool).await?;
+    rows.iter().map(job_from_row).collect()
 }
 
 /// Jobs per state, every state present.
