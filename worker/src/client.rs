@@ -48,12 +48,17 @@ impl ServerClient {
         }
     }
 
+    /// `GET path`, refusing any answer but a success.
+    pub async fn get(&self, path: &str) -> Result<reqwest::Response> {
+        let response = self.request(reqwest::Method::GET, path).send().await?;
+        if !response.status().is_success() {
+            bail!("GET {path}: {} {}", response.status(), response.text().await.unwrap_or_default());
+        }
+        Ok(response)
+    }
+
     /// `GET /v1/jobs/{id}`.
     pub async fn job(&self, id: &str) -> Result<Value> {
-        let response = self.request(reqwest::Method::GET, &format!("/v1/jobs/{id}")).send().await?;
-        if !response.status().is_success() {
-            bail!("GET /v1/jobs/{id}: {} {}", response.status(), response.text().await.unwrap_or_default());
-        }
-        Ok(response.json().await?)
+        Ok(self.get(&format!("/v1/jobs/{id}")).await?.json().await?)
     }
 }

@@ -5,26 +5,18 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::Value;
 
 use crate::client::ServerClient;
 
-async fn get(client: &ServerClient, path: &str) -> Result<reqwest::Response> {
-    let response = client.request(reqwest::Method::GET, path).send().await.with_context(|| format!("GET {path}"))?;
-    if !response.status().is_success() {
-        bail!("GET {path}: {} {}", response.status(), response.text().await.unwrap_or_default());
-    }
-    Ok(response)
-}
-
 /// Prints sweep `id`'s table; with `plot`, writes its plot there.
 pub async fn show(server: String, token: Option<String>, id: &str, plot: Option<&Path>) -> Result<()> {
     let client = ServerClient::new(&server, token);
-    let sweep: Value = get(&client, &format!("/v1/sweeps/{id}")).await?.json().await?;
+    let sweep: Value = client.get(&format!("/v1/sweeps/{id}")).await.context("reading the sweep")?.json().await?;
     print!("{}", table(&sweep));
     if let Some(path) = plot {
-        let svg = get(&client, &format!("/v1/sweeps/{id}/plot.svg")).await?.text().await?;
+        let svg = client.get(&format!("/v1/sweeps/{id}/plot.svg")).await?.text().await?;
         std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
         println!("plot: {}", path.display());
     }

@@ -72,7 +72,7 @@ pub async fn plot(
     let job = jobs::existing(&app.pool, &id).await?;
     let (series, y_desc, y_scale) = if matches!(chart.as_str(), "perplexity" | "bits_per_byte") {
         let evals = evals_of(&app, &id).await?;
-        let pick = |v: &super::series::EvalValues| if chart == "perplexity" { v.1 } else { v.2 };
+        let pick = |v: &super::series::EvalPoint| if chart == "perplexity" { v.perplexity } else { v.bits_per_byte };
         let series: Vec<Series> = evals
             .iter()
             .map(|(set, points)| line(set, points.iter().map(|(s, v)| (*s as f64, pick(v))).collect()))

@@ -31,18 +31,32 @@ pub async fn steps_of(app: &AppState, id: &str) -> Result<BTreeMap<u64, StepMetr
     Ok(steps)
 }
 
-/// One eval: (loss, perplexity, bits per byte).
-pub type EvalValues = (f64, f64, f64);
+/// One eval of one set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalPoint {
+    pub loss: f64,
+    pub perplexity: f64,
+    pub bits_per_byte: f64,
+}
 
-/// A job's evals by set, then step.
-pub async fn evals_of(app: &AppState, id: &str) -> Result<BTreeMap<String, BTreeMap<u64, EvalValues>>, ApiError> {
-    let mut evals: BTreeMap<String, BTreeMap<u64, EvalValues>> = BTreeMap::new();
-    for event in events_of(app, id, "eval").await? {
-        if let Event::Eval { step, set, loss, perplexity, bits_per_byte, .. } = event.envelope.event {
-            evals.entry(set).or_default().insert(step, (loss, perplexity, bits_per_byte));
+/// A job's eval sets: per set, its evals by step.
+pub type EvalCourses = BTreeMap<String, BTreeMap<u64, EvalPoint>>;
+
+/// Eval events (each job's oldest attempt first, each attempt in order) as courses per job id.
+pub fn eval_courses(events: &[StoredEvent]) -> BTreeMap<String, EvalCourses> {
+    let mut courses: BTreeMap<String, EvalCourses> = BTreeMap::new();
+    for stored in events {
+        if let Event::Eval { step, set, loss, perplexity, bits_per_byte, .. } = &stored.envelope.event {
+            let point = EvalPoint { loss: *loss, perplexity: *perplexity, bits_per_byte: *bits_per_byte };
+            courses.entry(stored.job_id.clone()).or_default().entry(set.clone()).or_default().insert(*step, point);
         }
     }
-    Ok(evals)
+    courses
+}
+
+/// A job's evals by set, then step.
+pub async fn evals_of(app: &AppState, id: &str) -> Result<EvalCourses, ApiError> {
+    Ok(eval_courses(&events_of(app, id, "eval").await?).remove(id).unwrap_or_default())
 }
 
 /// `GET /v1/jobs/{id}/metrics`: per-step training series and per-set eval series, as columns.
@@ -65,9 +79,9 @@ pub async fn metrics(State(app): State<AppState>, UrlPath(id): UrlPath<String>) 
         .map(|(set, points)| {
             let series = json!({
                 "step": points.keys().copied().collect::<Vec<_>>(),
-                "loss": points.values().map(|p| p.0).collect::<Vec<_>>(),
-                "perplexity": points.values().map(|p| p.1).collect::<Vec<_>>(),
-                "bits_per_byte": points.values().map(|p| p.2).collect::<Vec<_>>(),
+                "loss": points.values().map(|p| p.loss).collect::<Vec<_>>(),
+                "perplexity": points.values().map(|p| p.perplexity).collect::<Vec<_>>(),
+                "bits_per_byte": points.values().map(|p| p.bits_per_byte).collect::<Vec<_>>(),
             });
             (set, series)
         })

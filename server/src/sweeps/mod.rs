@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
+use crate::events::series::eval_courses;
 use crate::jobs::routes::{idempotency, page_query, parse_spec, plan_job, CreateQuery, TrainJob};
 use crate::jobs::store::{self as jobs, Job, JobError};
 use crate::{now_ms, AppState};
@@ -110,7 +111,7 @@ fn counts(jobs: &[Job]) -> Value {
 /// A sweep with its state, its jobs' counts and the comparison table.
 async fn view(app: &AppState, sweep: Sweep) -> Result<Value, ApiError> {
     let jobs = jobs::of_sweep(&app.pool, &sweep.id).await?;
-    let courses = report::courses(&store::evals_of(&app.pool, &sweep.id).await?);
+    let courses = eval_courses(&store::evals_of(&app.pool, &sweep.id).await?);
     let now = now_ms();
     let lines: Vec<report::Line> = jobs.iter().map(|job| report::line(job, &courses, now)).collect();
     Ok(json!({
@@ -164,7 +165,7 @@ async fn plot_svg(
 ) -> Result<Response, ApiError> {
     let sweep = existing(&app, &id).await?;
     let jobs = jobs::of_sweep(&app.pool, &sweep.id).await?;
-    let courses = report::courses(&store::evals_of(&app.pool, &sweep.id).await?);
+    let courses = eval_courses(&store::evals_of(&app.pool, &sweep.id).await?);
     let (x, y) = match (query.x, query.y) {
         (Some(x), Some(y)) => (x, y),
         (x, y) => {
@@ -189,17 +190,14 @@ enum Action {
     Resume,
 }
 
-/// Applies `action` to every job of the sweep in a state it accepts; the others (ended, or changed
-/// by a race) are left as they are.
+/// Applies `action` to every job of the sweep; the store's guarded update leaves those in a state it
+/// does not accept (ended, or changed by a race) as they are.
 async fn for_each_job(app: &AppState, id: &str, action: Action) -> Result<Value, ApiError> {
     let sweep = existing(app, id).await?;
     for job in jobs::of_sweep(&app.pool, id).await? {
         let done = match action {
-            Action::Cancel if matches!(job.state, JobState::Queued | JobState::Running | JobState::Paused) => {
-                jobs::cancel(&app.pool, &job.id).await
-            }
-            Action::Resume if job.state.is_resumable() => jobs::resume(&app.pool, &job.id).await,
-            _ => continue,
+            Action::Cancel => jobs::cancel(&app.pool, &job.id).await,
+            Action::Resume => jobs::resume(&app.pool, &job.id).await,
         };
         match done {
             Ok(job) if job.state.is_terminal() => crate::metrics::forget_later(app, job.id.clone()),

@@ -3,34 +3,16 @@
 
 use std::collections::BTreeMap;
 
-use cpt_protocol::{Event, JobState};
+use cpt_protocol::JobState;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::events::StoredEvent;
+use crate::events::series::{EvalCourses, EvalPoint};
 use crate::jobs::store::Job;
 
-/// One eval of one set.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct EvalPoint {
-    pub perplexity: f64,
-    pub bits_per_byte: f64,
-}
-
-/// Per job id, per set, the evals by step. A step evaluated again by a later attempt (a resume
-/// repeats the steps after its checkpoint) keeps the later value: it is the one the run went on from.
-pub type Courses = BTreeMap<String, BTreeMap<String, BTreeMap<u64, EvalPoint>>>;
-
-pub fn courses(evals: &[StoredEvent]) -> Courses {
-    let mut courses = Courses::new();
-    for stored in evals {
-        if let Event::Eval { step, set, perplexity, bits_per_byte, .. } = &stored.envelope.event {
-            let point = EvalPoint { perplexity: *perplexity, bits_per_byte: *bits_per_byte };
-            courses.entry(stored.job_id.clone()).or_default().entry(set.clone()).or_default().insert(*step, point);
-        }
-    }
-    courses
-}
+/// Per job id, per set, the evals by step ([`crate::events::series::eval_courses`]: a step evaluated again by a later
+/// attempt keeps the later value, the one the run went on from).
+pub type Courses = BTreeMap<String, EvalCourses>;
 
 /// One set's course in one job, in a line of the table.
 #[derive(Debug, Clone, Serialize)]
@@ -158,7 +140,7 @@ mod tests {
     use super::*;
 
     fn course(points: &[(u64, f64)]) -> BTreeMap<u64, EvalPoint> {
-        points.iter().map(|&(s, p)| (s, EvalPoint { perplexity: p, bits_per_byte: f64::NAN })).collect()
+        points.iter().map(|&(s, p)| (s, EvalPoint { loss: p.ln(), perplexity: p, bits_per_byte: f64::NAN })).collect()
     }
 
     #[test]

@@ -46,15 +46,8 @@ pub struct NewSweep<'a> {
 /// an earlier identical request with the same Idempotency-Key made (`created` false).
 pub async fn create(pool: &SqlitePool, new: NewSweep<'_>) -> Result<(Sweep, bool), JobError> {
     let mut tx = WriteTx::begin(pool).await?;
-    if let Some((key, hash)) = &new.idempotency {
-        let existing =
-            sqlx::query("SELECT * FROM sweeps WHERE idempotency_key = ?").bind(key).fetch_optional(tx.conn()).await?;
-        if let Some(row) = existing {
-            if row.try_get::<Option<String>, _>("request_hash")?.as_ref() != Some(hash) {
-                return Err(JobError::KeyReused);
-            }
-            return Ok((from_row(&row)?, false));
-        }
+    if let Some(row) = jobs::earlier_request(tx.conn(), "sweeps", new.idempotency.as_ref()).await? {
+        return Ok((from_row(&row)?, false));
     }
     let (key, hash) = new.idempotency.map_or((None, None), |(k, h)| (Some(k), Some(h)));
     let row = sqlx::query(

@@ -148,21 +148,30 @@ pub struct NewJob<'a> {
 /// false); the same key with a different request is [`JobError::KeyReused`].
 pub async fn create(pool: &SqlitePool, new: NewJob<'_>) -> Result<(Job, bool), JobError> {
     let mut tx = WriteTx::begin(pool).await?;
-    if let Some((key, hash)) = &new.idempotency {
-        let existing =
-            sqlx::query("SELECT * FROM jobs WHERE idempotency_key = ?").bind(key).fetch_optional(tx.conn()).await?;
-        if let Some(row) = existing {
-            // Jobs created before hashes were kept (NULL) match any request, as they always did.
-            let stored: Option<String> = row.try_get("request_hash")?;
-            if stored.is_some() && stored.as_ref() != Some(hash) {
-                return Err(JobError::KeyReused);
-            }
-            return Ok((job_from_row(&row)?, false));
-        }
+    if let Some(row) = earlier_request(tx.conn(), "jobs", new.idempotency.as_ref()).await? {
+        return Ok((job_from_row(&row)?, false));
     }
     let job = insert(tx.conn(), new).await?;
     tx.commit().await?;
     Ok((job, true))
+}
+
+/// The row of `table` (`jobs` or `sweeps`) an earlier request with the same Idempotency-Key made,
+/// if any; the same key with a different request is [`JobError::KeyReused`].
+pub async fn earlier_request(
+    conn: &mut SqliteConnection,
+    table: &'static str,
+    idempotency: Option<&(&str, String)>,
+) -> Result<Option<SqliteRow>, JobError> {
+    let Some((key, hash)) = idempotency else { return Ok(None) };
+    let sql = format!("SELECT * FROM {table} WHERE idempotency_key = ?");
+    let Some(row) = sqlx::query(&sql).bind(key).fetch_optional(conn).await? else { return Ok(None) };
+    // Rows made before hashes were kept (NULL) match any request, as they always did.
+    let stored: Option<String> = row.try_get("request_hash")?;
+    if stored.is_some() && stored.as_ref() != Some(hash) {
+        return Err(JobError::KeyReused);
+    }
+    Ok(Some(row))
 }
 
 /// Inserts a queued job inside the caller's transaction.
