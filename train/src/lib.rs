@@ -17,6 +17,7 @@ pub mod optim;
 pub mod params;
 pub mod peak;
 pub mod schedule;
+pub mod step;
 pub mod text;
 pub mod trainer;
 pub mod vocab;

@@ -40,6 +40,25 @@ pub(crate) fn gradients(g: &Tensor, x: &Tensor, w: &Tensor) -> Result<(Tensor, O
     Ok((dx, dw))
 }
 
+/// `dst (m × n, row stride dst_rs) = lhs · rhs` (or `+=` with `accumulate`), operands as (data,
+/// row stride, column stride): [`gemm_into`] on slices, checked to stay inside them.
+pub(crate) fn gemm<T: 'static + num_traits::Zero + num_traits::One>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (&mut [T], usize),
+    lhs: (&[T], usize, usize),
+    rhs: (&[T], usize, usize),
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
+    let covers = |len: usize, rows: usize, cols: usize, rs: usize, cs: usize| {
+        rows == 0 || cols == 0 || len > (rows - 1) * rs + (cols - 1) * cs
+    };
+    assert!(covers(dst.len(), m, n, dst_rs, 1), "gemm: a destination too small");
+    assert!(covers(lhs.0.len(), m, k, lhs.1, lhs.2) && covers(rhs.0.len(), k, n, rhs.1, rhs.2));
+    // SAFETY: the assertions above: every strided element of dst, lhs and rhs is in its slice.
+    unsafe { gemm_into((m, n, k), (dst.as_mut_ptr(), dst_rs), lhs, rhs, accumulate, parallelism) }
+}
+
 /// `dst = lhs · rhs` (or `dst += lhs · rhs` with `accumulate`) for an m × k `lhs` and a k × n
 /// `rhs`, each given as (data, row stride, column stride) in elements; `dst` is given as (pointer,
 /// row stride) with unit column stride, and every one of its m × n elements is written.

@@ -38,6 +38,34 @@ pub fn self_attention(
     qkv.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, op)
 }
 
+/// What one layer's attention keeps between the explicit step's forward and backward passes.
+pub(crate) struct Saved<T> {
+    tasks: Vec<Task<T>>,
+    n: Dims,
+    op: SelfAttention,
+}
+
+/// [`self_attention`] on slices: `qkv` rows of `(heads + 2·kv_heads)·d` for `batch` sequences of
+/// `seq`, the rotary tables `(seq, d)`; returns the output rows `(heads·d)` and what the backward needs.
+pub(crate) fn forward_rows<T: Real>(
+    qkv: &[T],
+    (batch, seq): (usize, usize),
+    (cos, sin): (&[T], &[T]),
+    heads: usize,
+    kv_heads: usize,
+    window: Option<usize>,
+) -> Result<(Vec<T>, Saved<T>)> {
+    let op = SelfAttention { heads, kv_heads, window: window.unwrap_or(usize::MAX), kept: Mutex::new(None) };
+    let n = Dims::new(&op, &[batch, seq, qkv.len() / (batch * seq).max(1)], cos.len())?;
+    let (y, tasks) = op.forward(qkv, cos, sin, n);
+    Ok((y, Saved { tasks, n, op }))
+}
+
+/// The gradient of the packed `qkv` rows from the output gradient `dy`, on slices.
+pub(crate) fn backward_rows<T: Real>(saved: &Saved<T>, dy: &[T], (cos, sin): (&[T], &[T])) -> Vec<T> {
+    saved.op.backward(&saved.tasks, dy, cos, sin, saved.n)
+}
+
 struct SelfAttention {
     heads: usize,
     kv_heads: usize,
@@ -102,22 +130,15 @@ impl Dims {
     }
 }
 
-/// `dst (m × n, row stride dst_rs) = lhs · rhs` (or `+=` with `accumulate`), operands as (data,
-/// row stride, column stride), on this thread.
+/// [`linear::gemm`] on this thread: attention's tasks are the parallel units.
 fn gemm<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    (dst, dst_rs): (&mut [T], usize),
+    sizes: (usize, usize, usize),
+    dst: (&mut [T], usize),
     lhs: (&[T], usize, usize),
     rhs: (&[T], usize, usize),
     accumulate: bool,
 ) {
-    let covers = |len: usize, rows: usize, cols: usize, rs: usize, cs: usize| {
-        rows == 0 || cols == 0 || len > (rows - 1) * rs + (cols - 1) * cs
-    };
-    assert!(covers(dst.len(), m, n, dst_rs, 1), "attention: a gemm destination too small");
-    assert!(covers(lhs.0.len(), m, k, lhs.1, lhs.2) && covers(rhs.0.len(), k, n, rhs.1, rhs.2));
-    // SAFETY: the assertions above: every strided element of dst, lhs and rhs is in its slice.
-    unsafe { linear::gemm_into((m, n, k), (dst.as_mut_ptr(), dst_rs), lhs, rhs, accumulate, gemm::Parallelism::None) }
+    linear::gemm(sizes, dst, lhs, rhs, accumulate, gemm::Parallelism::None)
 }
 
 /// Copies column head `column` (of `d`) of every position of `batch` from rows of `width` into

@@ -20,6 +20,17 @@ pub fn swiglu_packed(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Swiglu)
 }
 
+/// `silu(gate) · up` of packed `[gate | up]` rows on slices, for the explicit training step.
+pub(crate) fn swiglu_rows<T: Real>(packed: &[T], width: usize) -> Result<Vec<T>> {
+    Swiglu.run(&[packed], &[&[packed.len() / width.max(1), width]])
+}
+
+/// The gradient of packed `[gate | up]` rows from the output gradient `dy`, on slices.
+pub(crate) fn swiglu_backward_rows<T: Real>(packed: &[T], dy: &[T], width: usize) -> Result<Vec<T>> {
+    let rows = packed.len() / width.max(1);
+    SwigluGrad.run(&[packed, dy], &[&[rows, width], &[rows, width / 2]])
+}
+
 /// `y = x·cos + rotate_half(x)·sin`; the backward applies the transposed rotation to the gradient.
 #[derive(Clone, Copy)]
 struct Rope {

@@ -38,7 +38,7 @@ struct LinearNll {
 /// Per row: the target's negative log-likelihood, and `1 / Σ exp(logit − max)`; the row itself
 /// becomes `exp(logit − max)`, the softmax up to that factor, so the backward pass needs no
 /// exponentials of its own.
-fn nll<T: Real>(logits: &mut [T], vocab: usize, targets: &[usize]) -> (Vec<T>, Vec<T>) {
+pub(crate) fn nll<T: Real>(logits: &mut [T], vocab: usize, targets: &[usize]) -> (Vec<T>, Vec<T>) {
     let (mut nll, mut inv_sum) = (vec![T::zero(); targets.len()], vec![T::zero(); targets.len()]);
     logits.par_chunks_mut(vocab).zip(nll.par_iter_mut().zip(inv_sum.par_iter_mut())).zip(targets).for_each(
         |((row, (nll, inv_sum)), &target)| {
@@ -53,7 +53,7 @@ fn nll<T: Real>(logits: &mut [T], vocab: usize, targets: &[usize]) -> (Vec<T>, V
 }
 
 /// `row ← g · (softmax(logits) − one_hot(target))` in place, from the forward's `exp(logit − max)`.
-fn to_gradient<T: Real>(exps: &mut [T], vocab: usize, targets: &[usize], inv_sum: &[T], g: &[T]) {
+pub(crate) fn to_gradient<T: Real>(exps: &mut [T], vocab: usize, targets: &[usize], inv_sum: &[T], g: &[T]) {
     by_rows(exps, vocab, |r, row| {
         let scale = g[r] * inv_sum[r];
         row.iter_mut().for_each(|p| *p *= scale);

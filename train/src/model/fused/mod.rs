@@ -25,6 +25,16 @@ pub use lora::{lora_linear, Block};
 pub use norm::rms_norm;
 pub use softmax::{causal_softmax, token_nll};
 
+/// The CPU kernels on slices, for the explicit training step (`crate::step`), which keeps its
+/// own activations instead of candle's graph.
+pub(crate) mod rows {
+    pub(crate) use super::attention::{backward_rows as attention_backward, forward_rows as attention, Saved};
+    pub(crate) use super::elementwise::{swiglu_backward_rows as swiglu_backward, swiglu_rows as swiglu};
+    pub(crate) use super::linear_nll::{nll, to_gradient};
+    pub(crate) use super::norm::{rms_norm_backward_rows as rms_norm_backward, rms_norm_rows as rms_norm};
+    pub(crate) use super::softmax::target_indices;
+}
+
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
@@ -41,8 +51,8 @@ pub fn cuda_supported(x: &Tensor) -> bool {
     cfg!(feature = "cuda") && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16)
 }
 
-/// The float types the CPU kernels (and the in-place AdamW) run on.
-pub(crate) trait Real:
+/// The float types the CPU kernels, the explicit step and the in-place AdamW run on: f32 and f64.
+pub trait Real:
     candle_core::WithDType + Float + std::ops::AddAssign + std::ops::SubAssign + std::ops::MulAssign + Send + Sync
 {
     /// `out[j] = exp(x[j]·scale − shift) · factor`; returns `Σ exp(x[j]·scale − shift)`.

@@ -15,6 +15,30 @@ struct RmsNorm {
     eps: f64,
 }
 
+/// RMSNorm of `x` (rows of `weight.len()`) on slices, for the explicit training step.
+pub(crate) fn rms_norm_rows<T: Real>(x: &[T], weight: &[T], eps: f64) -> Result<Vec<T>> {
+    RmsNorm { eps }.run(&[x, weight], &[&[x.len() / weight.len().max(1), weight.len()], &[weight.len()]])
+}
+
+/// RMSNorm's backward on slices: `dx += ∂x` (the residual stream's gradient takes it in place) and
+/// `dw += ∂w`, for the output gradient `g`.
+pub(crate) fn rms_norm_backward_rows<T: Real>(x: &[T], weight: &[T], g: &[T], eps: f64, dx: &mut [T], dw: &mut [T]) {
+    let h = weight.len();
+    let n = T::from(h).expect("a length");
+    by_rows(dx, h, |r, dx| {
+        let (x, g) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
+        let inv = inv_rms(x, eps);
+        let dot = x.iter().zip(g).zip(weight).fold(T::zero(), |acc, ((&v, &g), &w)| acc + w * g * v * inv) / n;
+        for (((o, &v), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(weight) {
+            *o += inv * (w * g - v * inv * dot);
+        }
+    });
+    let partial = RmsNormGrad { eps, weight: true }
+        .run(&[x, weight, g], &[&[x.len() / h.max(1), h], &[h], &[x.len() / h.max(1), h]])
+        .expect("the weight gradient of matching slices");
+    dw.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
+}
+
 /// `1 / sqrt(mean(x²) + eps)` of one row.
 fn inv_rms<T: Real>(x: &[T], eps: f64) -> T {
     let mean_square = x.iter().fold(T::zero(), |acc, &v| acc + v * v) / T::from(x.len()).expect("a length");

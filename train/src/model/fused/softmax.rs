@@ -121,7 +121,7 @@ pub(super) fn log_sum_exp<T: Real>(x: &[T], scratch: &mut [T]) -> T {
 }
 
 /// The targets as indices, refusing any outside the vocabulary.
-pub(super) fn target_indices(targets: &[u32], vocab: usize) -> Result<Vec<usize>> {
+pub(crate) fn target_indices(targets: &[u32], vocab: usize) -> Result<Vec<usize>> {
     targets
         .iter()
         .map(
