@@ -1,5 +1,5 @@
-"""The PyTorch side of bench/train_speed.sh: the same model (transformers' LlamaForCausalLM, eager
-attention, f32), the same random tokens shape and AdamW settings as `cpt-worker bench`, timed the
+"""The PyTorch side of bench/train_speed.sh: the same model (transformers' LlamaForCausalLM, f32, eager
+or scaled-dot-product attention), the same random tokens shape and AdamW settings as `cpt-worker bench`, timed the
 same way (median of the timed steps after warmup). Prints one JSON line."""
 
 import argparse
@@ -18,12 +18,13 @@ parser.add_argument("--batch", type=int, default=8)
 parser.add_argument("--steps", type=int, default=10)
 parser.add_argument("--warmup", type=int, default=2)
 parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--attention", choices=["eager", "sdpa"], default="eager")
 args = parser.parse_args()
 
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
 config = LlamaConfig(**json.load(open(args.config)))
-config._attn_implementation = "eager"
+config._attn_implementation = args.attention
 model = LlamaForCausalLM(config).float().train()
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len + 1))
@@ -44,6 +45,7 @@ for step in range(args.warmup + args.steps):
 step_seconds = statistics.median(seconds)
 tokens = args.batch * args.seq_len
 print(json.dumps({
+    "attention": config._attn_implementation,
     "parameters": sum(p.numel() for p in model.parameters()),
     "tokens_per_step": tokens,
     "step_seconds": step_seconds,

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Training speed, candle (cpt-worker bench: fused kernels, and the composed ops) against PyTorch
-# eager f32 (bench/torch_train.py: transformers' LlamaForCausalLM) on the same model, token shape and
-# AdamW settings, with the same number of threads. Rounds alternate the three so machine noise hits
-# all of them; the medians and the ratio are printed.
+# Training speed on the CPU: candle's explicit step (full training's default), the same fused kernels
+# through candle's autograd, and PyTorch f32 (bench/torch_train.py: transformers' LlamaForCausalLM)
+# with eager and with scaled-dot-product attention, on the same model, token shape, AdamW settings
+# and number of threads. Rounds alternate the four so machine noise hits all of them; the medians,
+# the ratios against both PyTorch variants and the CPU model are printed.
 #   bench/train_speed.sh [reference|smollm2-135m] [rounds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,24 +21,30 @@ worker=${CARGO_TARGET_DIR:-$PWD/target}/release/cpt-worker
 python=$(scripts/python-env.sh | tail -n 1)
 out=$(mktemp -d)
 for round in $(seq "$rounds"); do
-  RAYON_NUM_THREADS=$threads "$worker" bench --config "$config" "${args[@]}" >>"$out/fused.jsonl"
-  "$python" bench/torch_train.py --config "$config" "${args[@]}" --threads "$threads" >>"$out/torch.jsonl"
-  RAYON_NUM_THREADS=$threads "$worker" bench --config "$config" "${args[@]}" --kernels composed >>"$out/composed.jsonl"
+  RAYON_NUM_THREADS=$threads "$worker" bench --config "$config" "${args[@]}" >>"$out/explicit.jsonl"
+  "$python" bench/torch_train.py --config "$config" "${args[@]}" --threads "$threads" --attention sdpa >>"$out/sdpa.jsonl"
+  RAYON_NUM_THREADS=$threads "$worker" bench --config "$config" "${args[@]}" --autograd >>"$out/autograd.jsonl"
+  "$python" bench/torch_train.py --config "$config" "${args[@]}" --threads "$threads" --attention eager >>"$out/eager.jsonl"
   echo "round $round/$rounds done" >&2
 done
-"$python" - "$out" "$preset" "$threads" <<'PY'
+cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -n 1)
+"$python" - "$out" "$preset" "$threads" "$cpu" <<'PY'
 import json, statistics, sys, pathlib
-out, preset, threads = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-runs = {name: [json.loads(l) for l in (out / f"{name}.jsonl").read_text().splitlines()] for name in ("fused", "composed", "torch")}
+out, preset, threads, cpu = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+names = {"explicit": "candle explicit step", "autograd": "candle autograd", "sdpa": "PyTorch SDPA f32", "eager": "PyTorch eager f32"}
+runs = {name: [json.loads(l) for l in (out / f"{name}.jsonl").read_text().splitlines()] for name in names}
 median = lambda name, key: statistics.median(r[key] for r in runs[name])
-print(f"{preset}: {runs['torch'][0]['parameters']:,} parameters, {runs['torch'][0]['tokens_per_step']} tokens/step, {threads} threads, {len(runs['torch'])} rounds (medians)")
+print(f"{preset} on {cpu}: {runs['eager'][0]['parameters']:,} parameters, {runs['eager'][0]['tokens_per_step']} tokens/step, "
+      f"{threads} threads, {len(runs['eager'])} rounds (medians)")
 print(f"{'':22}{'tokens/s':>10}{'peak RSS MiB':>14}   per round tokens/s")
-for name, label in (("fused", "candle fused"), ("composed", "candle composed"), ("torch", "PyTorch eager f32")):
+for name, label in names.items():
     rounds = " ".join(f"{r['tokens_per_second']:.0f}" for r in runs[name])
     print(f"{label:22}{median(name, 'tokens_per_second'):>10.0f}{median(name, 'peak_rss_mib'):>14.0f}   {rounds}")
-for name in ("fused", "composed"):
-    print(f"{name} / torch: {median(name, 'tokens_per_second') / median('torch', 'tokens_per_second'):.2f}x tokens/s, "
-          f"{median(name, 'peak_rss_mib') / median('torch', 'peak_rss_mib'):.2f}x peak memory")
-f = runs["fused"][0]
-print(f"candle fused: {median('fused', 'gflops_per_second'):.1f} GFLOP/s (model FLOPs)")
+for name in ("explicit", "autograd"):
+    for reference in ("sdpa", "eager"):
+        print(f"{name} / torch {reference}: {median(name, 'tokens_per_second') / median(reference, 'tokens_per_second'):.2f}x tokens/s, "
+              f"{median(name, 'peak_rss_mib') / median(reference, 'peak_rss_mib'):.2f}x peak memory")
+print(f"explicit / autograd: {median('explicit', 'tokens_per_second') / median('autograd', 'tokens_per_second'):.2f}x tokens/s, "
+      f"{median('explicit', 'peak_rss_mib') / median('autograd', 'peak_rss_mib'):.2f}x peak memory")
+print(f"candle explicit: {median('explicit', 'gflops_per_second'):.1f} GFLOP/s (model FLOPs)")
 PY

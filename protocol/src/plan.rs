@@ -146,7 +146,15 @@ pub fn memory_estimate_bytes(config: &ModelConfig, spec: &JobSpec) -> u64 {
     let inter = config.intermediate_size as f64;
     // Per layer: norms, q/k/v/o inputs and outputs, MLP intermediates, scores and probabilities.
     let per_layer = b * s * (12.0 * h + 4.0 * inter) + 3.0 * b * heads * s * s;
-    let activations = per_layer * config.num_hidden_layers as f64 * act_bytes;
+    let layers = config.num_hidden_layers as f64;
+    // Recomputing segments of k layers keeps L/k layer inputs and one segment's activations.
+    let activations = match spec.recompute_every {
+        Some(k) => {
+            let k = k.min(config.num_hidden_layers).max(1) as f64;
+            ((layers / k).ceil() * b * s * h * act_bytes) + per_layer * k * act_bytes
+        }
+        None => per_layer * layers * act_bytes,
+    };
     // Logits, log-probabilities and their gradient, in f32.
     let logits = 3.0 * b * s * config.vocab_size as f64 * 4.0;
     (state + activations + logits) as u64

@@ -101,6 +101,11 @@ pub struct JobSpec {
     /// Per eval set, the largest rise of its perplexity over step 0 and what crossing it does.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub forgetting_budget: BTreeMap<String, ForgettingBudget>,
+    /// Activation recomputation: keep only every k-th layer's input through the forward pass and
+    /// recompute each segment of k layers in the backward pass (one extra forward pass; activation
+    /// memory of about L/k layer inputs plus k layers). Full f32 training on the CPU only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recompute_every: Option<usize>,
     /// Start from another run's checkpoint with its optimizer state and data position (set by
     /// `POST /v1/jobs/{id}/continue`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -299,6 +304,15 @@ impl JobSpec {
         at_most(self.seq_len as u64, limits::SEQ_LEN, "seq_len")?;
         at_most(self.micro_batch_size as u64, limits::MICRO_BATCH, "micro_batch_size")?;
         at_most(self.grad_accum_steps as u64, limits::GRAD_ACCUM, "grad_accum_steps")?;
+        if let Some(every) = self.recompute_every {
+            positive(every, "recompute_every")?;
+            if self.adapter.is_some() {
+                return Err(problem(
+                    "recompute_every",
+                    "recomputation runs in the explicit step, which trains every weight; an adapter job cannot use it",
+                ));
+            }
+        }
         at_most(self.max_steps.unwrap_or(0), limits::STEPS, "max_steps")?;
         at_most(self.max_tokens.unwrap_or(0), limits::TOKENS, "max_tokens")?;
         at_most(self.warmup_steps.unwrap_or(0), limits::STEPS, "warmup_steps")?;

@@ -37,6 +37,11 @@ fn every_invalid_field_is_named() {
         (json!({"train_data": [{"dataset": 5}]}), "train_data[0].dataset"),
         (json!({"train_data": [{"weight": 1}]}), "train_data[0].dataset"),
         (json!({"warmup_steps": 5, "warmup_ratio": 0.1}), "warmup_ratio"),
+        (json!({"recompute_every": 0}), "recompute_every"),
+        (
+            json!({"recompute_every": 1, "adapter": {"lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj"]}}}),
+            "recompute_every",
+        ),
         (json!({"max_steps": null}), "max_steps"),
         (json!({"max_tokens": 1000}), "max_tokens"),
         (json!({"betas": [0.9, 1.0]}), "betas[1]"),
@@ -117,6 +122,26 @@ fn the_plan_counts_steps_tokens_warmup_and_flops() {
     assert_eq!(flops_per_token(&config, 128), 6.0 * n as f64 + 12.0 * (2 * 4 * 16 * 128) as f64);
     assert_eq!(plan.total_flops, plan.flops_per_token * 10240.0);
     assert!(plan.memory_estimate_bytes > 16 * n as u64);
+}
+
+#[test]
+fn recomputation_shrinks_the_activation_estimate_to_layer_inputs_and_one_segment() {
+    let config = ModelConfig::from_json(&json!({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 8, "num_attention_heads": 4, "tie_word_embeddings": true,
+    }))
+    .unwrap();
+    let estimate = |recompute: Value| {
+        let spec = JobSpec::from_json_str(&spec_json(json!({"recompute_every": recompute, "seq_len": 512}))).unwrap();
+        Plan::new(&spec, &config).memory_estimate_bytes as f64
+    };
+    let (none, every, every_4) = (estimate(Value::Null), estimate(json!(1)), estimate(json!(4)));
+    // Per layer (the plan's count): b·s·(12h + 4i) + 3·b·heads·s² f32 activations; an input is b·s·h.
+    let (s, h, i, heads) = (512.0, 64.0, 128.0, 4.0);
+    let per_layer = 4.0 * (s * (12.0 * h + 4.0 * i) + 3.0 * heads * s * s);
+    let input = 4.0 * s * h;
+    assert_eq!(none - every, 7.0 * per_layer - 8.0 * input, "8 layers kept vs 8 inputs and one layer");
+    assert_eq!(none - every_4, 4.0 * per_layer - 2.0 * input, "8 layers kept vs 2 inputs and four layers");
 }
 
 fn repo_file(path: &str) -> String {

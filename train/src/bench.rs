@@ -16,6 +16,7 @@ use cpt_protocol::{plan, JobSpec};
 use crate::adapter;
 use crate::model::Kernels;
 use crate::optim::{AdamW, AdamWConfig};
+use crate::step;
 use crate::{Llama, ModelConfig, Params};
 
 /// What to run.
@@ -33,6 +34,10 @@ pub struct BenchOptions {
     pub compute: DType,
     /// Train this adapter over a frozen base instead of every weight.
     pub adapter: Option<AdapterSpec>,
+    /// Take gradients through candle's autograd even where the explicit step runs.
+    pub autograd: bool,
+    /// The explicit step's activation recomputation (the spec's `recompute_every`).
+    pub recompute_every: Option<usize>,
 }
 
 impl BenchOptions {
@@ -43,6 +48,7 @@ impl BenchOptions {
             "seq_len": self.seq_len, "micro_batch_size": self.batch, "max_steps": self.steps + self.warmup,
             "precision": if self.compute == DType::BF16 { "bf16" } else { "f32" },
             "adapter": self.adapter,
+            "recompute_every": self.recompute_every,
         });
         serde_json::from_value(spec).expect("the benchmark's spec is valid")
     }
@@ -51,7 +57,8 @@ impl BenchOptions {
 /// What one run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
-    /// The kernels that ran (the choice resolved for the device and dtype).
+    /// The kernels that ran (the choice resolved for the device and dtype), or `explicit` for the
+    /// explicit step.
     pub kernels: String,
     pub parameters: u64,
     pub trainable_parameters: u64,
@@ -61,6 +68,11 @@ pub struct BenchReport {
     pub tokens_per_second: f64,
     /// Model FLOPs (6N + attention, as MFU counts them) per second.
     pub gflops_per_second: f64,
+    /// The device's peak f32 (or bf16) FLOP/s that MFU divides by, and where it came from.
+    pub peak_gflops_per_second: f64,
+    pub peak_source: String,
+    /// `gflops_per_second / peak_gflops_per_second`.
+    pub mfu: f64,
     /// Peak resident memory of the process so far (VmHWM).
     pub peak_rss_mib: f64,
     /// What the plan estimates a job of this shape needs, for comparison with `peak_rss_mib`.
@@ -106,19 +118,35 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
         (0..options.batch * (options.seq_len + 1)).map(|_| rng.random_range(0..config.vocab_size as u32)).collect();
     let ids = Tensor::from_vec(ids, (options.batch, options.seq_len + 1), device)?;
     let resolved = options.kernels.resolve(&Tensor::zeros(1, options.compute, device)?);
+    let explicit = !options.autograd
+        && resolved == Kernels::Cpu
+        && options.compute == DType::F32
+        && step::supported(params, device, options.adapter.is_some());
+    if options.recompute_every.is_some() && !explicit {
+        anyhow::bail!("--recompute-every needs the explicit step (full f32 training on the CPU)");
+    }
     let mut seconds = Vec::new();
     let mut losses = Vec::new();
     for step in 0..options.warmup + options.steps {
         let started = Instant::now();
         model.set_dropout_pass(Some(step as u64));
-        let loss = model.loss(&ids)?;
-        let store = loss.backward()?;
-        let grads: BTreeMap<String, Tensor> = params
-            .iter()
-            .map(|(name, var)| Ok((name.to_string(), store.get(var).context("a parameter without gradient")?.clone())))
-            .collect::<Result<_>>()?;
+        let (loss, grads) = if explicit {
+            let mut grads = step::Gradients::<f32>::default();
+            let loss = step::accumulate(config, params, &ids, None, 1.0, options.recompute_every, &mut grads)?;
+            (loss, grads.into_tensors(params)?)
+        } else {
+            let loss = model.loss(&ids)?;
+            let store = loss.backward()?;
+            let grads = params
+                .iter()
+                .map(|(name, var)| {
+                    Ok((name.to_string(), store.get(var).context("a parameter without gradient")?.clone()))
+                })
+                .collect::<Result<BTreeMap<String, Tensor>>>()?;
+            (loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads)
+        };
         optimizer.step(params, &grads, |_| 1e-3)?;
-        losses.push(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+        losses.push(loss);
         if step >= options.warmup {
             seconds.push(started.elapsed().as_secs_f64());
         }
@@ -127,8 +155,12 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
     let step_seconds = seconds[seconds.len() / 2];
     let tokens = options.batch * options.seq_len;
     let flops = plan::job_flops_per_token(config, &spec) * tokens as f64;
+    let (peak, peak_source) = match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => crate::peak::cuda_peak(gpu_id, options.compute == DType::BF16),
+        _ => crate::peak::cpu_peak(),
+    };
     Ok(BenchReport {
-        kernels: resolved.to_string(),
+        kernels: if explicit { "explicit".to_string() } else { resolved.to_string() },
         parameters: config.total_parameters() as u64,
         trainable_parameters: params.count() as u64,
         memory_estimate_mib: estimate as f64 / (1u64 << 20) as f64,
@@ -136,6 +168,9 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
         step_seconds,
         tokens_per_second: tokens as f64 / step_seconds,
         gflops_per_second: flops / step_seconds / 1e9,
+        peak_gflops_per_second: peak / 1e9,
+        peak_source,
+        mfu: flops / step_seconds / peak,
         peak_rss_mib: peak_rss_mib(),
         losses,
     })

@@ -156,16 +156,24 @@ fn twenty_training_steps_with_fused_kernels_track_the_composed_ops() {
             device: Device::Cpu,
             compute: DType::F32,
             adapter: adapter.clone(),
+            autograd: false,
+            recompute_every: None,
         };
         let composed = bench(&config, &BenchOptions { kernels: Kernels::Composed, ..options.clone() }).unwrap();
-        // The whole-block CPU kernels, and the ops that also have CUDA kernels (here on the CPU).
-        for kernels in [Kernels::Cpu, Kernels::Portable] {
-            let fused = bench(&config, &BenchOptions { kernels, ..options.clone() }).unwrap();
-            assert_eq!(fused.kernels, kernels.to_string());
+        // The explicit step (full training) or the whole-block CPU kernels through autograd
+        // (adapters), the same kernels through autograd, and the ops that also have CUDA kernels.
+        let explicit = if adapter.is_some() { "cpu" } else { "explicit" };
+        let variants =
+            [(Kernels::Cpu, false, explicit), (Kernels::Cpu, true, "cpu"), (Kernels::Portable, false, "portable")];
+        for (kernels, autograd, label) in variants {
+            let fused = bench(&config, &BenchOptions { kernels, autograd, ..options.clone() }).unwrap();
+            assert_eq!(fused.kernels, label);
             assert_eq!(fused.losses.len(), 20);
             for (step, (a, b)) in fused.losses.iter().zip(&composed.losses).enumerate() {
-                assert!((a - b).abs() <= 1e-4 * b.abs(), "{extra} {kernels}: step {step}: loss {a} vs composed {b}");
+                assert!((a - b).abs() <= 1e-4 * b.abs(), "{extra} {label}: step {step}: loss {a} vs composed {b}");
             }
+            // Model FLOPs can never beat the hardware: a peak below them would be dishonest.
+            assert!(fused.mfu > 0.0 && fused.mfu < 1.0, "{label}: MFU {} against {}", fused.mfu, fused.peak_source);
             let learned = if adapter.is_some() { 0.1 } else { 0.5 };
             assert!(fused.losses[19] < fused.losses[0] - learned, "it learns: {:?}", fused.losses);
         }

@@ -193,6 +193,13 @@ enum Command {
         /// Train an adapter over a frozen base: a JSON file holding a job spec's `adapter` section.
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// Take gradients through candle's autograd over the chosen kernels, not the explicit step
+        /// (which full f32 training on the CPU takes otherwise).
+        #[arg(long)]
+        autograd: bool,
+        /// Keep every k-th layer's input and recompute the activations in between (explicit step).
+        #[arg(long)]
+        recompute_every: Option<usize>,
     },
     /// Check the fused ops on --device against the composed ops on the CPU in f64 (outputs and
     /// gradients, in each dtype the device's kernels store); exits non-zero when one is off.
@@ -301,11 +308,32 @@ impl Cli {
             Command::Prepare { tokenizer, input, out, seq_len, config } => {
                 crate::run_local::prepare_command(&tokenizer, &input, &out, seq_len, config.as_deref())
             }
-            Command::Bench { config, seq_len, batch, steps, warmup, kernels, bf16, adapter } => {
+            Command::Bench {
+                config,
+                seq_len,
+                batch,
+                steps,
+                warmup,
+                kernels,
+                bf16,
+                adapter,
+                autograd,
+                recompute_every,
+            } => {
                 let compute = if bf16 { DType::BF16 } else { DType::F32 };
                 let adapter = adapter.as_deref().map(crate::bench::read_adapter).transpose()?;
-                let options =
-                    cpt_train::bench::BenchOptions { seq_len, batch, steps, warmup, kernels, device, compute, adapter };
+                let options = cpt_train::bench::BenchOptions {
+                    seq_len,
+                    batch,
+                    steps,
+                    warmup,
+                    kernels,
+                    device,
+                    compute,
+                    adapter,
+                    autograd,
+                    recompute_every,
+                };
                 crate::bench::bench(&config, &options)
             }
             Command::CheckKernels => crate::bench::check_kernels(&device),

@@ -4,10 +4,10 @@
 
 use candle_core::Result;
 
+use super::products::{add_projection, input_gradient, projections};
 use super::{Gradients, Shapes};
 use crate::model::fused::rows;
 use crate::model::fused::Real;
-use crate::model::linear::{gemm, parallelism};
 
 /// One layer's weights, borrowed from the parameters, and their names for the gradients.
 pub(super) struct LayerWeights<'a, T> {
@@ -50,38 +50,6 @@ pub(super) struct Acts<T> {
     gated: Vec<T>,
 }
 
-/// `y[:, col..col + out] = x · wᵀ` (`+=` with `accumulate`) for `x` rows of `inp` and `y` rows of
-/// `y_width`: a projection written into its column block of a packed output, or added onto the
-/// residual stream.
-pub(super) fn project<T: Real>(
-    x: &[T],
-    w: &[T],
-    inp: usize,
-    (y, y_width, col): (&mut [T], usize, usize),
-    accumulate: bool,
-) {
-    let (rows, out) = (x.len() / inp, w.len() / inp);
-    gemm((rows, out, inp), (&mut y[col..], y_width), (x, inp, 1), (w, 1, inp), accumulate, parallelism());
-}
-
-/// `dx = g[:, col..col + out] · w` (`+=` with `accumulate`): a projection's input gradient.
-pub(super) fn input_grad<T: Real>(
-    (g, g_width, col): (&[T], usize, usize),
-    w: &[T],
-    inp: usize,
-    dx: &mut [T],
-    accumulate: bool,
-) {
-    let (rows, out) = (dx.len() / inp, w.len() / inp);
-    gemm((rows, inp, out), (dx, inp), (&g[col..], g_width, 1), (w, inp, 1), accumulate, parallelism());
-}
-
-/// `dw += g[:, col..col + out]ᵀ · x`: a projection's weight gradient, in the weight's layout.
-pub(super) fn weight_grad<T: Real>((g, g_width, col): (&[T], usize, usize), x: &[T], inp: usize, dw: &mut [T]) {
-    let (rows, out) = (x.len() / inp, dw.len() / inp);
-    gemm((out, inp, rows), (dw, inp), (&g[col..], 1, g_width), (x, inp, 1), true, parallelism());
-}
-
 /// Adds `bias` to columns `col..` of every row of `y`.
 fn add_bias<T: Real>(y: &mut [T], width: usize, col: usize, bias: &[T]) {
     for row in y.chunks_mut(width) {
@@ -103,13 +71,10 @@ pub(super) fn forward<T: Real>(
     rope: (&[T], &[T]),
     input: Vec<T>,
 ) -> Result<(Vec<T>, Acts<T>)> {
-    let (h, rows) = (n.hidden, n.rows());
+    let h = n.hidden;
     let (q_width, qkv_width, inter) = (n.q_width(), n.qkv_width(), n.inter);
     let h1 = rows::rms_norm(&input, w.input_norm, n.eps)?;
-    let mut qkv = vec![T::zero(); rows * qkv_width];
-    for (part, col) in w.qkv.iter().zip(n.qkv_columns()) {
-        project(&h1, part, h, (&mut qkv, qkv_width, col), false);
-    }
+    let mut qkv = projections(&h1, &w.qkv, h);
     if let Some(biases) = &w.qkv_bias {
         for (bias, col) in biases.iter().zip(n.qkv_columns()) {
             add_bias(&mut qkv, qkv_width, col, bias);
@@ -119,17 +84,15 @@ pub(super) fn forward<T: Real>(
     drop(qkv);
     // The residual adds are the projections' own accumulation.
     let mut mid = input.clone();
-    project(&y, w.o, q_width, (&mut mid, h, 0), true);
+    add_projection(&y, w.o, q_width, &mut mid);
     if let Some(bias) = w.o_bias {
         add_bias(&mut mid, h, 0, bias);
     }
     let h2 = rows::rms_norm(&mid, w.post_norm, n.eps)?;
-    let mut gate_up = vec![T::zero(); rows * 2 * inter];
-    project(&h2, w.gate, h, (&mut gate_up, 2 * inter, 0), false);
-    project(&h2, w.up, h, (&mut gate_up, 2 * inter, inter), false);
+    let gate_up = projections(&h2, &[w.gate, w.up], h);
     let gated = rows::swiglu(&gate_up, 2 * inter)?;
     let mut output = mid.clone();
-    project(&gated, w.down, inter, (&mut output, h, 0), true);
+    add_projection(&gated, w.down, inter, &mut output);
     Ok((output, Acts { input, h1, attention, y, mid, h2, gate_up, gated }))
 }
 
@@ -144,40 +107,36 @@ pub(super) fn backward<T: Real>(
     grads: &mut Gradients<T>,
 ) -> Result<()> {
     let Acts { input, h1, attention, y, mid, h2, gate_up, gated } = acts;
-    let (h, rows, inter) = (n.hidden, n.rows(), n.inter);
+    let (h, inter) = (n.hidden, n.inter);
     let (q_width, qkv_width) = (n.q_width(), n.qkv_width());
 
-    let mut d_gated = vec![T::zero(); rows * inter];
-    input_grad((d, h, 0), w.down, inter, &mut d_gated, false);
-    weight_grad((d, h, 0), &gated, inter, grads.slot(&w.name("mlp.down_proj.weight"), w.down.len()));
+    let d_gated = input_gradient(d, h, &[w.down], inter);
+    grads.add_weight_product(&w.name("mlp.down_proj.weight"), (d, h, 0), &gated, h);
     drop(gated);
     let d_gate_up = rows::swiglu_backward(&gate_up, &d_gated, 2 * inter)?;
     drop((gate_up, d_gated));
-    let mut dh2 = vec![T::zero(); rows * h];
-    input_grad((&d_gate_up, 2 * inter, 0), w.gate, h, &mut dh2, false);
-    input_grad((&d_gate_up, 2 * inter, inter), w.up, h, &mut dh2, true);
-    weight_grad((&d_gate_up, 2 * inter, 0), &h2, h, grads.slot(&w.name("mlp.gate_proj.weight"), w.gate.len()));
-    weight_grad((&d_gate_up, 2 * inter, inter), &h2, h, grads.slot(&w.name("mlp.up_proj.weight"), w.up.len()));
+    let dh2 = input_gradient(&d_gate_up, 2 * inter, &[w.gate, w.up], h);
+    grads.add_weight_product(&w.name("mlp.gate_proj.weight"), (&d_gate_up, 2 * inter, 0), &h2, inter);
+    grads.add_weight_product(&w.name("mlp.up_proj.weight"), (&d_gate_up, 2 * inter, inter), &h2, inter);
     drop((d_gate_up, h2));
     let d_post_norm = grads.slot(&w.name("post_attention_layernorm.weight"), h);
     rows::rms_norm_backward(&mid, w.post_norm, &dh2, n.eps, d, d_post_norm);
     drop((mid, dh2));
 
-    let mut dy = vec![T::zero(); rows * q_width];
-    input_grad((d, h, 0), w.o, q_width, &mut dy, false);
-    weight_grad((d, h, 0), &y, q_width, grads.slot(&w.name("self_attn.o_proj.weight"), w.o.len()));
+    let dy = input_gradient(d, h, &[w.o], q_width);
+    grads.add_weight_product(&w.name("self_attn.o_proj.weight"), (d, h, 0), &y, h);
     if w.o_bias.is_some() {
         bias_grad(d, h, 0, grads.slot(&w.name("self_attn.o_proj.bias"), h));
     }
     drop(y);
     let dqkv = rows::attention_backward(&attention, &dy, rope);
     drop((attention, dy));
-    let mut dh1 = vec![T::zero(); rows * h];
-    for (i, ((part, col), module)) in w.qkv.iter().zip(n.qkv_columns()).zip(QKV).enumerate() {
-        input_grad((&dqkv, qkv_width, col), part, h, &mut dh1, i > 0);
-        weight_grad((&dqkv, qkv_width, col), &h1, h, grads.slot(&w.name(&format!("{module}.weight")), part.len()));
+    let dh1 = input_gradient(&dqkv, qkv_width, &w.qkv, h);
+    for ((part, col), module) in w.qkv.iter().zip(n.qkv_columns()).zip(QKV) {
+        let out = part.len() / h;
+        grads.add_weight_product(&w.name(&format!("{module}.weight")), (&dqkv, qkv_width, col), &h1, out);
         if w.qkv_bias.is_some() {
-            bias_grad(&dqkv, qkv_width, col, grads.slot(&w.name(&format!("{module}.bias")), part.len() / h));
+            bias_grad(&dqkv, qkv_width, col, grads.slot(&w.name(&format!("{module}.bias")), out));
         }
     }
     drop((dqkv, h1));

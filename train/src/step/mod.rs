@@ -14,6 +14,7 @@
 //! checks the gradients against it (f64) and 20 optimizer steps of loss against it (f32).
 
 mod layer;
+mod products;
 
 use std::collections::BTreeMap;
 
@@ -258,8 +259,7 @@ impl<'a, T: Real> Model<'a, T> {
     fn head(&self, n: &Shapes, x: &[T], batch: &Batch, grads: &mut Gradients<T>) -> Result<(f64, Vec<T>)> {
         let (h, vocab) = (self.hidden, self.vocab);
         let hidden = rows::rms_norm(x, self.norm, n.eps)?;
-        let mut logits = vec![T::zero(); n.rows() * vocab];
-        layer::project(&hidden, self.lm_head, h, (&mut logits, vocab, 0), false);
+        let mut logits = products::projections(&hidden, &[self.lm_head], h);
         let targets = rows::target_indices(batch.targets, vocab)?;
         // The logits become exp(logit − max), then the logits' gradient, in place.
         let (nll, inv_sum) = rows::nll(&mut logits, vocab, &targets);
@@ -267,9 +267,8 @@ impl<'a, T: Real> Model<'a, T> {
         let loss = nll.iter().zip(batch.weights).map(|(l, w)| l.to_f64().unwrap_or(f64::NAN) * w).sum::<f64>() / count;
         let g: Vec<T> = batch.weights.iter().map(|w| T::from(w * batch.scale / count).expect("a float")).collect();
         rows::to_gradient(&mut logits, vocab, &targets, &inv_sum, &g);
-        let mut d_hidden = vec![T::zero(); n.rows() * h];
-        layer::input_grad((&logits, vocab, 0), self.lm_head, h, &mut d_hidden, false);
-        layer::weight_grad((&logits, vocab, 0), &hidden, h, grads.slot(self.lm_head_name, self.lm_head.len()));
+        let d_hidden = products::input_gradient(&logits, vocab, &[self.lm_head], h);
+        grads.add_weight_product(self.lm_head_name, (&logits, vocab, 0), &hidden, vocab);
         drop(logits);
         let mut d = vec![T::zero(); n.rows() * h];
         rows::rms_norm_backward(x, self.norm, &d_hidden, n.eps, &mut d, grads.slot("model.norm.weight", h));

@@ -60,6 +60,9 @@ pub(super) struct Run<'a> {
     pub state: TrainerState,
     data: TrainData,
     model: Llama,
+    /// Whether gradients come from the explicit step (full f32 training on the CPU) rather than
+    /// candle's autograd.
+    explicit: bool,
     /// Peak FLOP/s of the device for MFU, and where that number came from.
     peak: (f64, String),
     /// Files of the base model directory that every checkpoint carries along.
@@ -168,6 +171,10 @@ impl<'a> Run<'a> {
         if let Some(adapter) = &spec.adapter {
             model.set_lora(adapter::settings(adapter));
         }
+        let explicit = compute == DType::F32 && crate::step::supported(&params, device, spec.adapter.is_some());
+        if spec.recompute_every.is_some() && !explicit {
+            bail!("`recompute_every`: activation recomputation runs in the explicit step, which needs full f32 training on the CPU");
+        }
         let peak = match device.location() {
             candle_core::DeviceLocation::Cpu => crate::peak::cpu_peak(),
             candle_core::DeviceLocation::Cuda { gpu_id } => crate::peak::cuda_peak(gpu_id, compute == DType::BF16),
@@ -186,6 +193,7 @@ impl<'a> Run<'a> {
             state,
             data,
             model,
+            explicit,
             peak,
             extra,
             warnings,
@@ -228,29 +236,11 @@ impl<'a> Run<'a> {
     /// skipped when the loss or gradient is not finite (failing after `max_bad_steps` in a row),
     /// clipped, applied; a loss spike is reported.
     pub fn step(&mut self, on_event: &mut impl FnMut(Event)) -> Result<Stepped> {
-        let (spec, plan) = (self.spec, &self.plan);
+        let spec = self.spec;
         let step = self.state.step + 1;
         let started = Instant::now();
-        let (mut data_seconds, mut loss_sum) = (0.0, 0.0f64);
-        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        for micro in 0..spec.grad_accum_steps {
-            // Dropout masks follow from (seed, step, micro-batch), so a resumed run draws the same.
-            self.model.set_dropout_pass(Some(spec.seed ^ (step << 20 | micro as u64)));
-            let fetch = Instant::now();
-            let batch = self.data.next_batch(spec.micro_batch_size, &self.device)?;
-            data_seconds += fetch.elapsed().as_secs_f64();
-            let loss = batch_loss(&self.model, &batch)?;
-            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let store = (loss / spec.grad_accum_steps as f64)?.backward()?;
-            for (name, var) in self.params.iter() {
-                let grad = store.get(var).with_context(|| format!("`{name}` received no gradient"))?;
-                let summed = match grads.remove(name) {
-                    Some(previous) => (previous + grad)?,
-                    None => grad.clone(),
-                };
-                grads.insert(name.to_string(), summed);
-            }
-        }
+        let (loss_sum, data_seconds, mut grads) = self.gradients(step)?;
+        let plan = &self.plan;
         let loss = loss_sum / spec.grad_accum_steps as f64;
         if let (Some(_), Some(average)) = (spec.spike_rollback, self.state.loss_average.filter(|_| step > 10)) {
             if loss > spec.spike_factor * average {
@@ -334,6 +324,52 @@ impl<'a> Run<'a> {
             data_seconds,
             compute_seconds: step_seconds - data_seconds,
         }))
+    }
+
+    /// The summed loss, the seconds spent fetching data and the gradients of one optimizer step's
+    /// micro-batches: through the explicit step where it runs, else through candle's autograd.
+    fn gradients(&mut self, step: u64) -> Result<(f64, f64, BTreeMap<String, Tensor>)> {
+        let spec = self.spec;
+        let (mut data_seconds, mut loss_sum) = (0.0, 0.0f64);
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut explicit = crate::step::Gradients::<f32>::default();
+        let scale = 1.0 / spec.grad_accum_steps as f64;
+        for micro in 0..spec.grad_accum_steps {
+            // Dropout masks follow from (seed, step, micro-batch), so a resumed run draws the same.
+            self.model.set_dropout_pass(Some(spec.seed ^ (step << 20 | micro as u64)));
+            let fetch = Instant::now();
+            let batch = self.data.next_batch(spec.micro_batch_size, &self.device)?;
+            data_seconds += fetch.elapsed().as_secs_f64();
+            if self.explicit {
+                let config = &self.base.config;
+                let mask = batch.mask.as_ref();
+                loss_sum += crate::step::accumulate(
+                    config,
+                    &self.params,
+                    &batch.ids,
+                    mask,
+                    scale,
+                    spec.recompute_every,
+                    &mut explicit,
+                )?;
+                continue;
+            }
+            let loss = batch_loss(&self.model, &batch)?;
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let store = (loss / spec.grad_accum_steps as f64)?.backward()?;
+            for (name, var) in self.params.iter() {
+                let grad = store.get(var).with_context(|| format!("`{name}` received no gradient"))?;
+                let summed = match grads.remove(name) {
+                    Some(previous) => (previous + grad)?,
+                    None => grad.clone(),
+                };
+                grads.insert(name.to_string(), summed);
+            }
+        }
+        if self.explicit {
+            grads = explicit.into_tensors(&self.params)?;
+        }
+        Ok((loss_sum, data_seconds, grads))
     }
 
     /// What is due after the step just taken: an evaluation, samples, a checkpoint; `Some` when
