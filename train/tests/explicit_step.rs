@@ -81,6 +81,26 @@ fn gradients_match_the_composed_model_in_every_variant() {
 }
 
 #[test]
+fn a_large_vocabulary_takes_its_logits_in_chunks_with_the_same_gradients() {
+    // 2²³ logits per chunk: 64 rows of this vocabulary, so 80 rows take two chunks.
+    let config = tiny_config("LlamaForCausalLM", json!({"vocab_size": 131072, "num_hidden_layers": 1}));
+    let params = tiny_params(&config, 3, DType::F64);
+    let ids = random_ids(&config, (2, 41), 9);
+    let mask: Vec<f64> = (0..80).map(|i| if i % 7 == 3 { 0.0 } else { 1.0 }).collect();
+    let mask = Tensor::from_vec(mask, (2, 40), &Device::Cpu).unwrap();
+    let reference = composed_loss(&config, &params, &ids, Some(&mask));
+    let store = reference.backward().unwrap();
+    let (loss, grads) = explicit_gradients(&config, &params, &ids, Some(&mask), None);
+    let expected = reference.to_scalar::<f64>().unwrap();
+    assert!((loss - expected).abs() < 1e-12 * expected.abs(), "loss {loss} vs {expected}");
+    for (name, var) in params.iter() {
+        let want = store.get(var).unwrap();
+        let error = max_abs(&(&grads[name] - want).unwrap());
+        assert!(error <= 1e-10 * (1.0 + max_abs(want)), "`{name}`: off by {error}");
+    }
+}
+
+#[test]
 fn gradients_match_finite_differences() {
     let config = tiny_config("Qwen2ForCausalLM", json!({"num_hidden_layers": 2}));
     let params = tiny_params(&config, 11, DType::F64);

@@ -156,6 +156,9 @@ struct Model<'a, T> {
 
 const EMBED: &str = "model.embed_tokens.weight";
 
+/// Logits per chunk of the output layer (32 MiB of f32), but at least 64 rows.
+const LOGITS_PER_CHUNK: usize = 1 << 23;
+
 type Guards<'t> = BTreeMap<&'t str, (candle_core::StorageRef<'t>, &'t candle_core::Layout)>;
 
 impl<'a, T: Real> Model<'a, T> {
@@ -255,20 +258,29 @@ impl<'a, T: Real> Model<'a, T> {
     }
 
     /// The final norm, the output layer and the loss: returns the loss and the gradient of the
-    /// last layer's output, adding the norm's and the output layer's gradients into `grads`.
+    /// last layer's output, adding the norm's and the output layer's gradients into `grads`. The
+    /// logits (rows × vocabulary, the step's largest tensor) are computed a chunk of rows at a time
+    /// in one reused buffer: turned into their gradient in place, consumed, overwritten.
     fn head(&self, n: &Shapes, x: &[T], batch: &Batch, grads: &mut Gradients<T>) -> Result<(f64, Vec<T>)> {
-        let (h, vocab) = (self.hidden, self.vocab);
+        let (h, vocab, rows) = (self.hidden, self.vocab, n.rows());
         let hidden = rows::rms_norm(x, self.norm, n.eps)?;
-        let mut logits = products::projections(&hidden, &[self.lm_head], h);
         let targets = rows::target_indices(batch.targets, vocab)?;
-        // The logits become exp(logit − max), then the logits' gradient, in place.
-        let (nll, inv_sum) = rows::nll(&mut logits, vocab, &targets);
         let count: f64 = batch.weights.iter().sum();
-        let loss = nll.iter().zip(batch.weights).map(|(l, w)| l.to_f64().unwrap_or(f64::NAN) * w).sum::<f64>() / count;
-        let g: Vec<T> = batch.weights.iter().map(|w| T::from(w * batch.scale / count).expect("a float")).collect();
-        rows::to_gradient(&mut logits, vocab, &targets, &inv_sum, &g);
-        let d_hidden = products::input_gradient(&logits, vocab, &[self.lm_head], h);
-        grads.add_weight_product(self.lm_head_name, (&logits, vocab, 0), &hidden, vocab);
+        let chunk = (LOGITS_PER_CHUNK / vocab).max(64).min(rows.max(1));
+        let (mut loss, mut logits) = (0.0, Vec::new());
+        let mut d_hidden = vec![T::zero(); rows * h];
+        for r0 in (0..rows).step_by(chunk) {
+            let r1 = (r0 + chunk).min(rows);
+            let (hidden, weights) = (&hidden[r0 * h..r1 * h], &batch.weights[r0..r1]);
+            products::projections_into(&mut logits, hidden, &[self.lm_head], h);
+            // The logits become exp(logit − max), then the logits' gradient, in place.
+            let (nll, inv_sum) = rows::nll(&mut logits, vocab, &targets[r0..r1]);
+            loss += nll.iter().zip(weights).map(|(l, w)| l.to_f64().unwrap_or(f64::NAN) * w).sum::<f64>() / count;
+            let g: Vec<T> = weights.iter().map(|w| T::from(w * batch.scale / count).expect("a float")).collect();
+            rows::to_gradient(&mut logits, vocab, &targets[r0..r1], &inv_sum, &g);
+            products::input_gradient_into(&mut d_hidden[r0 * h..r1 * h], &logits, vocab, &[self.lm_head]);
+            grads.add_weight_product(self.lm_head_name, (&logits, vocab, 0), hidden, vocab);
+        }
         drop(logits);
         let mut d = vec![T::zero(); n.rows() * h];
         rows::rms_norm_backward(x, self.norm, &d_hidden, n.eps, &mut d, grads.slot("model.norm.weight", h));

@@ -9,10 +9,18 @@ use crate::model::linear::{gemm, gemm_into, parallelism};
 
 /// `[x · w₁ᵀ | x · w₂ᵀ | …]` for `x` rows of `inp`: each projection's output in its column block.
 pub(super) fn projections<T: Real>(x: &[T], weights: &[&[T]], inp: usize) -> Vec<T> {
+    let mut y = Vec::new();
+    projections_into(&mut y, x, weights, inp);
+    y
+}
+
+/// [`projections`] into `y`, replacing its contents (its allocation is reused).
+pub(super) fn projections_into<T: Real>(y: &mut Vec<T>, x: &[T], weights: &[&[T]], inp: usize) {
     let rows = x.len() / inp;
     let width: usize = weights.iter().map(|w| w.len() / inp).sum();
     assert!(x.len() == rows * inp && weights.iter().all(|w| w.len() % inp == 0), "projections: shapes");
-    let mut y: Vec<T> = Vec::with_capacity(rows * width);
+    y.clear();
+    y.reserve(rows * width);
     let mut col = 0;
     for w in weights {
         let out = w.len() / inp;
@@ -26,7 +34,18 @@ pub(super) fn projections<T: Real>(x: &[T], weights: &[&[T]], inp: usize) -> Vec
     }
     // SAFETY: the column blocks cover every element of every row.
     unsafe { y.set_len(rows * width) };
-    y
+}
+
+/// [`input_gradient`] written into `dx` (rows of `dx.len() / rows of g` features).
+pub(super) fn input_gradient_into<T: Real>(dx: &mut [T], g: &[T], g_width: usize, weights: &[&[T]]) {
+    let rows = g.len() / g_width;
+    let inp = dx.len() / rows.max(1);
+    let mut col = 0;
+    for (i, w) in weights.iter().enumerate() {
+        let out = w.len() / inp;
+        gemm((rows, inp, out), (dx, inp), (&g[col..], g_width, 1), (w, inp, 1), i > 0, parallelism());
+        col += out;
+    }
 }
 
 /// `y += x · wᵀ`: a projection added onto the residual stream `y` (rows of `out`).
