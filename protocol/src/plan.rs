@@ -118,8 +118,9 @@ pub fn trainable_parameters(config: &ModelConfig, spec: &JobSpec) -> u64 {
 }
 
 /// A rough upper bound of training memory in bytes: trained tensors in f32 with their gradients
-/// and two AdamW moments (16 bytes each), frozen ones in the adapter's base dtype, plus activations
-/// kept for the backward pass and the logits.
+/// and two AdamW moments (16 bytes each), frozen ones in the adapter's base dtype, plus what the
+/// forward and backward passes hold: candle's autograd graph, or with `recompute_every` (which
+/// only the explicit step runs) the explicit step's layer inputs, one segment and the logits' chunk.
 pub fn memory_estimate_bytes(config: &ModelConfig, spec: &JobSpec) -> u64 {
     let trainable = trainable_parameters(config, spec) as f64;
     let frozen = match &spec.adapter {
@@ -132,11 +133,20 @@ pub fn memory_estimate_bytes(config: &ModelConfig, spec: &JobSpec) -> u64 {
             frozen * adapter.base_dtype.size() as f64 + widened
         }
     };
+    let state = trainable * 4.0 * 4.0 + frozen;
+    let work = match spec.recompute_every {
+        Some(k) => explicit_step_bytes(config, spec, k),
+        None => autograd_bytes(config, spec),
+    };
+    (state + work) as u64
+}
+
+/// What a step through candle's autograd holds beyond the parameters' state.
+fn autograd_bytes(config: &ModelConfig, spec: &JobSpec) -> f64 {
     // A trained embedding's gradient is built by candle as a zero-filled table plus the gathered
     // rows (and, tied, summed with the output layer's): two more tables exist for a moment.
     let embedding_trained = spec.adapter.as_ref().is_none_or(|a| a.trains_embedding(config.tie_word_embeddings));
     let transients = if embedding_trained { 2.0 * 4.0 * (config.vocab_size * config.hidden_size) as f64 } else { 0.0 };
-    let state = trainable * 4.0 * 4.0 + frozen + transients;
     let act_bytes = match spec.precision {
         Precision::F32 => 4.0,
         Precision::Bf16 => 2.0,
@@ -146,18 +156,31 @@ pub fn memory_estimate_bytes(config: &ModelConfig, spec: &JobSpec) -> u64 {
     let inter = config.intermediate_size as f64;
     // Per layer: norms, q/k/v/o inputs and outputs, MLP intermediates, scores and probabilities.
     let per_layer = b * s * (12.0 * h + 4.0 * inter) + 3.0 * b * heads * s * s;
-    let layers = config.num_hidden_layers as f64;
-    // Recomputing segments of k layers keeps L/k layer inputs and one segment's activations.
-    let activations = match spec.recompute_every {
-        Some(k) => {
-            let k = k.min(config.num_hidden_layers).max(1) as f64;
-            ((layers / k).ceil() * b * s * h * act_bytes) + per_layer * k * act_bytes
-        }
-        None => per_layer * layers * act_bytes,
-    };
+    let activations = per_layer * config.num_hidden_layers as f64 * act_bytes;
     // Logits, log-probabilities and their gradient, in f32.
     let logits = 3.0 * b * s * config.vocab_size as f64 * 4.0;
-    (state + activations + logits) as u64
+    transients + activations + logits
+}
+
+/// What the explicit step (f32) holds beyond the parameters' state when it recomputes segments
+/// of `every` layers: every segment's input, one segment's activations, one layer's backward
+/// buffers, and the output layer's work on one chunk of logits.
+fn explicit_step_bytes(config: &ModelConfig, spec: &JobSpec, every: usize) -> f64 {
+    let (b, s, h) = (spec.micro_batch_size as f64, spec.seq_len as f64, config.hidden_size as f64);
+    let (heads, kv_heads, d) =
+        (config.num_attention_heads as f64, config.num_key_value_heads as f64, config.head_dim as f64);
+    let inter = config.intermediate_size as f64;
+    let (layers, k) = (config.num_hidden_layers as f64, every.clamp(1, config.num_hidden_layers.max(1)) as f64);
+    let qkv = (heads + 2.0 * kv_heads) * d;
+    // Kept per layer: input, normed input, attention output, mid stream, normed mid, output, packed
+    // gate/up and the gated product, rotated q/k/v and the attention probabilities.
+    let layer = b * s * (5.0 * h + heads * d + 3.0 * inter + qkv) + b * heads * s * s;
+    // A layer's backward adds the score gradients and the widest input gradients.
+    let backward = b * heads * s * s + b * s * (2.0 * inter + 2.0 * qkv + 2.0 * h);
+    let inputs = (layers / k).ceil() * b * s * h;
+    // The final norm's input, output and gradients, and one chunk of logits (2²³ at most).
+    let head = 3.0 * b * s * h + (b * s * config.vocab_size as f64).min((1u64 << 23) as f64);
+    4.0 * (inputs + k * layer + backward + head)
 }
 
 /// Everything a dry run reports.

@@ -125,7 +125,7 @@ fn the_plan_counts_steps_tokens_warmup_and_flops() {
 }
 
 #[test]
-fn recomputation_shrinks_the_activation_estimate_to_layer_inputs_and_one_segment() {
+fn recomputation_estimates_layer_inputs_and_one_segment() {
     let config = ModelConfig::from_json(&json!({
         "architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 8, "num_attention_heads": 4, "tie_word_embeddings": true,
@@ -136,12 +136,13 @@ fn recomputation_shrinks_the_activation_estimate_to_layer_inputs_and_one_segment
         Plan::new(&spec, &config).memory_estimate_bytes as f64
     };
     let (none, every, every_4) = (estimate(Value::Null), estimate(json!(1)), estimate(json!(4)));
-    // Per layer (the plan's count): b·s·(12h + 4i) + 3·b·heads·s² f32 activations; an input is b·s·h.
-    let (s, h, i, heads) = (512.0, 64.0, 128.0, 4.0);
-    let per_layer = 4.0 * (s * (12.0 * h + 4.0 * i) + 3.0 * heads * s * s);
+    assert!(every < every_4 && every_4 < none, "{every} < {every_4} < {none}");
+    // Hand count per layer of the explicit step (f32): s·(5h + heads·d + 3i + (heads + 2·kv)·d)
+    // kept, plus heads·s² probabilities; an input is s·h.
+    let (s, h, i, heads, d) = (512.0, 64.0, 128.0, 4.0, 16.0);
+    let layer = 4.0 * (s * (5.0 * h + heads * d + 3.0 * i + 3.0 * heads * d) + heads * s * s);
     let input = 4.0 * s * h;
-    assert_eq!(none - every, 7.0 * per_layer - 8.0 * input, "8 layers kept vs 8 inputs and one layer");
-    assert_eq!(none - every_4, 4.0 * per_layer - 2.0 * input, "8 layers kept vs 2 inputs and four layers");
+    assert_eq!(every_4 - every, 3.0 * layer - 6.0 * input, "four layers and 2 inputs vs one layer and 8 inputs");
 }
 
 fn repo_file(path: &str) -> String {

@@ -158,6 +158,7 @@ fn twenty_training_steps_with_fused_kernels_track_the_composed_ops() {
             adapter: adapter.clone(),
             autograd: false,
             recompute_every: None,
+            ignore_estimate: false,
         };
         let composed = bench(&config, &BenchOptions { kernels: Kernels::Composed, ..options.clone() }).unwrap();
         // The explicit step (full training) or the whole-block CPU kernels through autograd

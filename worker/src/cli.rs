@@ -200,6 +200,10 @@ enum Command {
         /// Keep every k-th layer's input and recompute the activations in between (explicit step).
         #[arg(long)]
         recompute_every: Option<usize>,
+        /// Run even when the plan's memory estimate, an upper bound, exceeds this machine's memory
+        /// (to measure what a shape really needs).
+        #[arg(long)]
+        ignore_estimate: bool,
     },
     /// Check the fused ops on --device against the composed ops on the CPU in f64 (outputs and
     /// gradients, in each dtype the device's kernels store); exits non-zero when one is off.
@@ -319,6 +323,7 @@ impl Cli {
                 adapter,
                 autograd,
                 recompute_every,
+                ignore_estimate,
             } => {
                 let compute = if bf16 { DType::BF16 } else { DType::F32 };
                 let adapter = adapter.as_deref().map(crate::bench::read_adapter).transpose()?;
@@ -333,6 +338,7 @@ impl Cli {
                     adapter,
                     autograd,
                     recompute_every,
+                    ignore_estimate,
                 };
                 crate::bench::bench(&config, &options)
             }
