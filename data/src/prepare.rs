@@ -86,7 +86,7 @@ pub fn prepare(
             let kept = filter_batch(batch, &cleaner, &mut dedup, &mut report);
             let texts: Vec<&str> = kept.iter().map(String::as_str).collect();
             let encodings = tokenizer
-                .encode_batch(texts, true)
+                .encode_batch_fast(texts, true)
                 .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", file.display()))?;
             for (text, encoding) in kept.iter().zip(encodings) {
                 writer.push_document(split_of(text, config.validation_fraction), encoding.get_ids())?;

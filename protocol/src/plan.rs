@@ -180,7 +180,9 @@ fn explicit_step_bytes(config: &ModelConfig, spec: &JobSpec, every: usize) -> f6
     let inputs = (layers / k).ceil() * b * s * h;
     // The final norm's input, output and gradients, and one chunk of logits (2²³ at most).
     let head = 3.0 * b * s * h + (b * s * config.vocab_size as f64).min((1u64 << 23) as f64);
-    4.0 * (inputs + k * layer + backward + head)
+    // Gradient clipping scales one gradient at a time into a new tensor: the embedding's at most.
+    let clipping = (config.vocab_size * config.hidden_size) as f64;
+    4.0 * (inputs + k * layer + backward + head + clipping)
 }
 
 /// Everything a dry run reports.

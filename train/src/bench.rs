@@ -132,7 +132,7 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
     for step in 0..options.warmup + options.steps {
         let started = Instant::now();
         model.set_dropout_pass(Some(step as u64));
-        let (loss, grads) = if explicit {
+        let (loss, mut grads) = if explicit {
             let mut grads = step::Gradients::<f32>::default();
             let loss = step::accumulate(config, params, &ids, None, 1.0, options.recompute_every, &mut grads)?;
             (loss, grads.into_tensors(params)?)
@@ -147,6 +147,9 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
                 .collect::<Result<BTreeMap<String, Tensor>>>()?;
             (loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads)
         };
+        // As a job does by default: the global norm, clipped to 1.
+        let norm = crate::optim::global_norm(&grads)?;
+        crate::optim::clip(&mut grads, norm, 1.0)?;
         optimizer.step(params, &grads, |_| 1e-3)?;
         losses.push(loss);
         if step >= options.warmup {

@@ -38,8 +38,8 @@ pub struct Gradients<T> {
 }
 
 impl<T: Real> Gradients<T> {
-    /// The gradient buffer of `name` (`len` elements), allocated as zeros on first use (fresh
-    /// pages from the allocator, not a fill).
+    /// The gradient buffer of `name` (`len` elements), zeros on first use: for the gradients that
+    /// are sums (norms, biases, the embedding's gathered rows); products write theirs fresh.
     fn slot(&mut self, name: &str, len: usize) -> &mut [T] {
         self.buffers.entry(name.to_string()).or_insert_with(|| vec![T::zero(); len])
     }
