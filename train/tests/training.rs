@@ -90,6 +90,10 @@ fn a_run_reports_evals_from_step_zero_samples_and_checkpoints_it_can_load() {
     let Event::Step(m) = events.iter().find(|e| matches!(e, Event::Step(_))).unwrap() else { unreachable!() };
     assert_eq!(m.tokens, 2 * 2 * 16);
     assert!(m.tokens_per_second > 0.0 && m.flops > 0.0 && m.mfu > 0.0 && m.compute_seconds > 0.0);
+    assert!(m.mfu < 1.0, "model FLOPs above the CPU's peak: MFU {}", m.mfu);
+    // The peak is the cores' arithmetic, and says so (Linux: /proc/cpuinfo).
+    let Event::Started { peak_source, .. } = &events[0] else { panic!("the first event is `started`") };
+    assert!(peak_source.contains("cores ×") && peak_source.contains("FLOP/cycle"), "{peak_source}");
 }
 
 #[test]
