@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use cpt_protocol::budget::BudgetAction;
 use cpt_protocol::spec::Precision;
 use cpt_protocol::{Event, JobSpec, Plan, StepMetrics, WarningCode};
 use tokenizers::Tokenizer;
 
 use super::data::TrainData;
-use super::{batch_loss, budget, continued, evaluate, spec_sha256, Outcome};
+use super::{budget, continued, evaluate, spec_sha256, Outcome};
 use crate::adapter::{self, Start};
 use crate::checkpoint::{self, TrainerState};
 use crate::hf::{passthrough_files, ModelDir};
@@ -22,6 +22,7 @@ use crate::optim::{clip, global_norm, AdamW, AdamWConfig};
 use crate::params::Params;
 use crate::schedule::LrSchedule;
 
+mod gradients;
 mod outputs;
 mod rollback;
 
@@ -324,52 +325,6 @@ impl<'a> Run<'a> {
             data_seconds,
             compute_seconds: step_seconds - data_seconds,
         }))
-    }
-
-    /// The summed loss, the seconds spent fetching data and the gradients of one optimizer step's
-    /// micro-batches: through the explicit step where it runs, else through candle's autograd.
-    fn gradients(&mut self, step: u64) -> Result<(f64, f64, BTreeMap<String, Tensor>)> {
-        let spec = self.spec;
-        let (mut data_seconds, mut loss_sum) = (0.0, 0.0f64);
-        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut explicit = crate::step::Gradients::<f32>::default();
-        let scale = 1.0 / spec.grad_accum_steps as f64;
-        for micro in 0..spec.grad_accum_steps {
-            // Dropout masks follow from (seed, step, micro-batch), so a resumed run draws the same.
-            self.model.set_dropout_pass(Some(spec.seed ^ (step << 20 | micro as u64)));
-            let fetch = Instant::now();
-            let batch = self.data.next_batch(spec.micro_batch_size, &self.device)?;
-            data_seconds += fetch.elapsed().as_secs_f64();
-            if self.explicit {
-                let config = &self.base.config;
-                let mask = batch.mask.as_ref();
-                loss_sum += crate::step::accumulate(
-                    config,
-                    &self.params,
-                    &batch.ids,
-                    mask,
-                    scale,
-                    spec.recompute_every,
-                    &mut explicit,
-                )?;
-                continue;
-            }
-            let loss = batch_loss(&self.model, &batch)?;
-            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let store = (loss / spec.grad_accum_steps as f64)?.backward()?;
-            for (name, var) in self.params.iter() {
-                let grad = store.get(var).with_context(|| format!("`{name}` received no gradient"))?;
-                let summed = match grads.remove(name) {
-                    Some(previous) => (previous + grad)?,
-                    None => grad.clone(),
-                };
-                grads.insert(name.to_string(), summed);
-            }
-        }
-        if self.explicit {
-            grads = explicit.into_tensors(&self.params)?;
-        }
-        Ok((loss_sum, data_seconds, grads))
     }
 
     /// What is due after the step just taken: an evaluation, samples, a checkpoint; `Some` when
