@@ -36,7 +36,7 @@ pub(super) fn projections_into<T: Real>(y: &mut Vec<T>, x: &[T], weights: &[&[T]
     unsafe { y.set_len(rows * width) };
 }
 
-/// [`input_gradient`] written into `dx` (rows of `dx.len() / rows of g` features).
+/// [`input_gradient`] written into `dx`: as many rows as `g`, each of the weights' input features.
 pub(super) fn input_gradient_into<T: Real>(dx: &mut [T], g: &[T], g_width: usize, weights: &[&[T]]) {
     let rows = g.len() / g_width;
     let inp = dx.len() / rows.max(1);
