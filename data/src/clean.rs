@@ -4,7 +4,7 @@
 
 use aho_corasick::AhoCorasick;
 use rustc_hash::{FxHashMap, FxHashSet};
-use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::{is_nfc_quick, is_nfkc_quick, IsNormalized, UnicodeNormalization};
 
 use crate::hash::{hash_str, mix};
 
@@ -151,13 +151,15 @@ impl Cleaner {
     /// Cleans one document.
     pub fn clean(&self, text: &str) -> Cleaned {
         let config = &self.config;
+        // The quick checks answer "already normalised" for almost all text, which is then not rebuilt.
         let normalized: String = match config.normalization {
-            Normalization::None => text.to_string(),
-            Normalization::Nfc => text.nfc().collect(),
-            Normalization::Nfkc => text.nfkc().collect(),
+            Normalization::Nfc if is_nfc_quick(text.chars()) != IsNormalized::Yes => text.nfc().collect(),
+            Normalization::Nfkc if is_nfkc_quick(text.chars()) != IsNormalized::Yes => text.nfkc().collect(),
+            _ => text.to_string(),
         };
-        let normalized: String = if config.strip_control_chars {
-            normalized.chars().filter(|&c| !c.is_control() || c == '\n' || c == '\t').collect()
+        let stripped = |c: char| c.is_control() && c != '\n' && c != '\t';
+        let normalized: String = if config.strip_control_chars && normalized.contains(stripped) {
+            normalized.chars().filter(|&c| !stripped(c)).collect()
         } else {
             normalized
         };
@@ -175,5 +177,34 @@ impl Cleaner {
             None => Ok(text),
         };
         Cleaned { outcome, removed_lines }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cleaned(text: &str, normalization: Normalization) -> String {
+        // Document rules off: only normalisation and control stripping act.
+        let config = CleanConfig {
+            normalization,
+            min_chars: 0,
+            min_mean_word_length: 0.0,
+            max_symbol_line_ratio: 1.0,
+            max_duplicate_line_char_fraction: 1.0,
+            ..CleanConfig::default()
+        };
+        Cleaner::new(config).unwrap().clean(text).outcome.unwrap()
+    }
+
+    #[test]
+    fn normalisation_and_control_stripping_rebuild_only_the_text_that_needs_it() {
+        // Decomposed é (e + combining acute) composes; ﬁ (a compatibility ligature) splits under NFKC only.
+        assert_eq!(cleaned("cafe\u{301} ﬁle", Normalization::Nfc), "caf\u{e9} ﬁle");
+        assert_eq!(cleaned("cafe\u{301} ﬁle", Normalization::Nfkc), "caf\u{e9} file");
+        assert_eq!(cleaned("cafe\u{301}", Normalization::None), "cafe\u{301}");
+        // Control characters go, newlines and tabs stay; already-clean text comes back unchanged.
+        assert_eq!(cleaned("a\u{7}b\u{0}c\td\ne", Normalization::Nfc), "abc\td\ne");
+        assert_eq!(cleaned("plain\ttext\n中文", Normalization::Nfc), "plain\ttext\n中文");
     }
 }

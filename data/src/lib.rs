@@ -12,6 +12,7 @@ pub mod prepare;
 pub mod reader;
 pub mod report;
 pub mod staged;
+pub mod tokenize;
 pub mod writer;
 
 pub use format::{Manifest, Split};

@@ -14,6 +14,7 @@ use crate::format::{Manifest, Split};
 use crate::input::{input_files, DocumentReader, Item, ReadOptions};
 use crate::reader::mix;
 use crate::report::Report;
+use crate::tokenize::DocumentTokenizer;
 use crate::writer::{DatasetWriter, TokenizerInfo};
 
 pub use cpt_protocol::prepare::PrepareConfig;
@@ -40,20 +41,14 @@ pub fn prepare(
 ) -> Result<(Manifest, Report)> {
     let tokenizer_bytes =
         std::fs::read(tokenizer_path).with_context(|| format!("reading {}", tokenizer_path.display()))?;
-    let tokenizer = Tokenizer::from_bytes(&tokenizer_bytes)
-        .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", tokenizer_path.display()))?;
-    let eos = match &config.eos_token {
-        Some(token) => {
-            tokenizer.token_to_id(token).with_context(|| format!("`eos_token` {token} is not in the vocabulary"))?
-        }
-        None => ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>"]
-            .iter()
-            .find_map(|t| tokenizer.token_to_id(t))
-            .with_context(|| format!("{}: no end-of-text token found; set `eos_token`", tokenizer_path.display()))?,
-    };
+    let tokenizer = DocumentTokenizer::new(
+        Tokenizer::from_bytes(&tokenizer_bytes)
+            .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", tokenizer_path.display()))?,
+    )?;
+    let eos = eos_token_id(tokenizer.tokenizer(), tokenizer_path, config)?;
     let info = TokenizerInfo {
         sha256: format!("{:x}", Sha256::digest(&tokenizer_bytes)),
-        vocab_size: tokenizer.get_vocab_size(true),
+        vocab_size: tokenizer.tokenizer().get_vocab_size(true),
         eos_token_id: eos,
     };
     let files = input_files(inputs)?;
@@ -85,11 +80,9 @@ pub fn prepare(
             }
             let kept = filter_batch(batch, &cleaner, &mut dedup, &mut report);
             let texts: Vec<&str> = kept.iter().map(String::as_str).collect();
-            let encodings = tokenizer
-                .encode_batch_fast(texts, true)
-                .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", file.display()))?;
-            for (text, encoding) in kept.iter().zip(encodings) {
-                writer.push_document(split_of(text, config.validation_fraction), encoding.get_ids())?;
+            let encodings = tokenizer.encode_batch(&texts).with_context(|| format!("tokenizing {}", file.display()))?;
+            for (text, ids) in kept.iter().zip(encodings) {
+                writer.push_document(split_of(text, config.validation_fraction), &ids)?;
             }
             progress(bytes_before + reader.bytes_read);
         }
@@ -99,6 +92,19 @@ pub fn prepare(
     let sources = inputs.iter().map(|p| p.display().to_string()).collect();
     let manifest = writer.finish(config.tail, sources, serde_json::to_value(&report)?)?;
     Ok((manifest, report))
+}
+
+/// The end-of-text token: the configured one, else the first of the usual names in the vocabulary.
+fn eos_token_id(tokenizer: &Tokenizer, path: &Path, config: &PrepareConfig) -> Result<u32> {
+    match &config.eos_token {
+        Some(token) => {
+            tokenizer.token_to_id(token).with_context(|| format!("`eos_token` {token} is not in the vocabulary"))
+        }
+        None => ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>"]
+            .iter()
+            .find_map(|t| tokenizer.token_to_id(t))
+            .with_context(|| format!("{}: no end-of-text token found; set `eos_token`", path.display())),
+    }
 }
 
 /// Cleans a batch in parallel, then deduplicates it in order; returns the kept texts.

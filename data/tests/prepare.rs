@@ -204,3 +204,23 @@ fn no_chinese_documentation_is_removed_by_the_word_rules() {
         .collect();
     assert!(removed.is_empty(), "removed (rule, heading): {removed:?}");
 }
+
+#[test]
+fn a_tokenizer_that_truncates_or_pads_still_prepares_whole_documents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = byte_tokenizer(tmp.path());
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&plain).unwrap()).unwrap();
+    json["truncation"] = json!({"direction": "Right", "max_length": 16, "strategy": "LongestFirst", "stride": 0});
+    json["padding"] = json!({"strategy": {"Fixed": 4096}, "direction": "Right", "pad_to_multiple_of": null,
+                             "pad_id": 256, "pad_type_id": 0, "pad_token": "<|endoftext|>"});
+    let truncating = tmp.path().join("truncating.json");
+    std::fs::write(&truncating, json.to_string()).unwrap();
+    let docs = corpus("brown.jsonl", 5, 500);
+    write_jsonl(&tmp.path().join("docs.jsonl"), &docs);
+    let config = PrepareConfig { seq_len: 32, validation_fraction: 0.0, ..Default::default() };
+    let input = [tmp.path().join("docs.jsonl")];
+    let (whole, _) = prepare(&plain, &input, &tmp.path().join("plain"), &config, |_| {}).unwrap();
+    let (cut, _) = prepare(&truncating, &input, &tmp.path().join("cut"), &config, |_| {}).unwrap();
+    assert!(whole.splits[&Split::Train].tokens > 5 * 500, "one token per byte: documents are longer than 16 tokens");
+    assert_eq!(cut.splits[&Split::Train].tokens, whole.splits[&Split::Train].tokens, "truncation or padding applied");
+}

@@ -44,11 +44,18 @@ pub fn prepare(root: &Path, text: &Path, out: &str, config: &str) {
     ]);
 }
 
-/// A tiny model with SmolLM2's tokenizer and a dataset of the English fixture, under `root`.
-pub fn prepare_inputs(root: &Path) {
+/// SmolLM2-135M (scripts/fetch-assets.sh) imported to `<root>/smollm2`.
+pub fn import_smollm2(root: &Path) -> PathBuf {
     let smol = root.join("smollm2");
     let gguf = assets().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(gguf.exists(), "{} is missing: run scripts/fetch-assets.sh", gguf.display());
     succeed(&["import", gguf.to_str().unwrap(), "--out", smol.to_str().unwrap()]);
+    smol
+}
+
+/// A tiny model with SmolLM2's tokenizer and a dataset of the English fixture, under `root`.
+pub fn prepare_inputs(root: &Path) {
+    let smol = import_smollm2(root);
     let config = json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 32,
         "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64,
         "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2});
