@@ -36,18 +36,6 @@ pub(super) fn projections_into<T: Real>(y: &mut Vec<T>, x: &[T], weights: &[&[T]
     unsafe { y.set_len(rows * width) };
 }
 
-/// [`input_gradient`] written into `dx`: as many rows as `g`, each of the weights' input features.
-pub(super) fn input_gradient_into<T: Real>(dx: &mut [T], g: &[T], g_width: usize, weights: &[&[T]]) {
-    let rows = g.len() / g_width;
-    let inp = dx.len() / rows.max(1);
-    let mut col = 0;
-    for (i, w) in weights.iter().enumerate() {
-        let out = w.len() / inp;
-        gemm((rows, inp, out), (dx, inp), (&g[col..], g_width, 1), (w, inp, 1), i > 0, parallelism());
-        col += out;
-    }
-}
-
 /// `y += x · wᵀ`: a projection added onto the residual stream `y` (rows of `out`).
 pub(super) fn add_projection<T: Real>(x: &[T], w: &[T], inp: usize, y: &mut [T]) {
     let (rows, out) = (x.len() / inp, w.len() / inp);
@@ -58,22 +46,41 @@ pub(super) fn add_projection<T: Real>(x: &[T], w: &[T], inp: usize, y: &mut [T])
 /// blocks of `g` (rows of `g_width`), in their order.
 pub(super) fn input_gradient<T: Real>(g: &[T], g_width: usize, weights: &[&[T]], inp: usize) -> Vec<T> {
     let rows = g.len() / g_width;
-    assert!(weights.iter().map(|w| w.len() / inp).sum::<usize>() == g_width, "input gradient: shapes");
     let mut dx: Vec<T> = Vec::with_capacity(rows * inp);
+    // SAFETY: `dx` has room for the rows × inp elements that the first product writes, all of them.
+    unsafe {
+        input_gradient_raw(dx.as_mut_ptr(), g, g_width, weights, inp);
+        dx.set_len(rows * inp);
+    }
+    dx
+}
+
+/// [`input_gradient`] written into `dx`: as many rows as `g`, each of the weights' input features.
+pub(super) fn input_gradient_into<T: Real>(dx: &mut [T], g: &[T], g_width: usize, weights: &[&[T]]) {
+    let rows = g.len() / g_width;
+    let inp = dx.len() / rows.max(1);
+    assert!(dx.len() == rows * inp, "input gradient: shapes");
+    // SAFETY: `dx` holds rows × inp elements.
+    unsafe { input_gradient_raw(dx.as_mut_ptr(), g, g_width, weights, inp) }
+}
+
+/// # Safety
+/// `dx` must be valid for writes of `g.len() / g_width × inp` elements.
+unsafe fn input_gradient_raw<T: Real>(dx: *mut T, g: &[T], g_width: usize, weights: &[&[T]], inp: usize) {
+    let rows = g.len() / g_width;
+    let widths_add_up = weights.iter().map(|w| w.len() / inp).sum::<usize>() == g_width;
+    assert!(
+        g.len() == rows * g_width && weights.iter().all(|w| w.len() % inp == 0) && widths_add_up,
+        "input gradient: shapes"
+    );
     let mut col = 0;
     for (i, w) in weights.iter().enumerate() {
         let out = w.len() / inp;
-        // SAFETY: `dx` has room for rows × inp elements; the first product writes all of them and
-        // the others add to them; g and w hold rows × g_width and out × inp elements.
-        unsafe {
-            let lhs = (&g[col..], g_width, 1);
-            gemm_into((rows, inp, out), (dx.as_mut_ptr(), inp), lhs, (w, inp, 1), i > 0, parallelism());
-        }
+        // SAFETY: the first product writes all of dx and the others add to it; g and w hold
+        // rows × g_width and out × inp elements (asserted above).
+        unsafe { gemm_into((rows, inp, out), (dx, inp), (&g[col..], g_width, 1), (w, inp, 1), i > 0, parallelism()) };
         col += out;
     }
-    // SAFETY: written by the first product.
-    unsafe { dx.set_len(rows * inp) };
-    dx
 }
 
 impl<T: Real> Gradients<T> {

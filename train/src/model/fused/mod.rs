@@ -51,9 +51,17 @@ pub fn cuda_supported(x: &Tensor) -> bool {
     cfg!(feature = "cuda") && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16)
 }
 
-/// The float types the CPU kernels, the explicit step and the in-place AdamW run on: f32 and f64.
+/// The float types the CPU kernels, the explicit step and the in-place AdamW run on: f32 and f64
+/// (sealed: the kernels are checked for these two only).
 pub trait Real:
-    candle_core::WithDType + Float + std::ops::AddAssign + std::ops::SubAssign + std::ops::MulAssign + Send + Sync
+    sealed::Sealed
+    + candle_core::WithDType
+    + Float
+    + std::ops::AddAssign
+    + std::ops::SubAssign
+    + std::ops::MulAssign
+    + Send
+    + Sync
 {
     /// `out[j] = exp(x[j]·scale − shift) · factor`; returns `Σ exp(x[j]·scale − shift)`.
     fn exp_shifted(x: &[Self], scale: Self, shift: Self, factor: Self, out: &mut [Self]) -> Self;
@@ -75,6 +83,12 @@ impl Real for f64 {
         }
         sum
     }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
 }
 
 /// [`Real::exp_shifted`] with the row as its own input and output (through a small copy).

@@ -23,6 +23,15 @@ pub(crate) fn rms_norm_rows<T: Real>(x: &[T], weight: &[T], eps: f64) -> Result<
 /// RMSNorm's backward on slices: `dx += ∂x` (the residual stream's gradient takes it in place) and
 /// `dw += ∂w`, for the output gradient `g`.
 pub(crate) fn rms_norm_backward_rows<T: Real>(x: &[T], weight: &[T], g: &[T], eps: f64, dx: &mut [T], dw: &mut [T]) {
+    add_input_gradient(x, weight, g, eps, dx);
+    let partial = RmsNormGrad { eps, weight: true }
+        .run(&[x, weight, g], &[&[x.len() / weight.len().max(1), weight.len()], &[weight.len()], &[g.len()]])
+        .expect("the weight gradient of matching slices");
+    dw.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
+}
+
+/// `dx += r · (w·g − x̂ · mean(w·g·x̂))` row by row (x̂ = r·x, r = 1/rms): RMSNorm's input gradient.
+fn add_input_gradient<T: Real>(x: &[T], weight: &[T], g: &[T], eps: f64, dx: &mut [T]) {
     let h = weight.len();
     let n = T::from(h).expect("a length");
     by_rows(dx, h, |r, dx| {
@@ -33,10 +42,6 @@ pub(crate) fn rms_norm_backward_rows<T: Real>(x: &[T], weight: &[T], g: &[T], ep
             *o += inv * (w * g - v * inv * dot);
         }
     });
-    let partial = RmsNormGrad { eps, weight: true }
-        .run(&[x, weight, g], &[&[x.len() / h.max(1), h], &[h], &[x.len() / h.max(1), h]])
-        .expect("the weight gradient of matching slices");
-    dw.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
 }
 
 /// `1 / sqrt(mean(x²) + eps)` of one row.
@@ -103,6 +108,9 @@ impl Kernel for RmsNormGrad {
         let (x, w, g) = (inputs[0], inputs[1], inputs[2]);
         let h = last_dim(dims[0]);
         let rows = x.len() / h.max(1);
+        if w.len() != h || g.len() != x.len() {
+            bail!("rms-norm-grad: weight of {} and gradient of {} for {} rows of {h}", w.len(), g.len(), rows);
+        }
         if self.weight {
             // Partial sums per task, then one reduction: no shared accumulator.
             let partial = (0..rows)
@@ -122,15 +130,7 @@ impl Kernel for RmsNormGrad {
             return Ok(partial);
         }
         let mut out = vec![T::zero(); x.len()];
-        let n = T::from(h).expect("a length");
-        by_rows(&mut out, h, |r, out| {
-            let (x, g) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
-            let inv = inv_rms(x, self.eps);
-            let dot = x.iter().zip(g).zip(w).fold(T::zero(), |acc, ((&v, &g), &w)| acc + w * g * v * inv) / n;
-            for (((o, &v), &g), &w) in out.iter_mut().zip(x).zip(g).zip(w) {
-                *o = inv * (w * g - v * inv * dot);
-            }
-        });
+        add_input_gradient(x, w, g, self.eps, &mut out);
         Ok(out)
     }
 }
