@@ -117,11 +117,42 @@ pub fn trainable_parameters(config: &ModelConfig, spec: &JobSpec) -> u64 {
     lora_parameters(config, adapter) + tables * embedding
 }
 
-/// A rough upper bound of training memory in bytes: trained tensors in f32 with their gradients
-/// and two AdamW moments (16 bytes each), frozen ones in the adapter's base dtype, plus what the
-/// forward and backward passes hold: candle's autograd graph, or with `recompute_every` (which
-/// only the explicit step runs) the explicit step's layer inputs, one segment and the logits' chunk.
+/// How a job's training step runs on a worker; the memory it needs depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPath {
+    /// The explicit step (train::step): full f32 training on a CPU.
+    Explicit,
+    /// candle's autograd: adapter jobs, bf16, CUDA.
+    Autograd,
+}
+
+impl StepPath {
+    /// The path `spec` takes on a worker whose device is a CPU (`cpu`) or a GPU.
+    pub fn of(spec: &JobSpec, cpu: bool) -> Self {
+        if cpu && spec.adapter.is_none() && spec.precision == Precision::F32 {
+            StepPath::Explicit
+        } else {
+            StepPath::Autograd
+        }
+    }
+}
+
+/// A rough upper bound of training memory in bytes on any worker: the larger of the estimates on
+/// the paths the job can take (with `recompute_every` only the explicit step runs it).
 pub fn memory_estimate_bytes(config: &ModelConfig, spec: &JobSpec) -> u64 {
+    let explicit = memory_estimate_bytes_on(config, spec, StepPath::Explicit);
+    match (spec.recompute_every, StepPath::of(spec, true)) {
+        (Some(_), _) => explicit,
+        (None, StepPath::Explicit) => explicit.max(memory_estimate_bytes_on(config, spec, StepPath::Autograd)),
+        (None, StepPath::Autograd) => memory_estimate_bytes_on(config, spec, StepPath::Autograd),
+    }
+}
+
+/// A rough upper bound of training memory in bytes on `path`: trained tensors in f32 with their
+/// gradients and two AdamW moments (16 bytes each), frozen ones in the adapter's base dtype, plus
+/// what the forward and backward passes hold: candle's autograd graph, or the explicit step's kept
+/// activations (every layer's, or with `recompute_every` the segment inputs and one segment).
+pub fn memory_estimate_bytes_on(config: &ModelConfig, spec: &JobSpec, path: StepPath) -> u64 {
     let trainable = trainable_parameters(config, spec) as f64;
     let frozen = match &spec.adapter {
         None => 0.0,
@@ -134,9 +165,9 @@ pub fn memory_estimate_bytes(config: &ModelConfig, spec: &JobSpec) -> u64 {
         }
     };
     let state = trainable * 4.0 * 4.0 + frozen;
-    let work = match spec.recompute_every {
-        Some(k) => explicit_step_bytes(config, spec, k),
-        None => autograd_bytes(config, spec),
+    let work = match path {
+        StepPath::Explicit => explicit_step_bytes(config, spec, spec.recompute_every),
+        StepPath::Autograd => autograd_bytes(config, spec),
     };
     (state + work) as u64
 }
@@ -162,22 +193,23 @@ fn autograd_bytes(config: &ModelConfig, spec: &JobSpec) -> f64 {
     transients + activations + logits
 }
 
-/// What the explicit step (f32) holds beyond the parameters' state when it recomputes segments
-/// of `every` layers: every segment's input, one segment's activations, one layer's backward
-/// buffers, and the output layer's work on one chunk of logits.
-fn explicit_step_bytes(config: &ModelConfig, spec: &JobSpec, every: usize) -> f64 {
+/// What the explicit step (f32) holds beyond the parameters' state: every layer's activations, or
+/// when it recomputes segments of `every` layers every segment's input and one segment's
+/// activations; one layer's backward buffers, and the output layer's work on one chunk of logits.
+fn explicit_step_bytes(config: &ModelConfig, spec: &JobSpec, every: Option<usize>) -> f64 {
     let (b, s, h) = (spec.micro_batch_size as f64, spec.seq_len as f64, config.hidden_size as f64);
     let (heads, kv_heads, d) =
         (config.num_attention_heads as f64, config.num_key_value_heads as f64, config.head_dim as f64);
     let inter = config.intermediate_size as f64;
-    let (layers, k) = (config.num_hidden_layers as f64, every.clamp(1, config.num_hidden_layers.max(1)) as f64);
+    let layers = config.num_hidden_layers as f64;
+    let k = every.map_or(layers, |every| every.clamp(1, config.num_hidden_layers.max(1)) as f64);
     let qkv = (heads + 2.0 * kv_heads) * d;
     // Kept per layer: input, normed input, attention output, mid stream, normed mid, output, packed
     // gate/up and the gated product, rotated q/k/v and the attention probabilities.
     let layer = b * s * (5.0 * h + heads * d + 3.0 * inter + qkv) + b * heads * s * s;
     // A layer's backward adds the score gradients and the widest input gradients.
     let backward = b * heads * s * s + b * s * (2.0 * inter + 2.0 * qkv + 2.0 * h);
-    let inputs = (layers / k).ceil() * b * s * h;
+    let inputs = if every.is_some() { (layers / k).ceil() * b * s * h } else { 0.0 };
     // The final norm's input, output and gradients, and one chunk of logits (2²³ at most).
     let head = 3.0 * b * s * h + (b * s * config.vocab_size as f64).min((1u64 << 23) as f64);
     // Gradient clipping scales one gradient at a time into a new tensor: the embedding's at most.

@@ -1,6 +1,6 @@
 //! Job spec parsing, validation and the resolved plan.
 
-use cpt_protocol::plan::{flops_per_token, resolve_lr, DEFAULT_BASE_LR};
+use cpt_protocol::plan::{self, flops_per_token, resolve_lr, StepPath, DEFAULT_BASE_LR};
 use cpt_protocol::{JobSpec, ModelConfig, Plan};
 use serde_json::{json, Value};
 
@@ -143,6 +143,23 @@ fn recomputation_estimates_layer_inputs_and_one_segment() {
     let layer = 4.0 * (s * (5.0 * h + heads * d + 3.0 * i + 3.0 * heads * d) + heads * s * s);
     let input = 4.0 * s * h;
     assert_eq!(every_4 - every, 3.0 * layer - 6.0 * input, "four layers and 2 inputs vs one layer and 8 inputs");
+    // Without recomputation the explicit step keeps all 8 layers and no separate inputs; the plan
+    // (any worker) reports the larger of the two paths.
+    let spec = JobSpec::from_json_str(&spec_json(json!({"seq_len": 512}))).unwrap();
+    let on = |path| plan::memory_estimate_bytes_on(&config, &spec, path) as f64;
+    assert_eq!(on(StepPath::Explicit) - every, 7.0 * layer - 8.0 * input);
+    let any_worker = Plan::new(&spec, &config).memory_estimate_bytes as f64;
+    assert_eq!(any_worker, on(StepPath::Explicit).max(on(StepPath::Autograd)));
+}
+
+#[test]
+fn only_full_f32_training_on_a_cpu_takes_the_explicit_step() {
+    let spec = |change: Value| JobSpec::from_json_str(&spec_json(change)).unwrap();
+    assert_eq!(StepPath::of(&spec(json!({})), true), StepPath::Explicit);
+    assert_eq!(StepPath::of(&spec(json!({})), false), StepPath::Autograd);
+    assert_eq!(StepPath::of(&spec(json!({"precision": "bf16"})), true), StepPath::Autograd);
+    let lora = json!({"adapter": {"lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj"]}}});
+    assert_eq!(StepPath::of(&spec(lora), true), StepPath::Autograd);
 }
 
 fn repo_file(path: &str) -> String {

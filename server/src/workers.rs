@@ -8,6 +8,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use cpt_protocol::model_config::ModelConfig;
+use cpt_protocol::plan::{self, StepPath};
+use cpt_protocol::spec::JobSpec;
 use cpt_protocol::worker::{Finish, Heartbeat, HeartbeatReply, Registered, Registration};
 use serde::Deserialize;
 use sqlx::Row;
@@ -51,27 +54,39 @@ pub async fn register(State(app): State<AppState>, Body(body): Body<Registration
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-/// Refuses a job whose plan needs more memory than `--max-job-memory-bytes`, or, without that
-/// limit, more than every worker seen within two lease periods says it has.
-pub async fn check_memory(app: &AppState, estimate: u64) -> Result<(), ApiError> {
-    let limit = match app.config.max_job_memory_bytes {
-        Some(limit) => Some(limit),
-        None => {
-            let cutoff = now_ms() - 2 * app.lease_ms();
-            let row = sqlx::query("SELECT MAX(memory_bytes) AS most FROM workers WHERE last_seen_at >= ?")
-                .bind(cutoff)
-                .fetch_one(&app.pool)
-                .await?;
-            row.get::<Option<i64>, _>("most").map(|m| m as u64)
-        }
-    };
-    match limit {
-        Some(limit) if estimate > limit => Err(ApiError::invalid_field(
+/// Refuses a job that needs more memory than `--max-job-memory-bytes` on any worker, or, without
+/// that limit, more than every worker seen within two lease periods says it has, each asked for
+/// what the job needs on its device (the explicit step on a CPU, autograd elsewhere). A worker that
+/// did not say what it holds may hold anything.
+pub async fn check_memory(app: &AppState, config: &ModelConfig, spec: &JobSpec) -> Result<(), ApiError> {
+    let refuse = |estimate: u64, limit: u64| {
+        ApiError::invalid_field(
             "micro_batch_size",
             format!("the plan needs about {estimate} bytes of memory; the most a worker can give a job is {limit}"),
-        )),
-        _ => Ok(()),
+        )
+    };
+    if let Some(limit) = app.config.max_job_memory_bytes {
+        let estimate = plan::memory_estimate_bytes(config, spec);
+        return if estimate > limit { Err(refuse(estimate, limit)) } else { Ok(()) };
     }
+    let cutoff = now_ms() - 2 * app.lease_ms();
+    let workers = sqlx::query("SELECT device, memory_bytes FROM workers WHERE last_seen_at >= ?")
+        .bind(cutoff)
+        .fetch_all(&app.pool)
+        .await?;
+    let mut largest: Option<(u64, u64)> = None;
+    for worker in workers {
+        let Some(memory) = worker.get::<Option<i64>, _>("memory_bytes").map(|m| m as u64) else { return Ok(()) };
+        let path = StepPath::of(spec, worker.get::<String, _>("device") == "cpu");
+        let estimate = plan::memory_estimate_bytes_on(config, spec, path);
+        if estimate <= memory {
+            return Ok(());
+        }
+        if largest.is_none_or(|(_, most)| memory > most) {
+            largest = Some((estimate, memory));
+        }
+    }
+    largest.map_or(Ok(()), |(estimate, memory)| Err(refuse(estimate, memory)))
 }
 
 async fn touch(app: &AppState, worker: &str) -> Result<(), ApiError> {

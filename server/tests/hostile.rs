@@ -61,6 +61,35 @@ async fn the_largest_registered_worker_bounds_the_memory_a_job_may_need() {
 }
 
 #[tokio::test]
+async fn a_cpu_worker_is_asked_for_what_the_explicit_step_needs_and_a_gpu_worker_for_autograd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = data_root(tmp.path());
+    let mut body = spec(&root, "large");
+    body["micro_batch_size"] = json!(8192);
+    let config = std::fs::read_to_string(root.join("model/config.json")).unwrap();
+    let config = cpt_protocol::model_config::ModelConfig::from_json_str(&config).unwrap();
+    let estimate = |change: Value| {
+        let mut body = body.clone();
+        body.as_object_mut().unwrap().extend(change.as_object().unwrap().clone());
+        let spec = cpt_protocol::spec::JobSpec::from_json_str(&body.to_string()).unwrap();
+        cpt_protocol::plan::memory_estimate_bytes(&config, &spec)
+    };
+    // Recomputing segments as long as the model keeps what the explicit step keeps without
+    // recomputation (and one input more); autograd's graph holds far more.
+    let (explicit, autograd) = (estimate(json!({"recompute_every": 2})), estimate(json!({})));
+    assert!(explicit < autograd * 3 / 4, "explicit {explicit}, autograd {autograd}");
+    let memory = (explicit + autograd) / 2;
+    for (device, expected) in [("cpu", StatusCode::CREATED), ("cuda:0", StatusCode::UNPROCESSABLE_ENTITY)] {
+        let server = Server::start(&tmp.path().join(device.replace(':', "")), &root, None).await;
+        let worker = json!({"name": device, "device": device, "memory_bytes": memory});
+        assert_eq!(server.call(Method::POST, "/v1/workers", Some(worker)).await.0, StatusCode::CREATED);
+        let (status, answer) = server.call(Method::POST, "/v1/jobs", Some(body.clone())).await;
+        assert_eq!(status, expected, "{device} with {memory} bytes: {answer}");
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
 async fn paths_are_checked_without_revealing_what_exists_outside_the_roots_and_stored_resolved() {
     let tmp = tempfile::tempdir().unwrap();
     let root = data_root(tmp.path());

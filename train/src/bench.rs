@@ -11,7 +11,8 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use cpt_protocol::adapter::AdapterSpec;
-use cpt_protocol::{plan, JobSpec};
+use cpt_protocol::plan::{self, StepPath};
+use cpt_protocol::JobSpec;
 
 use crate::adapter;
 use crate::model::Kernels;
@@ -86,7 +87,8 @@ pub struct BenchReport {
 pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport> {
     let device = &options.device;
     let spec = options.job_spec();
-    let estimate = plan::memory_estimate_bytes(config, &spec);
+    let path = if options.autograd { StepPath::Autograd } else { StepPath::of(&spec, device.is_cpu()) };
+    let estimate = plan::memory_estimate_bytes_on(config, &spec, path);
     if let Some(memory) = crate::device::memory_bytes(device).filter(|_| !options.ignore_estimate) {
         if estimate > memory {
             anyhow::bail!(

@@ -133,7 +133,7 @@ pub fn parse_spec(text: &str) -> Result<JobSpec, ApiError> {
 pub async fn plan_job(app: &AppState, mut spec: JobSpec) -> Result<(JobSpec, Plan), ApiError> {
     let config = resolve_paths(&app.config.data_roots, &mut spec)?;
     let plan = Plan::new(&spec, &config);
-    crate::workers::check_memory(app, plan.memory_estimate_bytes).await?;
+    crate::workers::check_memory(app, &config, &spec).await?;
     Ok((spec, plan))
 }
 

@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use cpt_protocol::budget::BudgetAction;
+use cpt_protocol::plan::{self, StepPath};
 use cpt_protocol::spec::Precision;
 use cpt_protocol::{Event, JobSpec, Plan, StepMetrics, WarningCode};
 use tokenizers::Tokenizer;
@@ -96,11 +97,12 @@ impl<'a> Run<'a> {
         // Refuse before allocating: a spec too large for this machine would otherwise grow the
         // process until the kernel kills it (and every worker that leases it after).
         if let Some(memory) = crate::device::memory_bytes(device) {
-            if plan.memory_estimate_bytes > memory {
+            let estimate = plan::memory_estimate_bytes_on(&config, spec, StepPath::of(spec, device.is_cpu()));
+            if estimate > memory {
                 bail!(
                     "`micro_batch_size`: the plan needs about {:.1} GiB of memory and this machine has {:.1} GiB; \
                      lower micro_batch_size or seq_len (grad_accum_steps keeps the batch)",
-                    plan.memory_estimate_bytes as f64 / (1u64 << 30) as f64,
+                    estimate as f64 / (1u64 << 30) as f64,
                     memory as f64 / (1u64 << 30) as f64
                 );
             }
