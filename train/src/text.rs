@@ -1,5 +1,7 @@
 //! Using a model on text: perplexity of a document, and continuations of a prompt.
 
+use std::borrow::Cow;
+
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use rand::SeedableRng;
@@ -22,8 +24,17 @@ pub struct Perplexity {
     pub perplexity: f64,
 }
 
-/// Encodes text the way the model was trained (the tokenizer's own special-token conventions).
+/// Encodes text the way the model was trained (the tokenizer's own special-token conventions),
+/// whole: a `tokenizer.json` may carry truncation or padding meant for batches of short inputs.
 pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let tokenizer = if tokenizer.get_truncation().is_some() || tokenizer.get_padding().is_some() {
+        let mut whole = tokenizer.clone();
+        whole.with_truncation(None).map_err(|e| anyhow::anyhow!("turning truncation off: {e}"))?;
+        whole.with_padding(None);
+        Cow::Owned(whole)
+    } else {
+        Cow::Borrowed(tokenizer)
+    };
     let encoding = tokenizer.encode(text, true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
     Ok(encoding.get_ids().to_vec())
 }

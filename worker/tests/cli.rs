@@ -127,6 +127,32 @@ fn a_randomly_initialised_model_is_as_uncertain_as_its_vocabulary_is_large() {
 }
 
 #[test]
+fn a_tokenizer_that_truncates_still_has_the_whole_text_scored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = smollm2().join("tokenizer.json");
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&plain).unwrap()).unwrap();
+    json["truncation"] =
+        serde_json::json!({"direction": "Right", "max_length": 16, "strategy": "LongestFirst", "stride": 0});
+    let truncating = tmp.path().join("tokenizer.json");
+    std::fs::write(&truncating, json.to_string()).unwrap();
+    let config = tmp.path().join("config.json");
+    let shape = serde_json::json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "tie_word_embeddings": true});
+    std::fs::write(&config, shape.to_string()).unwrap();
+    let out = tmp.path().join("tiny");
+    let p = |path: &Path| path.to_str().unwrap().to_string();
+    succeed(&["init", "--config", &p(&config), "--tokenizer", &p(&truncating), "--out", &p(&out)]);
+    let text = repo_root().join("tests/fixtures/english.txt");
+    let whole = tokenizers::Tokenizer::from_file(&plain)
+        .unwrap()
+        .encode(std::fs::read_to_string(&text).unwrap(), true)
+        .unwrap()
+        .len();
+    assert!(whole > 16);
+    assert_eq!(eval(&out, &text)["tokens"].as_u64().unwrap() as usize, whole, "the text was truncated");
+}
+
+#[test]
 fn bad_inputs_fail_with_a_message_naming_the_file() {
     let output = worker(&["eval", "--model", "/nonexistent/model", "--text", "/nonexistent/text.txt"]);
     assert!(!output.status.success());
