@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Preparation throughput and memory: cpt-worker prepare (clean + dedup + tokenize + pack) beside a
 # Python reference (HF tokenizers + numpy packing, no cleaning), on the same corpus in the same run.
-# usage: bench/prepare.sh [SIZE_MB (default 1024)]
+# usage: bench/prepare.sh [SIZE_MB (default 1024)] [ROUNDS (default 1)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=${1:-1024}
+rounds=${2:-1}
 assets=$(scripts/fetch-assets.sh | tail -n 1)
 python=$(scripts/python-env.sh | tail -n 1)
 cargo build --release -p cpt-worker
@@ -15,21 +16,28 @@ model="$work/smollm2"
 [ -d "$model" ] || "$worker" import "$assets/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$model" >/dev/null
 corpus="$work/corpus-$size.jsonl"
 [ -f "$corpus" ] || "$python" bench/make_corpus.py "$assets" "$corpus" "$size"
-rm -rf "$work/dataset" "$work/reference.bin"
 echo '{"seq_len": 2048}' > "$work/prepare.json"
-/usr/bin/time -f '%e %M' -o "$work/cpt.time" "$worker" prepare --tokenizer "$model/tokenizer.json" \
-  --input "$corpus" --out "$work/dataset" --config "$work/prepare.json" >/dev/null 2>"$work/cpt.log"
-/usr/bin/time -f '%e %M' -o "$work/ref.time" "$python" bench/prepare_reference.py "$model/tokenizer.json" \
-  "$corpus" "$work/reference.bin" 2048 >/dev/null
-read -r cpt_s cpt_kb < "$work/cpt.time"
-read -r ref_s ref_kb < "$work/ref.time"
-bytes=$(stat -c %s "$corpus")
-"$python" - "$bytes" "$cpt_s" "$cpt_kb" "$ref_s" "$ref_kb" <<'PY'
-import sys
-size, cpt_s, cpt_kb, ref_s, ref_kb = float(sys.argv[1]), *map(float, sys.argv[2:])
-print(f"corpus {size / 1e6:.0f} MB")
-print(f"cpt-worker prepare (clean+dedup+tokenize+pack): {size / 1e6 / cpt_s:6.2f} MB/s, peak RSS {cpt_kb / 1024:7.0f} MiB")
-print(f"python reference (tokenize+pack):               {size / 1e6 / ref_s:6.2f} MB/s, peak RSS {ref_kb / 1024:7.0f} MiB")
-print(f"ratio cpt / reference: {ref_s / cpt_s:.2f}x")
+: > "$work/rounds"
+for round in $(seq "$rounds"); do
+  rm -rf "$work/dataset" "$work/reference.bin"
+  /usr/bin/time -f '%e %M' -o "$work/cpt.time" "$worker" prepare --tokenizer "$model/tokenizer.json" \
+    --input "$corpus" --out "$work/dataset" --config "$work/prepare.json" >/dev/null 2>"$work/cpt.log"
+  /usr/bin/time -f '%e %M' -o "$work/ref.time" "$python" bench/prepare_reference.py "$model/tokenizer.json" \
+    "$corpus" "$work/reference.bin" 2048 >/dev/null
+  echo "$(cat "$work/cpt.time") $(cat "$work/ref.time")" >> "$work/rounds"
+done
+echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) threads"
+"$python" - "$(stat -c %s "$corpus")" "$work/rounds" <<'PY'
+import statistics, sys
+size = float(sys.argv[1])
+rounds = [list(map(float, line.split())) for line in open(sys.argv[2])]
+print(f"corpus {size / 1e6:.0f} MB, {len(rounds)} alternating rounds (cpt, then the reference)")
+for i, (cpt_s, cpt_kb, ref_s, ref_kb) in enumerate(rounds, 1):
+    print(f"  round {i}: cpt {size / 1e6 / cpt_s:6.2f} MB/s ({cpt_kb / 1024:.0f} MiB), "
+          f"reference {size / 1e6 / ref_s:6.2f} MB/s ({ref_kb / 1024:.0f} MiB), ratio {ref_s / cpt_s:.2f}x")
+median = lambda column: statistics.median(r[column] for r in rounds)
+print(f"cpt-worker prepare (clean+dedup+tokenize+pack): {size / 1e6 / median(0):6.2f} MB/s, peak RSS {median(1) / 1024:7.0f} MiB")
+print(f"python reference (tokenize+pack):               {size / 1e6 / median(2):6.2f} MB/s, peak RSS {median(3) / 1024:7.0f} MiB")
+print(f"median ratio cpt / reference: {statistics.median(r[2] / r[0] for r in rounds):.2f}x")
 PY
 tail -n 12 "$work/cpt.log" | grep -v '^  '
