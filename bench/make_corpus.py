@@ -1,7 +1,8 @@
 """Writes a JSONL corpus of at least SIZE_MB megabytes from the real texts in ASSETS/text by
 repeating them with perturbations: each pass shuffles the words of every line (Brown) or the
-lines of every poem (Tang) with its own seed, so passes are not near-duplicates of each other and
-the cleaning and dedup stages do real work without discarding the repeats.
+lines of every poem (Tang) with its own seed, so passes are not exact duplicates. The Brown passes
+are not near duplicates either; the Tang passes are (the same lines in another order share their
+character shingles), which is why bench/prepare.sh turns deduplication off.
 
 usage: make_corpus.py ASSETS OUT.jsonl SIZE_MB
 """

@@ -13,6 +13,7 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::RwLock;
 
+use aho_corasick::AhoCorasick;
 use anyhow::{anyhow, Result};
 use rayon::prelude::*;
 use rustc_hash::{FxBuildHasher, FxHashMap};
@@ -37,10 +38,13 @@ pub struct DocumentTokenizer {
     chunked: Option<Chunked>,
 }
 
-/// What the post-processor adds around a document, and the chunk cache.
+/// What the post-processor adds around a document, the added tokens, and the chunk cache.
 struct Chunked {
     prefix: Vec<u32>,
     suffix: Vec<u32>,
+    /// The added tokens' texts: a document with one is not cut at punctuation (`<|endoftext|>`
+    /// has letters before its `|`).
+    added: AhoCorasick,
     cache: ChunkCache,
 }
 
@@ -75,7 +79,7 @@ impl DocumentTokenizer {
             return self.encode_with_hf(text, true);
         };
         let mut ids = chunked.prefix.clone();
-        for chunk in chunks(text) {
+        for chunk in self.chunks(text) {
             if chunk.len() > MAX_CACHED_CHUNK_BYTES {
                 ids.extend(self.encode_with_hf(chunk, false)?);
             } else if !chunked.cache.extend_from(chunk, &mut ids) {
@@ -86,6 +90,15 @@ impl DocumentTokenizer {
         }
         ids.extend_from_slice(&chunked.suffix);
         Ok(ids)
+    }
+
+    /// The pieces of `text` that are encoded independently: the chunks, or the whole text where
+    /// chunking would not be exact.
+    pub fn chunks<'t>(&self, text: &'t str) -> Box<dyn Iterator<Item = &'t str> + 't> {
+        match &self.chunked {
+            Some(chunked) => Box::new(chunks(text, !chunked.added.is_match(text))),
+            None => Box::new(std::iter::once(text)),
+        }
     }
 
     fn encode_with_hf(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
@@ -114,7 +127,8 @@ impl Chunked {
             around = Some(this);
         }
         let (prefix, suffix) = around.expect("two probes");
-        Ok(Some(Self { prefix, suffix, cache: ChunkCache::default() }))
+        let added = AhoCorasick::new(tokenizer.get_added_tokens_decoder().into_values().map(|t| t.content))?;
+        Ok(Some(Self { prefix, suffix, added, cache: ChunkCache::default() }))
     }
 }
 
@@ -151,12 +165,20 @@ fn chunk_safe(tokenizer: &Tokenizer) -> Result<bool> {
     Ok(added_tokens_stay_inside_chunks && steps.iter().any(boundary_splitter) && steps.iter().all(keeps_boundaries))
 }
 
-/// `text` cut before every space that sits between two non-space characters.
-fn chunks(text: &str) -> impl Iterator<Item = &str> {
+/// `text` cut before every space that sits between two non-space characters and, with
+/// `at_punctuation`, before every punctuation mark that follows a letter.
+fn chunks(text: &str, at_punctuation: bool) -> impl Iterator<Item = &str> {
     let bytes = text.as_bytes();
     let mut start = 0;
-    let mut cuts = (1..bytes.len().saturating_sub(1)).filter(move |&i| {
-        bytes[i] == b' ' && !char_before(text, i).is_whitespace() && !char_after(text, i + 1).is_whitespace()
+    let mut cuts = (1..bytes.len()).filter(move |&i| {
+        if bytes[i] == b' ' {
+            i + 1 < bytes.len() && !char_before(text, i).is_whitespace() && !char_after(text, i + 1).is_whitespace()
+        } else {
+            at_punctuation
+                && text.is_char_boundary(i)
+                && is_punctuation(char_after(text, i))
+                && is_letter(char_before(text, i))
+        }
     });
     std::iter::from_fn(move || {
         if start >= text.len() {
@@ -167,6 +189,17 @@ fn chunks(text: &str) -> impl Iterator<Item = &str> {
         start = end;
         Some(chunk)
     })
+}
+
+/// Letters (`\p{L}`) in every Unicode version a regex engine may use: ASCII and the CJK ideographs
+/// of Unicode 1.1. Other letters simply never start a cut.
+fn is_letter(c: char) -> bool {
+    c.is_ascii_alphabetic() || ('\u{4E00}'..='\u{9FA5}').contains(&c)
+}
+
+/// Punctuation (`\p{P}` or `\p{S}`: no letter, digit or space) that prose puts after words.
+fn is_punctuation(c: char) -> bool {
+    c.is_ascii_punctuation() || "，。、；：？！「」『』（）《》〈〉【】…—·“”‘’".contains(c)
 }
 
 fn char_before(text: &str, i: usize) -> char {
@@ -224,7 +257,7 @@ mod tests {
     #[test]
     fn chunks_cut_only_before_single_spaces_between_non_spaces() {
         fn cut(text: &str) -> Vec<&str> {
-            chunks(text).collect()
+            chunks(text, false).collect()
         }
         assert_eq!(cut("The cat, sat."), ["The", " cat,", " sat."]);
         assert_eq!(cut(" lead  two\n next\u{a0} x 中 文"), [" lead  two\n next\u{a0} x", " 中", " 文"]);
@@ -233,5 +266,15 @@ mod tests {
         assert!(cut("").is_empty());
         let text = "Zipf's law: 12 345 words\tand  spaces \u{3000}end";
         assert_eq!(cut(text).concat(), text);
+    }
+
+    #[test]
+    fn chunks_cut_before_punctuation_after_a_letter_when_asked() {
+        fn cut(text: &str) -> Vec<&str> {
+            chunks(text, true).collect()
+        }
+        assert_eq!(cut("床前明月光，疑是地上霜。"), ["床前明月光", "，疑是地上霜", "。"]);
+        assert_eq!(cut("Hello, world... it's"), ["Hello", ",", " world", "...", " it", "'s"]);
+        assert_eq!(cut("1, (a)"), ["1,", " (a", ")"]);
     }
 }

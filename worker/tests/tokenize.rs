@@ -6,7 +6,7 @@ mod common;
 
 use cpt_data::tokenize::DocumentTokenizer;
 use serde_json::{json, Value};
-use tokenizers::Tokenizer;
+use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer};
 
 const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2: &str =
@@ -68,6 +68,23 @@ fn texts() -> Vec<String> {
         "<|endoftext|>",
         "<|im_start|>",
         "--",
+        "，",
+        "。",
+        "「",
+        "」",
+        "…",
+        "—",
+        "_",
+        "|",
+        "<",
+        ">",
+        "<jupyter_text>",
+        "x<|im_end|>",
+        "ि",
+        "।",
+        "\u{9fff}",
+        "कि।",
+        "e\u{301}.",
     ];
     let mut state = 0x2545_f491_4f6c_dd1du64;
     for _ in 0..3000 {
@@ -81,6 +98,17 @@ fn texts() -> Vec<String> {
     }
     texts.push(String::new());
     texts
+}
+
+/// HF's pre-tokens of `text` (byte-level strings), without added-token extraction.
+fn pre_tokens(tokenizer: &Tokenizer, text: &str) -> Vec<String> {
+    let mut pre_tokenized = PreTokenizedString::from(text);
+    tokenizer.get_pre_tokenizer().unwrap().pre_tokenize(&mut pre_tokenized).unwrap();
+    pre_tokenized
+        .get_splits(OffsetReferential::Original, OffsetType::Byte)
+        .into_iter()
+        .map(|(s, _, _)| s.to_string())
+        .collect()
 }
 
 #[test]
@@ -122,6 +150,14 @@ fn documents_encode_exactly_as_hf_tokenizers_under_every_byte_level_pre_tokenize
         let hf: Tokenizer = json.to_string().parse().unwrap();
         let ours = DocumentTokenizer::new(hf.clone()).unwrap();
         assert_eq!(ours.is_chunked(), chunked, "{name}");
+        // Every chunk boundary is a boundary of HF's own pre-tokenization of the whole text, whatever
+        // merges the vocabulary happens to have.
+        if chunked {
+            for text in &refs {
+                let pieces: Vec<String> = ours.chunks(text).flat_map(|chunk| pre_tokens(&hf, chunk)).collect();
+                assert_eq!(pieces, pre_tokens(&hf, text), "{name}: {text:?}");
+            }
+        }
         // Twice: the second pass reads every chunk from the cache.
         for pass in 0..2 {
             let encoded = ours.encode_batch(&refs).unwrap();
