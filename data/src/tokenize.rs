@@ -1,13 +1,16 @@
 //! Documents to token ids, exactly as HF `tokenizers` encodes them, with a chunk cache in front.
 //!
 //! The byte-level BPE pre-tokenizers (GPT-2, SmolLM/StarCoder, Llama 3, Qwen 2), with no normalizer,
-//! never let a pre-token cross a single space that sits between two non-space characters: no
+//! never let a pre-token cross a single space that sits between two non-space characters (no
 //! alternative of their regexes matches a non-space followed by a space, and a space before a
-//! non-space always starts a pre-token. A document therefore splits at those spaces into chunks that
-//! encode independently, and its ids are the chunks' ids joined. Text repeats its chunks (words with
-//! their leading space and punctuation) the way it repeats words, so a cache shared by the threads
-//! maps chunks to ids and only unseen chunks reach the tokenizer. Any other tokenizer, and any
-//! tokenizer whose added tokens could span or strip across a chunk boundary, takes HF's own path.
+//! non-space always starts a pre-token), nor cross from a letter into punctuation (no alternative
+//! matches a letter followed by a non-letter, non-digit, non-space). Their regexes look only ahead,
+//! so a document cut at those places gives chunks that encode independently: its ids are the
+//! chunks' ids joined. Text repeats its chunks (words with their leading space, clauses of Chinese)
+//! the way it repeats words, so a cache shared by the threads maps chunks to ids and only unseen
+//! chunks reach the tokenizer. Any other tokenizer, and any tokenizer whose added tokens could span
+//! or strip across a chunk boundary, takes HF's own path; a document that contains an added token
+//! is cut at spaces only (`<|endoftext|>` has letters before its `|`).
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
