@@ -54,9 +54,8 @@ struct Chunked {
 impl DocumentTokenizer {
     /// Wraps `tokenizer`, turning off its truncation and padding (a document is never cut) and
     /// choosing the chunked path where it is exact.
-    pub fn new(mut tokenizer: Tokenizer) -> Result<Self> {
-        tokenizer.with_truncation(None).map_err(|e| anyhow!("turning truncation off: {e}"))?;
-        tokenizer.with_padding(None);
+    pub fn new(tokenizer: Tokenizer) -> Result<Self> {
+        let tokenizer = whole_documents(tokenizer)?;
         let chunked = if chunk_safe(&tokenizer)? { Chunked::probe(&tokenizer)? } else { None };
         Ok(Self { tokenizer, chunked })
     }
@@ -82,7 +81,7 @@ impl DocumentTokenizer {
             return self.encode_with_hf(text, true);
         };
         let mut ids = chunked.prefix.clone();
-        for chunk in self.chunks(text) {
+        for chunk in chunked.chunks(text) {
             if chunk.len() > MAX_CACHED_CHUNK_BYTES {
                 ids.extend(self.encode_with_hf(chunk, false)?);
             } else if !chunked.cache.extend_from(chunk, &mut ids) {
@@ -99,7 +98,7 @@ impl DocumentTokenizer {
     /// chunking would not be exact.
     pub fn chunks<'t>(&self, text: &'t str) -> Box<dyn Iterator<Item = &'t str> + 't> {
         match &self.chunked {
-            Some(chunked) => Box::new(chunks(text, !chunked.added.is_match(text))),
+            Some(chunked) => Box::new(chunked.chunks(text)),
             None => Box::new(std::iter::once(text)),
         }
     }
@@ -110,7 +109,19 @@ impl DocumentTokenizer {
     }
 }
 
+/// `tokenizer` with its truncation and padding (meant for batches of short inputs) turned off.
+pub fn whole_documents(mut tokenizer: Tokenizer) -> Result<Tokenizer> {
+    tokenizer.with_truncation(None).map_err(|e| anyhow!("turning truncation off: {e}"))?;
+    tokenizer.with_padding(None);
+    Ok(tokenizer)
+}
+
 impl Chunked {
+    /// `text`'s chunks: cut at punctuation too unless it contains an added token.
+    fn chunks<'t>(&self, text: &'t str) -> impl Iterator<Item = &'t str> {
+        chunks(text, !self.added.is_match(text))
+    }
+
     /// The ids the post-processor puts before and after a document, if it only adds fixed ones
     /// (none, BOS/EOS templates); `None` for anything else.
     fn probe(tokenizer: &Tokenizer) -> Result<Option<Self>> {

@@ -28,10 +28,7 @@ pub struct Perplexity {
 /// whole: a `tokenizer.json` may carry truncation or padding meant for batches of short inputs.
 pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     let tokenizer = if tokenizer.get_truncation().is_some() || tokenizer.get_padding().is_some() {
-        let mut whole = tokenizer.clone();
-        whole.with_truncation(None).map_err(|e| anyhow::anyhow!("turning truncation off: {e}"))?;
-        whole.with_padding(None);
-        Cow::Owned(whole)
+        Cow::Owned(cpt_data::tokenize::whole_documents(tokenizer.clone())?)
     } else {
         Cow::Borrowed(tokenizer)
     };

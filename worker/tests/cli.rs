@@ -1,6 +1,8 @@
 //! The `cpt-worker` binary on the real SmolLM2-135M (fetched by scripts/fetch-assets.sh) and on tiny
 //! models it initialises itself.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -19,21 +21,12 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-fn assets() -> PathBuf {
-    std::env::var_os("CPT_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cpt/assets"))
-}
-
 /// SmolLM2-135M imported once per test run.
 fn smollm2() -> &'static Path {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     &DIR.get_or_init(|| {
-        let gguf = assets().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-        assert!(gguf.exists(), "{} is missing: run scripts/fetch-assets.sh", gguf.display());
         let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("smollm2");
-        succeed(&["import", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let out = common::import_smollm2(tmp.path());
         (tmp, out)
     })
     .1
