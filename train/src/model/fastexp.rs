@@ -1,6 +1,6 @@
 //! `exp` over slices, vectorised: libm's scalar `expf` was the largest cost of the fused softmax
-//! and cross-entropy kernels. Cephes' polynomial for `2^f` (relative error ≈ 1e-7, like `expf`),
-//! written branch-free so the compiler vectorises it; AVX2+FMA code is chosen at run time.
+//! and cross-entropy kernels. Cephes' polynomial (relative error ≈ 1e-7, like `expf`), branch-free
+//! and without float-to-int conversions; AVX2+FMA intrinsics are chosen at run time.
 
 /// `out[j] = exp(x[j]·scale − shift) · factor`; returns `Σ exp(x[j]·scale − shift)`.
 pub fn exp_shifted_f32(x: &[f32], scale: f32, shift: f32, factor: f32, out: &mut [f32]) -> f32 {
@@ -15,50 +15,87 @@ pub fn exp_shifted_f32(x: &[f32], scale: f32, shift: f32, factor: f32, out: &mut
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_shifted_avx2(x: &[f32], scale: f32, shift: f32, factor: f32, out: &mut [f32]) -> f32 {
-    exp_shifted_portable(x, scale, shift, factor, out)
-}
-
-#[inline(always)]
-fn exp_shifted_portable(x: &[f32], scale: f32, shift: f32, factor: f32, out: &mut [f32]) -> f32 {
-    // Eight partial sums keep the reduction vectorisable.
-    let mut sums = [0.0f32; 8];
+    use std::arch::x86_64::*;
+    // Written with intrinsics: the compiler's vectoriser left half of the portable loop scalar.
+    let out = &mut out[..x.len()];
     let whole = x.len() / 8 * 8;
-    let (x, x_rest) = x.split_at(whole);
-    let (out, out_rest) = out[..x.len() + x_rest.len()].split_at_mut(whole);
-    for (x, out) in x.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
-        for i in 0..8 {
-            let e = exp(x[i] * scale - shift);
-            sums[i] += e;
-            out[i] = e * factor;
-        }
+    let (scale_v, shift_v, factor_v) = (_mm256_set1_ps(scale), _mm256_set1_ps(shift), _mm256_set1_ps(factor));
+    let mut sums = _mm256_setzero_ps();
+    for j in (0..whole).step_by(8) {
+        // SAFETY: j + 8 ≤ whole ≤ x.len() = out.len().
+        let e = exp_avx2(_mm256_fmsub_ps(_mm256_loadu_ps(x.as_ptr().add(j)), scale_v, shift_v));
+        sums = _mm256_add_ps(sums, e);
+        _mm256_storeu_ps(out.as_mut_ptr().add(j), _mm256_mul_ps(e, factor_v));
     }
-    let mut sum: f32 = sums.iter().sum();
-    for (&x, out) in x_rest.iter().zip(out_rest) {
-        let e = exp(x * scale - shift);
+    let mut lanes = [0.0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+    let mut sum: f32 = lanes.iter().sum();
+    for (&x, out) in x[whole..].iter().zip(&mut out[whole..]) {
+        let e = exp(x.mul_add(scale, -shift));
         sum += e;
         *out = e * factor;
     }
     sum
 }
 
-/// `e^x` for `x ≤ 88`; arguments below −87 give ≈ 0.
+/// [`exp`] on eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let c = |v: f32| _mm256_set1_ps(v);
+    // max/min return their second operand when one is NaN: NaN stays NaN.
+    let x = _mm256_min_ps(c(88.0), _mm256_max_ps(c(-87.0), x));
+    let rounded = _mm256_fmadd_ps(x, c(std::f32::consts::LOG2_E), c(ROUND));
+    let n = _mm256_sub_ps(rounded, c(ROUND));
+    let r = _mm256_fmadd_ps(n, c(LN2_HIGH), x);
+    let r = _mm256_fmadd_ps(n, c(LN2_LOW), r);
+    let mut p = c(P[0]);
+    for &coefficient in &P[1..] {
+        p = _mm256_fmadd_ps(p, r, c(coefficient));
+    }
+    let y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), c(1.0));
+    let bits = _mm256_sub_epi32(_mm256_castps_si256(rounded), _mm256_set1_epi32(ROUND_BITS - 127));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits)))
+}
+
+#[inline(always)]
+fn exp_shifted_portable(x: &[f32], scale: f32, shift: f32, factor: f32, out: &mut [f32]) -> f32 {
+    // Eight partial sums, like the vector path's lanes.
+    let mut sums = [0.0f32; 8];
+    let out = &mut out[..x.len()];
+    for (j, (&x, out)) in x.iter().zip(out).enumerate() {
+        let e = exp(x.mul_add(scale, -shift));
+        sums[j % 8] += e;
+        *out = e * factor;
+    }
+    sums.iter().sum()
+}
+
+/// Adding 1.5·2²³ rounds to an integer held in the low mantissa bits: n = round(x·log₂e) without
+/// a float-to-int conversion (Rust's saturating one stops vectorisation).
+const ROUND: f32 = 12_582_912.0;
+/// `ROUND`'s bits: the rounded value's bits are `ROUND_BITS + n`.
+const ROUND_BITS: i32 = 0x4B40_0000;
+/// ln 2 in two parts, so that n·ln2 is exact enough for the reduction.
+const LN2_HIGH: f32 = -0.693_359_4;
+const LN2_LOW: f32 = 2.121_944_4e-4;
+/// Cephes' polynomial for (eʳ − 1 − r) / r², highest power first.
+const P: [f32; 6] = [1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+
+/// `e^x` for `x ≤ 88`; arguments below −87 give ≈ 0, and NaN stays NaN.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    // x = n·ln2 + r, |r| ≤ ln2/2; floor without libm: truncate, then step down for negatives.
-    let t = x * std::f32::consts::LOG2_E + 0.5;
-    let truncated = t as i32;
-    let n = truncated - ((truncated as f32) > t) as i32;
-    let nf = n as f32;
-    let r = x - nf * 0.693_359_4 + nf * 2.121_944_4e-4;
-    let p = 1.987_569_2e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n + 127) as u32) << 23)
+    let rounded = x.mul_add(std::f32::consts::LOG2_E, ROUND);
+    let n = rounded - ROUND;
+    // x = n·ln2 + r, |r| ≤ ln2/2.
+    let r = n.mul_add(LN2_LOW, n.mul_add(LN2_HIGH, x));
+    let p = P[1..].iter().fold(P[0], |p, &coefficient| p.mul_add(r, coefficient));
+    let y = (p * r).mul_add(r, r) + 1.0;
+    // 2ⁿ for the n in [−126, 127] that the clamp allows.
+    let bits = (rounded.to_bits() as i32).wrapping_sub(ROUND_BITS - 127);
+    y * f32::from_bits((bits as u32) << 23)
 }
 
 #[cfg(test)]
@@ -81,5 +118,27 @@ mod tests {
             .iter()
             .zip(&x)
             .all(|(&o, &v)| ((o as f64 - 2.0 * (v as f64 * 0.5 - 1.0).exp()).abs()) <= 1e-6 * o as f64));
+    }
+
+    #[test]
+    fn the_vector_path_gives_the_scalar_path_bits_and_keeps_nan() {
+        let mut x: Vec<f32> = (0..4099).map(|i| (i as f32 * 0.731).sin() * 120.0).collect();
+        x.extend([f32::NAN, f32::NEG_INFINITY, f32::INFINITY, -87.5, 88.5, 0.0, -0.0]);
+        x.extend((0..5).map(|i| i as f32 * 0.25));
+        let (mut fast, mut portable) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        let fast_sum = super::exp_shifted_f32(&x[..4099], 0.5, 0.25, 3.0, &mut fast[..4099]);
+        let portable_sum = super::exp_shifted_portable(&x[..4099], 0.5, 0.25, 3.0, &mut portable[..4099]);
+        assert!(((fast_sum - portable_sum) / portable_sum).abs() < 1e-6, "{fast_sum} vs {portable_sum}");
+        super::exp_shifted_f32(&x, 1.0, 0.0, 1.0, &mut fast);
+        for (i, (&f, &v)) in fast.iter().zip(&x).enumerate() {
+            let scalar = super::exp(v);
+            assert!(
+                f.to_bits() == scalar.to_bits() || (f.is_nan() && scalar.is_nan()),
+                "x[{i}] = {v}: {f} vs {scalar}"
+            );
+        }
+        assert!(fast[4099].is_nan(), "NaN in, NaN out");
+        assert!((0.0..1e-37).contains(&fast[4100]), "exp(−∞) ≈ 0");
+        assert!(fast[4101].is_finite() && fast[4101] > 1e38, "exp(∞) clamps to exp(88)");
     }
 }
