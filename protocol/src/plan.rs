@@ -193,6 +193,10 @@ fn autograd_bytes(config: &ModelConfig, spec: &JobSpec) -> f64 {
     transients + activations + logits
 }
 
+/// Logits per chunk of the explicit step's output layer (16 MiB of f32: the chunk stays in a
+/// server CPU's last-level cache between the products and the softmax), but at least 64 rows.
+pub const EXPLICIT_LOGITS_PER_CHUNK: usize = 1 << 22;
+
 /// What the explicit step (f32) holds beyond the parameters' state: every layer's activations, or
 /// when it recomputes segments of `every` layers every segment's input and one segment's
 /// activations; one layer's backward buffers, and the output layer's work on one chunk of logits.
@@ -210,8 +214,9 @@ fn explicit_step_bytes(config: &ModelConfig, spec: &JobSpec, every: Option<usize
     // A layer's backward adds the score gradients and the widest input gradients.
     let backward = b * heads * s * s + b * s * (2.0 * inter + 2.0 * qkv + 2.0 * h);
     let inputs = if every.is_some() { (layers / k).ceil() * b * s * h } else { 0.0 };
-    // The final norm's input, output and gradients, and one chunk of logits (2²³ at most).
-    let head = 3.0 * b * s * h + (b * s * config.vocab_size as f64).min((1u64 << 23) as f64);
+    // The final norm's input, output and gradients, its scaled chunk, and one chunk of logits.
+    let chunk = (b * s).min((EXPLICIT_LOGITS_PER_CHUNK / config.vocab_size.max(1)).max(64) as f64);
+    let head = 3.0 * b * s * h + chunk * (config.vocab_size as f64 + h);
     // Gradient clipping scales one gradient at a time into a new tensor: the embedding's at most.
     let clipping = (config.vocab_size * config.hidden_size) as f64;
     // Measured, not derived: bench/recompute_memory.sh found ~0.9 GiB of resident memory beyond

@@ -20,6 +20,8 @@ use std::collections::BTreeMap;
 
 use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 
+use cpt_protocol::plan::EXPLICIT_LOGITS_PER_CHUNK;
+
 use crate::config::ModelConfig;
 use crate::model::fused::{rows, Real};
 use crate::model::ops;
@@ -156,9 +158,6 @@ struct Model<'a, T> {
 
 const EMBED: &str = "model.embed_tokens.weight";
 
-/// Logits per chunk of the output layer (32 MiB of f32), but at least 64 rows.
-const LOGITS_PER_CHUNK: usize = 1 << 23;
-
 type Guards<'t> = BTreeMap<&'t str, (candle_core::StorageRef<'t>, &'t candle_core::Layout)>;
 
 impl<'a, T: Real> Model<'a, T> {
@@ -260,26 +259,39 @@ impl<'a, T: Real> Model<'a, T> {
     /// The final norm, the output layer and the loss: returns the loss and the gradient of the
     /// last layer's output, adding the norm's and the output layer's gradients into `grads`. The
     /// logits (rows × vocabulary, the step's largest tensor) are computed a chunk of rows at a time
-    /// in one reused buffer: turned into their gradient in place, consumed, overwritten.
+    /// in one reused buffer that stays in the last-level cache: turned into `exp(logit − max)` in
+    /// place, consumed by both products, overwritten.
     fn head(&self, n: &Shapes, x: &[T], batch: &Batch, grads: &mut Gradients<T>) -> Result<(f64, Vec<T>)> {
         let (h, vocab, rows) = (self.hidden, self.vocab, n.rows());
         let hidden = rows::rms_norm(x, self.norm, n.eps)?;
         let targets = rows::target_indices(batch.targets, vocab)?;
         let count: f64 = batch.weights.iter().sum();
-        let chunk = (LOGITS_PER_CHUNK / vocab).max(64).min(rows.max(1));
-        let (mut loss, mut logits) = (0.0, Vec::new());
+        let chunk = (EXPLICIT_LOGITS_PER_CHUNK / vocab).max(64).min(rows.max(1));
+        let (mut loss, mut logits, mut scaled) = (0.0, Vec::new(), Vec::with_capacity(chunk * h));
         let mut d_hidden = vec![T::zero(); rows * h];
         for r0 in (0..rows).step_by(chunk) {
             let r1 = (r0 + chunk).min(rows);
-            let (hidden, weights) = (&hidden[r0 * h..r1 * h], &batch.weights[r0..r1]);
+            let (hidden, weights, targets) = (&hidden[r0 * h..r1 * h], &batch.weights[r0..r1], &targets[r0..r1]);
             products::projections_into(&mut logits, hidden, &[self.lm_head], h);
-            // The logits become exp(logit − max), then the logits' gradient, in place.
-            let (nll, inv_sum) = rows::nll(&mut logits, vocab, &targets[r0..r1]);
+            let (nll, inv_sum) = rows::nll(&mut logits, vocab, targets);
             loss += nll.iter().zip(weights).map(|(l, w)| l.to_f64().unwrap_or(f64::NAN) * w).sum::<f64>() / count;
+            // d logits = c·E − g·one_hot(target) per row, E = exp(logit − max), c = g / ΣE: instead
+            // of a pass over the logits, c scales the products' narrow sides (dx's rows, the
+            // hidden rows that dW reads) and the one-hot part is one row each.
             let g: Vec<T> = weights.iter().map(|w| T::from(w * batch.scale / count).expect("a float")).collect();
-            rows::to_gradient(&mut logits, vocab, &targets[r0..r1], &inv_sum, &g);
-            products::input_gradient_into(&mut d_hidden[r0 * h..r1 * h], &logits, vocab, &[self.lm_head]);
-            grads.add_weight_product(self.lm_head_name, (&logits, vocab, 0), hidden, vocab);
+            let c: Vec<T> = g.iter().zip(&inv_sum).map(|(&g, &inv_sum)| g * inv_sum).collect();
+            let d_rows = &mut d_hidden[r0 * h..r1 * h];
+            products::input_gradient_into(d_rows, &logits, vocab, &[self.lm_head]);
+            for (((d, &c), &g), &t) in d_rows.chunks_mut(h).zip(&c).zip(&g).zip(targets) {
+                d.iter_mut().zip(&self.lm_head[t * h..][..h]).for_each(|(d, &w)| *d = *d * c - g * w);
+            }
+            scaled.clear();
+            scaled.extend(hidden.chunks(h).zip(&c).flat_map(|(x, &c)| x.iter().map(move |&x| x * c)));
+            grads.add_weight_product(self.lm_head_name, (&logits, vocab, 0), &scaled, vocab);
+            let d_weight = grads.slot(self.lm_head_name, vocab * h);
+            for ((x, &g), &t) in hidden.chunks(h).zip(&g).zip(targets) {
+                d_weight[t * h..][..h].iter_mut().zip(x).for_each(|(d, &x)| *d = *d - g * x);
+            }
         }
         drop(logits);
         let mut d = vec![T::zero(); n.rows() * h];

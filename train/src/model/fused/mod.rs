@@ -30,7 +30,7 @@ pub use softmax::{causal_softmax, token_nll};
 pub(crate) mod rows {
     pub(crate) use super::attention::{backward_rows as attention_backward, forward_rows as attention, Saved};
     pub(crate) use super::elementwise::{swiglu_backward_rows as swiglu_backward, swiglu_rows as swiglu};
-    pub(crate) use super::linear_nll::{nll, to_gradient};
+    pub(crate) use super::linear_nll::nll;
     pub(crate) use super::norm::{rms_norm_backward_rows as rms_norm_backward, rms_norm_rows as rms_norm};
     pub(crate) use super::softmax::target_indices;
 }
