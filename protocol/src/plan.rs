@@ -217,13 +217,11 @@ fn explicit_step_bytes(config: &ModelConfig, spec: &JobSpec, every: Option<usize
     // The final norm's input, output and gradients, its scaled chunk, and one chunk of logits.
     let chunk = (b * s).min((EXPLICIT_LOGITS_PER_CHUNK / config.vocab_size.max(1)).max(64) as f64);
     let head = 3.0 * b * s * h + chunk * (config.vocab_size as f64 + h);
-    // Gradient clipping scales one gradient at a time into a new tensor: the embedding's at most.
-    let clipping = (config.vocab_size * config.hidden_size) as f64;
     // Measured, not derived: bench/recompute_memory.sh found ~0.9 GiB of resident memory beyond
     // the tensors counted here on an 8-layer 1B Llama at seq 2048 (the allocator keeps freed
     // pages, the binary, thread stacks).
     let runtime = (1u64 << 30) as f64;
-    4.0 * (inputs + k * layer + backward + head + clipping) + runtime
+    4.0 * (inputs + k * layer + backward + head) + runtime
 }
 
 /// Everything a dry run reports.

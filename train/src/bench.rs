@@ -134,7 +134,7 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
     for step in 0..options.warmup + options.steps {
         let started = Instant::now();
         model.set_dropout_pass(Some(step as u64));
-        let (loss, mut grads) = if explicit {
+        let (loss, grads) = if explicit {
             let mut grads = step::Gradients::<f32>::default();
             let loss = step::accumulate(config, params, &ids, None, 1.0, options.recompute_every, &mut grads)?;
             (loss, grads.into_tensors(params)?)
@@ -151,8 +151,7 @@ pub fn bench(config: &ModelConfig, options: &BenchOptions) -> Result<BenchReport
         };
         // As a job does by default: the global norm, clipped to 1.
         let norm = crate::optim::global_norm(&grads)?;
-        crate::optim::clip(&mut grads, norm, 1.0)?;
-        optimizer.step(params, &grads, |_| 1e-3)?;
+        optimizer.step(params, &grads, crate::optim::clip_scale(norm, 1.0), |_| 1e-3)?;
         losses.push(loss);
         if step >= options.warmup {
             seconds.push(started.elapsed().as_secs_f64());

@@ -48,11 +48,18 @@ impl AdamW {
         Ok(Self { config, updates: 0, moments })
     }
 
-    /// Applies one update, each parameter with its learning rate `lr(name)`; `grads` holds every
-    /// trained parameter's gradient. A gradient with fewer rows than its parameter updates only the
-    /// parameter's last rows (a table trained from a row on): the others, and their moments, stay.
-    /// Every tensor is updated in place, so views of the parameters see the update.
-    pub fn step(&mut self, params: &Params, grads: &BTreeMap<String, Tensor>, lr: impl Fn(&str) -> f64) -> Result<()> {
+    /// Applies one update, each parameter with its learning rate `lr(name)`, to the gradients
+    /// times `grad_scale` (a clipping coefficient, or 1); `grads` holds every trained parameter's
+    /// gradient. A gradient with fewer rows than its parameter updates only the parameter's last
+    /// rows (a table trained from a row on): the others, and their moments, stay. Every tensor is
+    /// updated in place, so views of the parameters see the update.
+    pub fn step(
+        &mut self,
+        params: &Params,
+        grads: &BTreeMap<String, Tensor>,
+        grad_scale: f64,
+        lr: impl Fn(&str) -> f64,
+    ) -> Result<()> {
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
         self.updates += 1;
         let t = self.updates as i32;
@@ -70,18 +77,19 @@ impl AdamW {
             let lr = lr(name);
             let decay = if is_norm_or_bias(name) { 0.0 } else { weight_decay };
             let update = Update {
+                beta1,
+                beta2,
                 eps,
+                grad_scale,
                 decay_factor: 1.0 - lr * decay,
                 step_size: lr / (1.0 - beta1.powi(t)),
                 correction2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
             };
             if fused::supported(&p) && grad.is_contiguous() {
-                // One pass per tensor, in place: no temporaries the size of the model.
-                m.inplace_op2(grad, &Moment { beta: beta1, squared: false })?;
-                v.inplace_op2(grad, &Moment { beta: beta2, squared: true })?;
-                p.inplace_op3(&m, &v, &update)?;
+                update.in_place(&p, &m, &v, grad)?;
             } else {
-                let new_m = ((&m * beta1)? + (grad * (1.0 - beta1))?)?;
+                let grad = if grad_scale == 1.0 { grad.clone() } else { (grad * grad_scale)? };
+                let new_m = ((&m * beta1)? + (&grad * (1.0 - beta1))?)?;
                 let new_v = ((&v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
                 let denom = ((new_v.sqrt()? / update.correction2_sqrt)? + eps)?;
                 let new_p = ((&p * update.decay_factor)? - (new_m.div(&denom)? * update.step_size)?)?;
@@ -127,78 +135,79 @@ impl AdamW {
     }
 }
 
-/// `m ← β·m + (1 − β)·g`, or with `g²` for the second moment, in place.
-struct Moment {
-    beta: f64,
-    squared: bool,
-}
-
-impl candle_core::InplaceOp2 for Moment {
-    fn name(&self) -> &'static str {
-        "adamw-moment"
-    }
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        fn run<T: Real>(m: &mut [T], g: &[T], beta: f64, squared: bool) {
-            let (beta, rest) = (T::from(beta).expect("a float"), T::from(1.0 - beta).expect("a float"));
-            m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| {
-                for (m, &g) in m.iter_mut().zip(g) {
-                    *m = *m * beta + (if squared { g * g } else { g }) * rest;
-                }
-            });
-        }
-        let g = contiguous_range(l2)?;
-        let m = contiguous_range(l1)?;
-        match (s1, s2) {
-            (CpuStorage::F32(m_data), CpuStorage::F32(g_data)) => {
-                run(&mut m_data[m], &g_data[g], self.beta, self.squared)
-            }
-            (CpuStorage::F64(m_data), CpuStorage::F64(g_data)) => {
-                run(&mut m_data[m], &g_data[g], self.beta, self.squared)
-            }
-            _ => candle_core::bail!("adamw-moment: f32 or f64 of one dtype"),
-        }
-        Ok(())
-    }
-}
-
-/// `p ← p·(1 − lr·wd) − step_size · m / (√v / √(1 − β₂ᵗ) + ε)`, in place (torch's AdamW order).
+/// One parameter's AdamW update (torch's order: `m ← β₁·m + (1 − β₁)·g`, `v ← β₂·v + (1 − β₂)·g²`,
+/// `p ← p·(1 − lr·wd) − step_size · m / (√v / √(1 − β₂ᵗ) + ε)`) for `g` = gradient × `grad_scale`.
 struct Update {
+    beta1: f64,
+    beta2: f64,
     eps: f64,
+    grad_scale: f64,
     decay_factor: f64,
     step_size: f64,
     correction2_sqrt: f64,
 }
 
-impl candle_core::InplaceOp3 for Update {
-    fn name(&self) -> &'static str {
-        "adamw-update"
+impl Update {
+    /// The update in one pass over `p`, `m`, `v` and the gradient, in place: separate passes for
+    /// the moments, the parameter and the clipping read and wrote every element 13 times instead
+    /// of 7, and clipping made a scaled copy of each gradient. candle lends one mutable storage
+    /// per in-place op, so the op on `p` runs the op on `m`, which runs the op on `v`.
+    fn in_place(&self, p: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor) -> candle_core::Result<()> {
+        lend(p, |p, p_layout| {
+            lend(m, |m, m_layout| {
+                lend(v, |v, v_layout| {
+                    let (g, g_layout) = grad.storage_and_layout();
+                    let candle_core::Storage::Cpu(g) = &*g else { candle_core::bail!("adamw: a CPU gradient") };
+                    let ranges = [p_layout, m_layout, v_layout, g_layout].map(contiguous_range);
+                    let [p_range, m_range, v_range, g_range] = ranges;
+                    match (&mut *p, &mut *m, &mut *v, g) {
+                        (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v), CpuStorage::F32(g)) => {
+                            self.run(&mut p[p_range?], &mut m[m_range?], &mut v[v_range?], &g[g_range?])
+                        }
+                        (CpuStorage::F64(p), CpuStorage::F64(m), CpuStorage::F64(v), CpuStorage::F64(g)) => {
+                            self.run(&mut p[p_range?], &mut m[m_range?], &mut v[v_range?], &g[g_range?])
+                        }
+                        _ => candle_core::bail!("adamw: f32 or f64 of one dtype"),
+                    }
+                    Ok(())
+                })
+            })
+        })
     }
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        fn run<T: Real>(p: &mut [T], m: &[T], v: &[T], u: &Update) {
-            let f = |x: f64| T::from(x).expect("a float");
-            let (decay, step, c2, eps) = (f(u.decay_factor), f(u.step_size), f(u.correction2_sqrt), f(u.eps));
-            p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(|((p, m), v)| {
-                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                    *p = *p * decay - step * (m / (v.sqrt() / c2 + eps));
-                }
-            });
-        }
-        let (p, m, v) = (contiguous_range(l1)?, contiguous_range(l2)?, contiguous_range(l3)?);
-        match (s1, s2, s3) {
-            (CpuStorage::F32(pd), CpuStorage::F32(md), CpuStorage::F32(vd)) => run(&mut pd[p], &md[m], &vd[v], self),
-            (CpuStorage::F64(pd), CpuStorage::F64(md), CpuStorage::F64(vd)) => run(&mut pd[p], &md[m], &vd[v], self),
-            _ => candle_core::bail!("adamw-update: f32 or f64 of one dtype"),
-        }
-        Ok(())
+
+    fn run<T: Real>(&self, p: &mut [T], m: &mut [T], v: &mut [T], g: &[T]) {
+        let f = |x: f64| T::from(x).expect("a float");
+        let (beta1, rest1, beta2, rest2) = (f(self.beta1), f(1.0 - self.beta1), f(self.beta2), f(1.0 - self.beta2));
+        let (decay, step, c2, eps) = (f(self.decay_factor), f(self.step_size), f(self.correction2_sqrt), f(self.eps));
+        // Unclipped gradients are read as they are (scaling by one could only change a zero's sign).
+        let scale = (self.grad_scale != 1.0).then(|| f(self.grad_scale));
+        let p = p.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK));
+        p.zip(v.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK)).for_each(|(((p, m), v), g)| {
+            for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                let g = scale.map_or(g, |scale| g * scale);
+                *m = *m * beta1 + g * rest1;
+                *v = *v * beta2 + g * g * rest2;
+                *p = *p * decay - step * (*m / (v.sqrt() / c2 + eps));
+            }
+        });
     }
+}
+
+/// Runs `f` on `tensor`'s storage, mutably, through an in-place op.
+fn lend(
+    tensor: &Tensor,
+    f: impl FnMut(&mut CpuStorage, &Layout) -> candle_core::Result<()>,
+) -> candle_core::Result<()> {
+    struct Lend<F>(std::cell::RefCell<F>);
+    impl<F: FnMut(&mut CpuStorage, &Layout) -> candle_core::Result<()>> candle_core::InplaceOp1 for Lend<F> {
+        fn name(&self) -> &'static str {
+            "adamw"
+        }
+        fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+            (self.0.borrow_mut())(storage, layout)
+        }
+    }
+    tensor.inplace_op1(&Lend(std::cell::RefCell::new(f)))
 }
 
 const CHUNK: usize = 64 * 1024;
@@ -240,13 +249,63 @@ fn squared_sum_in_place(grad: &Tensor) -> Option<f64> {
     }
 }
 
-/// Scales gradients so their global norm is at most `max_norm` (torch's `clip_grad_norm_`).
-pub fn clip(grads: &mut BTreeMap<String, Tensor>, norm: f64, max_norm: f64) -> Result<()> {
+/// The factor that brings gradients of global norm `norm` to at most `max_norm` (torch's
+/// `clip_grad_norm_`), or 1; [`AdamW::step`] applies it as it reads each gradient.
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     let coefficient = max_norm / (norm + 1e-6);
-    if coefficient < 1.0 {
-        for grad in grads.values_mut() {
-            *grad = (&*grad * coefficient)?;
+    coefficient.min(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::Update;
+
+    /// torch.optim.AdamW's update written out per element, in f64.
+    fn reference(p: &mut [f64], m: &mut [f64], v: &mut [f64], g: &[f64], u: &Update) {
+        for i in 0..p.len() {
+            let g = g[i] * u.grad_scale;
+            m[i] = u.beta1 * m[i] + (1.0 - u.beta1) * g;
+            v[i] = u.beta2 * v[i] + (1.0 - u.beta2) * g * g;
+            p[i] = p[i] * u.decay_factor - u.step_size * m[i] / (v[i].sqrt() / u.correction2_sqrt + u.eps);
         }
     }
-    Ok(())
+
+    #[test]
+    fn one_pass_updates_the_parameter_and_both_moments_of_a_row_view_with_the_scaled_gradient() {
+        let u = Update {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_scale: 0.25,
+            decay_factor: 0.99,
+            step_size: 0.1 / 0.1,
+            correction2_sqrt: 0.05f64.sqrt(),
+        };
+        let values = |seed: f64| (0..12).map(|i| ((i as f64 + seed) * 1.7).sin()).collect::<Vec<f64>>();
+        let (mut p, mut m, g) = (values(0.0), values(1.0), values(3.0));
+        let mut v: Vec<f64> = values(2.0).iter().map(|x| x * x).collect();
+        let tensor = |x: &[f64]| Tensor::from_slice(x, (4, 3), &Device::Cpu).unwrap();
+        let (pt, mt, vt) = (tensor(&p), tensor(&m), tensor(&v));
+        // The last two rows train, as with `train_rows_from`.
+        let rows = |t: &Tensor| t.narrow(0, 2, 2).unwrap();
+        let grad = Tensor::from_slice(&g[6..], (2, 3), &Device::Cpu).unwrap();
+        u.in_place(&rows(&pt), &rows(&mt), &rows(&vt), &grad).unwrap();
+        reference(&mut p[6..], &mut m[6..], &mut v[6..], &g[6..], &u);
+        for (tensor, expected) in [(&pt, &p), (&mt, &m), (&vt, &v)] {
+            let got = tensor.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            assert!(
+                got.iter().zip(expected.iter()).all(|(a, b)| (a - b).abs() <= 1e-15 * b.abs().max(1.0)),
+                "{got:?} vs {expected:?}"
+            );
+        }
+        // f32 follows the same formula.
+        let f32s = |x: &[f64]| Tensor::from_slice(x, 12, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+        let (p32, m32, v32, g32) = (f32s(&p), f32s(&m), f32s(&v), f32s(&g));
+        u.in_place(&p32, &m32, &v32, &g32).unwrap();
+        reference(&mut p, &mut m, &mut v, &g, &u);
+        let got = p32.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        assert!(got.iter().zip(&p).all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs().max(1.0)), "{got:?} vs {p:?}");
+    }
 }

@@ -173,7 +173,7 @@ fn train_losses(explicit: bool, recompute: Option<usize>, steps: usize) -> Vec<f
         if explicit {
             grads = explicit_grads.into_tensors(&params).unwrap();
         }
-        optimizer.step(&params, &grads, |_| 3e-3).unwrap();
+        optimizer.step(&params, &grads, 1.0, |_| 3e-3).unwrap();
         losses.push(loss);
     }
     losses

@@ -19,7 +19,7 @@ use crate::adapter::{self, Start};
 use crate::checkpoint::{self, TrainerState};
 use crate::hf::{passthrough_files, ModelDir};
 use crate::model::Llama;
-use crate::optim::{clip, global_norm, AdamW, AdamWConfig};
+use crate::optim::{clip_scale, global_norm, AdamW, AdamWConfig};
 use crate::params::Params;
 use crate::schedule::LrSchedule;
 
@@ -277,9 +277,7 @@ impl<'a> Run<'a> {
             }
         } else {
             state.consecutive_bad_steps = 0;
-            if let Some(max_norm) = spec.grad_clip {
-                clip(&mut grads, grad_norm, max_norm)?;
-            }
+            let grad_scale = spec.grad_clip.map_or(1.0, |max_norm| clip_scale(grad_norm, max_norm));
             let config = &self.base.config;
             let saved_lr = match &spec.adapter {
                 Some(adapter) => lr * adapter.embedding_lr.map_or(1.0, |embedding| embedding / plan.lr.peak),
@@ -289,7 +287,7 @@ impl<'a> Run<'a> {
                 Some(adapter) if adapter::is_saved(config, adapter, name) => saved_lr,
                 _ => lr,
             };
-            self.optimizer.step(&self.params, &grads, lr_of)?;
+            self.optimizer.step(&self.params, &grads, grad_scale, lr_of)?;
             state.optimizer_updates = self.optimizer.updates;
             if let Some(average) = state.loss_average.filter(|_| step > 10) {
                 if loss > spec.spike_factor * average {
