@@ -1,5 +1,5 @@
 """The PyTorch side of bench/train_speed.sh: the same model (transformers' LlamaForCausalLM, f32, eager
-or scaled-dot-product attention), the same random tokens shape and AdamW settings as `cpt-worker bench`, timed the
+or scaled-dot-product attention), the same random tokens shape, AdamW settings and gradient clipping as `cpt-worker bench`, timed the
 same way (median of the timed steps after warmup). Prints one JSON line."""
 
 import argparse
@@ -36,6 +36,8 @@ for step in range(args.warmup + args.steps):
     logits = model(input_ids=inputs).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, config.vocab_size), targets.reshape(-1))
     loss.backward()
+    # As `cpt-worker bench` and a cpt job by default: the global norm clipped to 1.
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     losses.append(loss.item())

@@ -2,8 +2,10 @@
 # Training speed on the CPU: candle's explicit step (full training's default), the same fused kernels
 # through candle's autograd, and PyTorch f32 (bench/torch_train.py: transformers' LlamaForCausalLM)
 # with eager and with scaled-dot-product attention, on the same model, token shape, AdamW settings
-# and number of threads. Rounds alternate the four so machine noise hits all of them; the medians,
-# the ratios against both PyTorch variants and the CPU model are printed.
+# and number of threads (PyTorch clips the gradient norm to 1 as a cpt job does by default). Rounds
+# alternate the four so machine noise hits all of them; the medians, the ratios against both PyTorch
+# variants (of the medians, and the median of each round's own ratio, which holds up better on a
+# machine whose clock shifts between runs) and the CPU model are printed.
 #   bench/train_speed.sh [reference|smollm2-135m] [rounds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,9 +42,14 @@ print(f"{'':22}{'tokens/s':>10}{'peak RSS MiB':>14}   per round tokens/s")
 for name, label in names.items():
     rounds = " ".join(f"{r['tokens_per_second']:.0f}" for r in runs[name])
     print(f"{label:22}{median(name, 'tokens_per_second'):>10.0f}{median(name, 'peak_rss_mib'):>14.0f}   {rounds}")
+def paired(name, reference):
+    ratios = [a["tokens_per_second"] / b["tokens_per_second"] for a, b in zip(runs[name], runs[reference])]
+    return statistics.median(ratios), " ".join(f"{r:.2f}" for r in sorted(ratios))
 for name in ("explicit", "autograd"):
     for reference in ("sdpa", "eager"):
-        print(f"{name} / torch {reference}: {median(name, 'tokens_per_second') / median(reference, 'tokens_per_second'):.2f}x tokens/s, "
+        within, each = paired(name, reference)
+        print(f"{name} / torch {reference}: {median(name, 'tokens_per_second') / median(reference, 'tokens_per_second'):.2f}x tokens/s "
+              f"(per round: median {within:.2f}x of {each}), "
               f"{median(name, 'peak_rss_mib') / median(reference, 'peak_rss_mib'):.2f}x peak memory")
 print(f"explicit / autograd: {median('explicit', 'tokens_per_second') / median('autograd', 'tokens_per_second'):.2f}x tokens/s, "
       f"{median('explicit', 'peak_rss_mib') / median('autograd', 'peak_rss_mib'):.2f}x peak memory")
