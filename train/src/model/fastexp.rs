@@ -4,36 +4,52 @@
 
 /// `out[j] = exp(x[j]·scale − shift) · factor`; returns `Σ exp(x[j]·scale − shift)`.
 pub fn exp_shifted_f32(x: &[f32], scale: f32, shift: f32, factor: f32, out: &mut [f32]) -> f32 {
+    assert!(out.len() >= x.len(), "exp_shifted: an output shorter than the input");
+    // SAFETY: x holds x.len() elements and out at least as many.
+    unsafe { exp_shifted_raw(x.as_ptr(), out.as_mut_ptr(), x.len(), scale, shift, factor) }
+}
+
+/// [`exp_shifted_f32`] with `row` as both input and output.
+pub fn exp_shifted_in_place_f32(row: &mut [f32], scale: f32, shift: f32, factor: f32) -> f32 {
+    let ptr = row.as_mut_ptr();
+    // SAFETY: row holds row.len() elements; each is read before it is written.
+    unsafe { exp_shifted_raw(ptr, ptr, row.len(), scale, shift, factor) }
+}
+
+/// # Safety
+/// `x` must be valid for `len` reads and `out` for `len` writes; they may be the same elements,
+/// and otherwise must not overlap.
+unsafe fn exp_shifted_raw(x: *const f32, out: *mut f32, len: usize, scale: f32, shift: f32, factor: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { exp_shifted_avx2(x, scale, shift, factor, out) };
+        // SAFETY: the CPU has the features the function is compiled for; the pointers as above.
+        return unsafe { exp_shifted_avx2(x, out, len, scale, shift, factor) };
     }
-    exp_shifted_portable(x, scale, shift, factor, out)
+    // SAFETY: as above.
+    unsafe { exp_shifted_portable(x, out, len, scale, shift, factor) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp_shifted_avx2(x: &[f32], scale: f32, shift: f32, factor: f32, out: &mut [f32]) -> f32 {
+unsafe fn exp_shifted_avx2(x: *const f32, out: *mut f32, len: usize, scale: f32, shift: f32, factor: f32) -> f32 {
     use std::arch::x86_64::*;
     // Written with intrinsics: the compiler's vectoriser left half of the portable loop scalar.
-    let out = &mut out[..x.len()];
-    let whole = x.len() / 8 * 8;
+    let whole = len / 8 * 8;
     let (scale_v, shift_v, factor_v) = (_mm256_set1_ps(scale), _mm256_set1_ps(shift), _mm256_set1_ps(factor));
     let mut sums = _mm256_setzero_ps();
     for j in (0..whole).step_by(8) {
-        // SAFETY: j + 8 ≤ whole ≤ x.len() = out.len().
-        let e = exp_avx2(_mm256_fmsub_ps(_mm256_loadu_ps(x.as_ptr().add(j)), scale_v, shift_v));
+        // SAFETY: j + 8 ≤ whole ≤ len; the eight inputs are loaded before their outputs are stored.
+        let e = exp_avx2(_mm256_fmsub_ps(_mm256_loadu_ps(x.add(j)), scale_v, shift_v));
         sums = _mm256_add_ps(sums, e);
-        _mm256_storeu_ps(out.as_mut_ptr().add(j), _mm256_mul_ps(e, factor_v));
+        _mm256_storeu_ps(out.add(j), _mm256_mul_ps(e, factor_v));
     }
     let mut lanes = [0.0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
     let mut sum: f32 = lanes.iter().sum();
-    for (&x, out) in x[whole..].iter().zip(&mut out[whole..]) {
-        let e = exp(x.mul_add(scale, -shift));
+    for j in whole..len {
+        let e = exp((*x.add(j)).mul_add(scale, -shift));
         sum += e;
-        *out = e * factor;
+        *out.add(j) = e * factor;
     }
     sum
 }
@@ -59,15 +75,16 @@ unsafe fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits)))
 }
 
+/// # Safety
+/// As [`exp_shifted_raw`].
 #[inline(always)]
-fn exp_shifted_portable(x: &[f32], scale: f32, shift: f32, factor: f32, out: &mut [f32]) -> f32 {
+unsafe fn exp_shifted_portable(x: *const f32, out: *mut f32, len: usize, scale: f32, shift: f32, factor: f32) -> f32 {
     // Eight partial sums, like the vector path's lanes.
     let mut sums = [0.0f32; 8];
-    let out = &mut out[..x.len()];
-    for (j, (&x, out)) in x.iter().zip(out).enumerate() {
-        let e = exp(x.mul_add(scale, -shift));
+    for j in 0..len {
+        let e = exp((*x.add(j)).mul_add(scale, -shift));
         sums[j % 8] += e;
-        *out = e * factor;
+        *out.add(j) = e * factor;
     }
     sums.iter().sum()
 }
@@ -127,7 +144,9 @@ mod tests {
         x.extend((0..5).map(|i| i as f32 * 0.25));
         let (mut fast, mut portable) = (vec![0.0; x.len()], vec![0.0; x.len()]);
         let fast_sum = super::exp_shifted_f32(&x[..4099], 0.5, 0.25, 3.0, &mut fast[..4099]);
-        let portable_sum = super::exp_shifted_portable(&x[..4099], 0.5, 0.25, 3.0, &mut portable[..4099]);
+        // SAFETY: both hold 4099 elements or more.
+        let portable_sum =
+            unsafe { super::exp_shifted_portable(x.as_ptr(), portable.as_mut_ptr(), 4099, 0.5, 0.25, 3.0) };
         assert!(((fast_sum - portable_sum) / portable_sum).abs() < 1e-6, "{fast_sum} vs {portable_sum}");
         super::exp_shifted_f32(&x, 1.0, 0.0, 1.0, &mut fast);
         for (i, (&f, &v)) in fast.iter().zip(&x).enumerate() {
@@ -138,6 +157,9 @@ mod tests {
             );
         }
         assert!(fast[4099].is_nan(), "NaN in, NaN out");
+        let mut in_place = x.clone();
+        super::exp_shifted_in_place_f32(&mut in_place, 1.0, 0.0, 1.0);
+        assert!(in_place.iter().zip(&fast).all(|(a, b)| a.to_bits() == b.to_bits()), "in place as out of place");
         assert!((0.0..1e-37).contains(&fast[4100]), "exp(−∞) ≈ 0");
         assert!(fast[4101].is_finite() && fast[4101] > 1e38, "exp(∞) clamps to exp(88)");
     }

@@ -7,11 +7,10 @@
 use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
-use num_traits::Float;
 use rayon::prelude::*;
 
 use super::softmax::target_indices;
-use super::{by_rows, data, exp_shifted_in_place, Real};
+use super::{by_rows, data, reduce, Real};
 use crate::model::linear;
 
 /// Negative log-likelihood `(n,)` of `targets: (n,)` under `hidden: (n, h) · weightᵀ: (h, vocab)`.
@@ -42,9 +41,9 @@ pub(crate) fn nll<T: Real>(logits: &mut [T], vocab: usize, targets: &[usize]) ->
     let (mut nll, mut inv_sum) = (vec![T::zero(); targets.len()], vec![T::zero(); targets.len()]);
     logits.par_chunks_mut(vocab).zip(nll.par_iter_mut().zip(inv_sum.par_iter_mut())).zip(targets).for_each(
         |((row, (nll, inv_sum)), &target)| {
-            let max = row.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v));
+            let max = reduce::max(row);
             let logit = row[target];
-            let sum = exp_shifted_in_place(row, T::one(), max, T::one());
+            let sum = T::exp_shifted_in_place(row, T::one(), max, T::one());
             *nll = max + sum.ln() - logit;
             *inv_sum = sum.recip();
         },

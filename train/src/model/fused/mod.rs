@@ -15,6 +15,7 @@ mod elementwise;
 mod linear_nll;
 mod lora;
 mod norm;
+mod reduce;
 mod softmax;
 
 pub use attention::self_attention;
@@ -65,11 +66,16 @@ pub trait Real:
 {
     /// `out[j] = exp(x[j]·scale − shift) · factor`; returns `Σ exp(x[j]·scale − shift)`.
     fn exp_shifted(x: &[Self], scale: Self, shift: Self, factor: Self, out: &mut [Self]) -> Self;
+    /// [`Real::exp_shifted`] with `row` as both input and output.
+    fn exp_shifted_in_place(row: &mut [Self], scale: Self, shift: Self, factor: Self) -> Self;
 }
 
 impl Real for f32 {
     fn exp_shifted(x: &[f32], scale: f32, shift: f32, factor: f32, out: &mut [f32]) -> f32 {
         super::fastexp::exp_shifted_f32(x, scale, shift, factor, out)
+    }
+    fn exp_shifted_in_place(row: &mut [f32], scale: f32, shift: f32, factor: f32) -> f32 {
+        super::fastexp::exp_shifted_in_place_f32(row, scale, shift, factor)
     }
 }
 
@@ -83,24 +89,21 @@ impl Real for f64 {
         }
         sum
     }
+    fn exp_shifted_in_place(row: &mut [f64], scale: f64, shift: f64, factor: f64) -> f64 {
+        let mut sum = 0.0;
+        for v in row {
+            let e = (*v * scale - shift).exp();
+            sum += e;
+            *v = e * factor;
+        }
+        sum
+    }
 }
 
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for f64 {}
-}
-
-/// [`Real::exp_shifted`] with the row as its own input and output (through a small copy).
-fn exp_shifted_in_place<T: Real>(row: &mut [T], scale: T, shift: T, factor: T) -> T {
-    let mut block = [T::zero(); 512];
-    let mut sum = T::zero();
-    for chunk in row.chunks_mut(block.len()) {
-        let block = &mut block[..chunk.len()];
-        block.copy_from_slice(chunk);
-        sum += T::exp_shifted(block, scale, shift, factor, chunk);
-    }
-    sum
 }
 
 /// A kernel over contiguous float inputs of one dtype.

@@ -3,7 +3,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{by_rows, cpu, last_dim, Kernel, Real};
+use super::{by_rows, cpu, last_dim, reduce, Kernel, Real};
 
 /// RMSNorm over the last dimension, times `weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -37,7 +37,7 @@ fn add_input_gradient<T: Real>(x: &[T], weight: &[T], g: &[T], eps: f64, dx: &mu
     by_rows(dx, h, |r, dx| {
         let (x, g) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
         let inv = inv_rms(x, eps);
-        let dot = x.iter().zip(g).zip(weight).fold(T::zero(), |acc, ((&v, &g), &w)| acc + w * g * v * inv) / n;
+        let dot = reduce::dot3(weight, g, x) * inv / n;
         for (((o, &v), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(weight) {
             *o += inv * (w * g - v * inv * dot);
         }
@@ -46,7 +46,7 @@ fn add_input_gradient<T: Real>(x: &[T], weight: &[T], g: &[T], eps: f64, dx: &mu
 
 /// `1 / sqrt(mean(x²) + eps)` of one row.
 fn inv_rms<T: Real>(x: &[T], eps: f64) -> T {
-    let mean_square = x.iter().fold(T::zero(), |acc, &v| acc + v * v) / T::from(x.len()).expect("a length");
+    let mean_square = reduce::sum_of_squares(x) / T::from(x.len()).expect("a length");
     (mean_square + T::from(eps).expect("a float eps")).sqrt().recip()
 }
 

@@ -3,10 +3,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use num_traits::Float;
 use rayon::prelude::*;
 
-use super::{by_rows, cpu, data, exp_shifted_in_place, last_dim, Kernel, Real};
+use super::{by_rows, cpu, data, last_dim, reduce, Kernel, Real};
 
 /// Causal (optionally sliding-window) softmax of attention scores `(.., s, s)` scaled by `scale`:
 /// query `i` (the row's index modulo `s`) attends to keys `j ≤ i` with `i − j < window`.
@@ -36,14 +35,14 @@ pub(super) fn visible(i: usize, window: usize) -> std::ops::Range<usize> {
 
 /// `row ← softmax(row · scale)`, in place.
 pub(super) fn softmax_in_place<T: Real>(row: &mut [T], scale: T) {
-    let max = row.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v)) * scale;
-    let inv = exp_shifted_in_place(row, scale, max, T::one()).recip();
+    let max = reduce::max(row) * scale;
+    let inv = T::exp_shifted_in_place(row, scale, max, T::one()).recip();
     row.iter_mut().for_each(|x| *x *= inv);
 }
 
 /// The softmax's backward in place: `g ← scale · p ∘ (g − Σ p·g)` (0 wherever `p` is).
 pub(super) fn softmax_grad_in_place<T: Real>(g: &mut [T], p: &[T], scale: T) {
-    let dot = g.iter().zip(p).fold(T::zero(), |acc, (&g, &p)| acc + g * p);
+    let dot = reduce::dot(g, p);
     for (g, &p) in g.iter_mut().zip(p) {
         *g = scale * p * (*g - dot);
     }
@@ -116,7 +115,7 @@ struct TokenNll;
 
 /// A row's log-sum-exp, using `scratch` (the row's length) for the exponentials.
 pub(super) fn log_sum_exp<T: Real>(x: &[T], scratch: &mut [T]) -> T {
-    let max = x.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v));
+    let max = reduce::max(x);
     max + T::exp_shifted(x, T::one(), max, T::one(), scratch).ln()
 }
 
