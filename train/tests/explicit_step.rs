@@ -96,7 +96,7 @@ fn gradients_match_the_composed_model_in_every_variant() {
 
 #[test]
 fn a_large_vocabulary_takes_its_logits_in_chunks_with_the_same_gradients() {
-    // 2²³ logits per chunk: 64 rows of this vocabulary, so 80 rows take two chunks.
+    // Chunks of 2²² logits, but at least 64 rows: 64 rows of this vocabulary, so 80 rows take two.
     let config = tiny_config("LlamaForCausalLM", json!({"vocab_size": 131072, "num_hidden_layers": 1}));
     let params = tiny_params(&config, 3, DType::F64);
     let ids = random_ids(&config, (2, 41), 9);
