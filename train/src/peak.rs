@@ -131,7 +131,7 @@ fn physical_cores(threads: usize) -> usize {
 /// 168 GFLOP/s against a derived 157, and MFU read 83% for a step at 130. No program outruns the
 /// peak, so a faster multiply proves the clock higher than declared, and its rate is the tighter
 /// lower bound on the peak.
-pub fn at_least_measured(declared: (f64, String), measured: (f64, String)) -> (f64, String) {
+fn at_least_measured(declared: (f64, String), measured: (f64, String)) -> (f64, String) {
     if measured.0 > declared.0 {
         let source = format!("{}; measured above it, so the peak is the measured rate: {}", declared.1, measured.1);
         (measured.0, source)

@@ -290,7 +290,7 @@ impl<'a, T: Real> Model<'a, T> {
             grads.add_weight_product(self.lm_head_name, (&logits, vocab, 0), &scaled, vocab);
             let d_weight = grads.slot(self.lm_head_name, vocab * h);
             for ((x, &g), &t) in hidden.chunks(h).zip(&g).zip(targets) {
-                d_weight[t * h..][..h].iter_mut().zip(x).for_each(|(d, &x)| *d = *d - g * x);
+                d_weight[t * h..][..h].iter_mut().zip(x).for_each(|(d, &x)| *d -= g * x);
             }
         }
         drop(logits);
