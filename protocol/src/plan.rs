@@ -197,6 +197,10 @@ fn autograd_bytes(config: &ModelConfig, spec: &JobSpec) -> f64 {
 /// server CPU's last-level cache between the products and the softmax), but at least 64 rows.
 pub const EXPLICIT_LOGITS_PER_CHUNK: usize = 1 << 22;
 
+/// Query positions per block of the explicit step's attention: a block's score rows are the only
+/// scores that exist at a time (the probabilities are recomputed in the backward pass, not kept).
+pub const EXPLICIT_ATTENTION_BLOCK: usize = 64;
+
 /// What the explicit step (f32) holds beyond the parameters' state: every layer's activations, or
 /// when it recomputes segments of `every` layers every segment's input and one segment's
 /// activations; one layer's backward buffers, and the output layer's work on one chunk of logits.
@@ -209,10 +213,12 @@ fn explicit_step_bytes(config: &ModelConfig, spec: &JobSpec, every: Option<usize
     let k = every.map_or(layers, |every| every.clamp(1, config.num_hidden_layers.max(1)) as f64);
     let qkv = (heads + 2.0 * kv_heads) * d;
     // Kept per layer: input, normed input, attention output, mid stream, normed mid, output, packed
-    // gate/up and the gated product, rotated q/k/v and the attention probabilities.
-    let layer = b * s * (5.0 * h + heads * d + 3.0 * inter + qkv) + b * heads * s * s;
-    // A layer's backward adds the score gradients and the widest input gradients.
-    let backward = b * heads * s * s + b * s * (2.0 * inter + 2.0 * qkv + 2.0 * h);
+    // gate/up and the gated product, the rotated q/k/v and each query row's log-sum-exp.
+    let layer = b * s * (5.0 * h + heads * d + 3.0 * inter + qkv + heads);
+    // A layer's backward adds the widest input gradients, and attention's per query head: dq, its
+    // shares of dk and dv, and two blocks of scores (as if every head's task ran at once).
+    let attention = b * heads * (3.0 * s * d + 2.0 * EXPLICIT_ATTENTION_BLOCK as f64 * s);
+    let backward = b * s * (2.0 * inter + 2.0 * qkv + 2.0 * h) + attention;
     let inputs = if every.is_some() { (layers / k).ceil() * b * s * h } else { 0.0 };
     // The final norm's input, output and gradients, its scaled chunk, and one chunk of logits.
     let chunk = (b * s).min((EXPLICIT_LOGITS_PER_CHUNK / config.vocab_size.max(1)).max(64) as f64);

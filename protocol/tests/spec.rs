@@ -138,9 +138,9 @@ fn recomputation_estimates_layer_inputs_and_one_segment() {
     let (every, every_4) = (estimate(json!(1)), estimate(json!(4)));
     assert!(every < every_4, "{every} < {every_4}");
     // Hand count per layer of the explicit step (f32): s·(5h + heads·d + 3i + (heads + 2·kv)·d)
-    // kept, plus heads·s² probabilities; an input is s·h.
+    // kept, plus a log-sum-exp per query row and head; an input is s·h.
     let (s, h, i, heads, d) = (512.0, 64.0, 128.0, 4.0, 16.0);
-    let layer = 4.0 * (s * (5.0 * h + heads * d + 3.0 * i + 3.0 * heads * d) + heads * s * s);
+    let layer = 4.0 * (s * (5.0 * h + heads * d + 3.0 * i + 3.0 * heads * d) + heads * s);
     let input = 4.0 * s * h;
     assert_eq!(every_4 - every, 3.0 * layer - 6.0 * input, "four layers and 2 inputs vs one layer and 8 inputs");
     // Without recomputation the explicit step keeps all 8 layers and no separate inputs; the plan

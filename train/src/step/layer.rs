@@ -80,8 +80,7 @@ pub(super) fn forward<T: Real>(
             add_bias(&mut qkv, qkv_width, col, bias);
         }
     }
-    let (y, attention) = rows::attention(&qkv, (n.batch, n.seq), rope, n.heads, n.kv_heads, n.window)?;
-    drop(qkv);
+    let (y, attention) = rows::attention(qkv, (n.batch, n.seq), rope, n.heads, n.kv_heads, n.window)?;
     // The residual adds are the projections' own accumulation.
     let mut mid = input.clone();
     add_projection(&y, w.o, q_width, &mut mid);

@@ -1,26 +1,28 @@
 //! Causal grouped-query self-attention as one op on the packed projections: queries, keys and
 //! values come in as one `(b, s, (heads + 2·kv_heads)·d)` tensor (one gemm for all three), and the
-//! output leaves in the layout of the output projection, `(b, s, heads·d)`. Inside, one task per
-//! (batch, key/value head) gathers its rows with the rotary embedding applied, computes scores,
-//! masked softmax and values by single-threaded gemm calls on rows that stay in cache, and skips
-//! the key blocks that the causal mask hides. Composed, the same work is three projections, head
-//! splits, rotations, batched matmuls forked over the threads, a softmax and a head merge, each
-//! with a full-size gradient that candle's backward zeroes and sums.
+//! output leaves in the layout of the output projection, `(b, s, heads·d)`. The rotary embedding
+//! turns the packed rows' queries and keys in place; then one task per (batch, query head) takes
+//! a block of query positions at a time through scores, masked softmax and values, with
+//! single-threaded gemm calls that read the packed rows where they lie and skip the key blocks
+//! that the causal mask hides.
 //!
-//! The op keeps its rotated queries, keys, values and probabilities for the backward pass.
+//! As in FlashAttention, the probabilities are not kept: the forward pass keeps each query row's
+//! log-sum-exp, and the backward pass recomputes a block's scores (one more product) to get its
+//! probabilities back. A block's rows fit in a small scratch buffer either way; keeping every
+//! probability cost batch·heads·s² floats per layer, 4 GiB of an 8-layer 1B Llama's 18 at
+//! sequence 2048.
 
 use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use cpt_protocol::plan::EXPLICIT_ATTENTION_BLOCK as BLOCK;
+
 use super::elementwise::rotate;
 use super::softmax::{softmax_grad_in_place, softmax_in_place, visible};
 use super::{by_rows, data, Real};
 use crate::model::linear;
-
-/// Query positions per block: each block's scores cover only the keys up to its last position.
-const BLOCK: usize = 64;
 
 /// `qkv: (b, s, (heads + 2·kv_heads)·d)` → `(b, s, heads·d)`: rotary embedding (`cos`, `sin:
 /// (s, d)`, HF's half-split layout) on queries and keys, then causal attention, optionally limited
@@ -38,32 +40,35 @@ pub fn self_attention(
     qkv.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, op)
 }
 
-/// What one layer's attention keeps between the explicit step's forward and backward passes.
+/// What one layer's attention keeps between the forward and backward passes: the packed rows
+/// with queries and keys rotated, and every query row's log-sum-exp of its scaled scores,
+/// `(batch, heads, s)`.
 pub(crate) struct Saved<T> {
-    tasks: Vec<Task<T>>,
+    qkv: Vec<T>,
+    lse: Vec<T>,
     n: Dims,
-    op: SelfAttention,
 }
 
 /// [`self_attention`] on slices: `qkv` rows of `(heads + 2·kv_heads)·d` for `batch` sequences of
-/// `seq`, the rotary tables `(seq, d)`; returns the output rows `(heads·d)` and what the backward needs.
+/// `seq` (taken: its queries and keys are rotated in place and kept), the rotary tables `(seq,
+/// d)`; returns the output rows `(heads·d)` and what the backward pass needs.
 pub(crate) fn forward_rows<T: Real>(
-    qkv: &[T],
+    mut qkv: Vec<T>,
     (batch, seq): (usize, usize),
     (cos, sin): (&[T], &[T]),
     heads: usize,
     kv_heads: usize,
     window: Option<usize>,
 ) -> Result<(Vec<T>, Saved<T>)> {
-    let op = SelfAttention { heads, kv_heads, window: window.unwrap_or(usize::MAX), kept: Mutex::new(None) };
-    let n = Dims::new(&op, &[batch, seq, qkv.len() / (batch * seq).max(1)], cos.len())?;
-    let (y, tasks) = op.forward(qkv, cos, sin, n);
-    Ok((y, Saved { tasks, n, op }))
+    let width = qkv.len() / (batch * seq).max(1);
+    let n = Dims::new(heads, kv_heads, window.unwrap_or(usize::MAX), &[batch, seq, width], cos.len())?;
+    let (y, lse) = n.forward(&mut qkv, cos, sin);
+    Ok((y, Saved { qkv, lse, n }))
 }
 
 /// The gradient of the packed `qkv` rows from the output gradient `dy`, on slices.
 pub(crate) fn backward_rows<T: Real>(saved: &Saved<T>, dy: &[T], (cos, sin): (&[T], &[T])) -> Vec<T> {
-    saved.op.backward(&saved.tasks, dy, cos, sin, saved.n)
+    saved.n.backward(saved, dy, cos, sin)
 }
 
 struct SelfAttention {
@@ -74,18 +79,9 @@ struct SelfAttention {
     kept: Mutex<Option<Kept>>,
 }
 
-/// One task's rotated queries `(groups·s, d)`, keys and values `(s, d)`, and probabilities
-/// `(groups·s, s)`; query row `g·s + p` is position `p` of the task's query head `g`.
-struct Task<T> {
-    q: Vec<T>,
-    k: Vec<T>,
-    v: Vec<T>,
-    probs: Vec<T>,
-}
-
 enum Kept {
-    F32(Vec<Task<f32>>),
-    F64(Vec<Task<f64>>),
+    F32(Saved<f32>),
+    F64(Saved<f64>),
 }
 
 /// The sizes of one call.
@@ -100,33 +96,48 @@ struct Dims {
 }
 
 impl Dims {
-    fn new(op: &SelfAttention, qkv: &[usize], table: usize) -> Result<Self> {
+    fn new(heads: usize, kv_heads: usize, window: usize, qkv: &[usize], table: usize) -> Result<Self> {
         let &[batch, seq, width] = qkv else { bail!("self-attention: qkv must be (batch, seq, width), got {qkv:?}") };
-        let columns = op.heads + 2 * op.kv_heads;
-        if op.kv_heads == 0 || !op.heads.is_multiple_of(op.kv_heads) || !width.is_multiple_of(columns) {
-            bail!("self-attention: width {width} is not ({} + 2·{}) heads", op.heads, op.kv_heads);
+        let columns = heads + 2 * kv_heads;
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || !width.is_multiple_of(columns) {
+            bail!("self-attention: width {width} is not ({heads} + 2·{kv_heads}) heads");
         }
         let head_dim = width / columns;
         if table != seq * head_dim || !head_dim.is_multiple_of(2) {
             bail!("self-attention: rotary tables of {table} for {seq} positions of {head_dim}");
         }
-        Ok(Self { batch, seq, head_dim, heads: op.heads, kv_heads: op.kv_heads, window: op.window })
+        Ok(Self { batch, seq, head_dim, heads, kv_heads, window })
     }
     fn groups(&self) -> usize {
         self.heads / self.kv_heads
     }
-    fn tasks(&self) -> usize {
-        self.batch * self.kv_heads
+    /// Heads in a packed row: queries, keys, values.
+    fn columns(&self) -> usize {
+        self.heads + 2 * self.kv_heads
     }
-    /// `(first row, rows, first key, keys)` of every block of a task's queries.
+    fn width(&self) -> usize {
+        self.columns() * self.head_dim
+    }
+    /// The first element of query head `h`, its key head and its value head in a packed row.
+    fn offsets(&self, h: usize) -> [usize; 3] {
+        let kv = h / self.groups();
+        [h, self.heads + kv, self.heads + self.kv_heads + kv].map(|column| column * self.head_dim)
+    }
+    /// `(first position, positions, first key, keys)` of every block of query positions.
     fn blocks(&self) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
-        (0..self.groups()).flat_map(move |g| {
-            (0..self.seq).step_by(BLOCK).map(move |p0| {
-                let p1 = (p0 + BLOCK).min(self.seq);
-                let first_key = visible(p0, self.window).start;
-                (g * self.seq + p0, p1 - p0, first_key, p1 - first_key)
-            })
+        (0..self.seq).step_by(BLOCK).map(move |p0| {
+            let p1 = (p0 + BLOCK).min(self.seq);
+            let first_key = visible(p0, self.window).start;
+            (p0, p1 - p0, first_key, p1 - first_key)
         })
+    }
+    /// The visible keys of the block row of position `p`, relative to the block's first key `k0`.
+    fn visible_in_block(&self, p: usize, k0: usize) -> std::ops::Range<usize> {
+        let visible = visible(p, self.window);
+        visible.start - k0..visible.end - k0
+    }
+    fn scale<T: Real>(&self) -> T {
+        T::from(1.0 / (self.head_dim as f64).sqrt()).expect("a float scale")
     }
 }
 
@@ -141,115 +152,111 @@ fn gemm<T: Real>(
     linear::gemm(sizes, dst, lhs, rhs, accumulate, gemm::Parallelism::None)
 }
 
-/// Copies column head `column` (of `d`) of every position of `batch` from rows of `width` into
-/// `out: (s, d)`, rotated by the tables when given, or with the inverse rotation when `inverse`.
-fn gather<T: Real>(
-    x: &[T],
-    width: usize,
-    n: Dims,
-    batch: usize,
-    column: usize,
-    rope: Option<(&[T], &[T])>,
-    out: &mut [T],
-) {
-    let d = n.head_dim;
-    for (p, out) in out.chunks_mut(d).enumerate() {
-        let row = &x[(batch * n.seq + p) * width + column * d..][..d];
-        match rope {
-            Some((cos, sin)) => rotate(row, &cos[p * d..][..d], &sin[p * d..][..d], false, out),
-            None => out.copy_from_slice(row),
-        }
-    }
+/// Zeroes `row` outside `keep`: masked keys inside a block take no part in its products.
+fn zero_outside<T: Real>(row: &mut [T], keep: &std::ops::Range<usize>) {
+    row[..keep.start].fill(T::zero());
+    row[keep.end..].fill(T::zero());
 }
 
-impl SelfAttention {
-    fn forward<T: Real>(&self, qkv: &[T], cos: &[T], sin: &[T], n: Dims) -> (Vec<T>, Vec<Task<T>>) {
-        let (s, d, groups) = (n.seq, n.head_dim, n.groups());
-        let width = (n.heads + 2 * n.kv_heads) * d;
-        let scale = T::from(1.0 / (d as f64).sqrt()).expect("a float scale");
-        let tasks: Vec<(Task<T>, Vec<T>)> = (0..n.tasks())
-            .into_par_iter()
-            .map(|t| {
-                let (batch, kv_head) = (t / n.kv_heads, t % n.kv_heads);
-                let mut q = vec![T::zero(); groups * s * d];
-                for (g, q) in q.chunks_mut(s * d).enumerate() {
-                    gather(qkv, width, n, batch, kv_head * groups + g, Some((cos, sin)), q);
-                }
-                let (mut k, mut v) = (vec![T::zero(); s * d], vec![T::zero(); s * d]);
-                gather(qkv, width, n, batch, n.heads + kv_head, Some((cos, sin)), &mut k);
-                gather(qkv, width, n, batch, n.heads + n.kv_heads + kv_head, None, &mut v);
-                let mut probs = vec![T::zero(); groups * s * s];
-                let mut y = vec![T::zero(); groups * s * d];
-                for (r0, m, k0, keys) in n.blocks() {
-                    let p = &mut probs[r0 * s..][..m * s];
-                    gemm((m, keys, d), (&mut p[k0..], s), (&q[r0 * d..], d, 1), (&k[k0 * d..], 1, d), false);
-                    for (i, row) in p.chunks_mut(s).enumerate() {
-                        let visible = visible((r0 + i) % s, n.window);
-                        softmax_in_place(&mut row[visible.clone()], scale);
-                        row[k0..visible.start].iter_mut().for_each(|x| *x = T::zero());
-                        row[visible.end..k0 + keys].iter_mut().for_each(|x| *x = T::zero());
-                    }
-                    gemm((m, d, keys), (&mut y[r0 * d..], d), (&p[k0..], s, 1), (&v[k0 * d..], d, 1), false);
-                }
-                (Task { q, k, v, probs }, y)
-            })
-            .collect();
-        let mut out = vec![T::zero(); n.batch * s * n.heads * d];
-        by_rows(&mut out, d, |r, out| {
-            let (batch, p, h) = (r / (s * n.heads), (r / n.heads) % s, r % n.heads);
-            let y = &tasks[batch * n.kv_heads + h / groups].1;
-            out.copy_from_slice(&y[((h % groups) * s + p) * d..][..d]);
+impl Dims {
+    /// Rotates the queries and keys of every packed row in place (`inverse`: back, for gradients).
+    fn rotate_queries_and_keys<T: Real>(&self, rows: &mut [T], (cos, sin): (&[T], &[T]), inverse: bool) {
+        let d = self.head_dim;
+        by_rows(rows, self.width(), |r, row| {
+            let p = r % self.seq;
+            let (cos, sin) = (&cos[p * d..][..d], &sin[p * d..][..d]);
+            row[..(self.heads + self.kv_heads) * d].chunks_mut(d).for_each(|head| rotate(head, cos, sin, inverse));
         });
-        (out, tasks.into_iter().map(|(task, _)| task).collect())
     }
 
-    /// The gradient of the packed `qkv` from the output gradient `dy: (b, s, heads·d)`.
-    fn backward<T: Real>(&self, tasks: &[Task<T>], dy: &[T], cos: &[T], sin: &[T], n: Dims) -> Vec<T> {
-        let (s, d, groups) = (n.seq, n.head_dim, n.groups());
-        let scale = T::from(1.0 / (d as f64).sqrt()).expect("a float scale");
-        // Per task: dq (groups·s, d), dk and dv (s, d), before the inverse rotation.
-        let grads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = tasks
-            .par_iter()
-            .enumerate()
-            .map(|(t, task)| {
-                let (batch, kv_head) = (t / n.kv_heads, t % n.kv_heads);
-                let mut dy_rows = vec![T::zero(); groups * s * d];
-                for (g, out) in dy_rows.chunks_mut(s * d).enumerate() {
-                    gather(dy, n.heads * d, n, batch, kv_head * groups + g, None, out);
-                }
-                let (q, k, v, probs) = (&task.q, &task.k, &task.v, &task.probs);
-                let mut ds = vec![T::zero(); groups * s * s];
-                let mut dq = vec![T::zero(); groups * s * d];
-                let (mut dk, mut dv) = (vec![T::zero(); s * d], vec![T::zero(); s * d]);
-                for (r0, m, k0, keys) in n.blocks() {
-                    let (ds, p, dy) = (&mut ds[r0 * s..][..m * s], &probs[r0 * s..][..m * s], &dy_rows[r0 * d..]);
-                    // dP = dY · Vᵀ, then dS = scale · P ∘ (dP − Σ_j dP·P) in place.
-                    gemm((m, keys, d), (&mut ds[k0..], s), (dy, d, 1), (&v[k0 * d..], 1, d), false);
-                    for (ds, p) in ds.chunks_mut(s).zip(p.chunks(s)) {
-                        softmax_grad_in_place(&mut ds[k0..k0 + keys], &p[k0..k0 + keys], scale);
+    /// Attention over the packed rows `qkv`, whose queries and keys it rotates in place: the
+    /// output rows and every query row's log-sum-exp.
+    fn forward<T: Real>(&self, qkv: &mut [T], cos: &[T], sin: &[T]) -> (Vec<T>, Vec<T>) {
+        self.rotate_queries_and_keys(qkv, (cos, sin), false);
+        let qkv = &*qkv;
+        let (s, d, width, scale) = (self.seq, self.head_dim, self.width(), self.scale::<T>());
+        let per_head: Vec<(Vec<T>, Vec<T>)> = (0..self.batch * self.heads)
+            .into_par_iter()
+            .map(|t| {
+                let rows = &qkv[t / self.heads * s * width..][..s * width];
+                let [q, k, v] = self.offsets(t % self.heads).map(|offset| &rows[offset..]);
+                let mut scores = vec![T::zero(); BLOCK.min(s) * s];
+                let (mut y, mut lse) = (vec![T::zero(); s * d], vec![T::zero(); s]);
+                for (p0, m, k0, keys) in self.blocks() {
+                    let p = &mut scores[..m * keys];
+                    gemm((m, keys, d), (p, keys), (&q[p0 * width..], width, 1), (&k[k0 * width..], 1, width), false);
+                    for (i, row) in p.chunks_mut(keys).enumerate() {
+                        let visible = self.visible_in_block(p0 + i, k0);
+                        lse[p0 + i] = softmax_in_place(&mut row[visible.clone()], scale);
+                        zero_outside(row, &visible);
                     }
-                    gemm((m, d, keys), (&mut dq[r0 * d..], d), (&ds[k0..], s, 1), (&k[k0 * d..], d, 1), false);
-                    gemm((keys, d, m), (&mut dk[k0 * d..], d), (&ds[k0..], 1, s), (&q[r0 * d..], d, 1), true);
-                    gemm((keys, d, m), (&mut dv[k0 * d..], d), (&p[k0..], 1, s), (dy, d, 1), true);
+                    gemm((m, d, keys), (&mut y[p0 * d..], d), (p, keys, 1), (&v[k0 * width..], width, 1), false);
                 }
-                (dq, dk, dv)
+                (y, lse)
             })
             .collect();
-        let columns = n.heads + 2 * n.kv_heads;
-        let mut dqkv = vec![T::zero(); n.batch * s * columns * d];
-        by_rows(&mut dqkv, d, |r, out| {
-            let (batch, p, column) = (r / (s * columns), (r / columns) % s, r % columns);
-            let (table_cos, table_sin) = (&cos[p * d..][..d], &sin[p * d..][..d]);
-            if column < n.heads {
-                let dq = &grads[batch * n.kv_heads + column / groups].0;
-                rotate(&dq[((column % groups) * s + p) * d..][..d], table_cos, table_sin, true, out);
-            } else if column < n.heads + n.kv_heads {
-                let dk = &grads[batch * n.kv_heads + column - n.heads].1;
-                rotate(&dk[p * d..][..d], table_cos, table_sin, true, out);
-            } else {
-                let dv = &grads[batch * n.kv_heads + column - n.heads - n.kv_heads].2;
-                out.copy_from_slice(&dv[p * d..][..d]);
+        let mut out = vec![T::zero(); self.batch * s * self.heads * d];
+        by_rows(&mut out, d, |r, out| {
+            let (row, h) = (r / self.heads, r % self.heads);
+            out.copy_from_slice(&per_head[row / s * self.heads + h].0[row % s * d..][..d]);
+        });
+        (out, per_head.into_iter().flat_map(|(_, lse)| lse).collect())
+    }
+
+    /// The gradient of the packed rows from the output gradient `dy: (b, s, heads·d)`.
+    fn backward<T: Real>(&self, saved: &Saved<T>, dy: &[T], cos: &[T], sin: &[T]) -> Vec<T> {
+        let (s, d, width, scale) = (self.seq, self.head_dim, self.width(), self.scale::<T>());
+        let dy_width = self.heads * d;
+        // Per (batch, query head): its dq, and its share of its key and value heads' dk and dv.
+        let per_head: Vec<[Vec<T>; 3]> = (0..self.batch * self.heads)
+            .into_par_iter()
+            .map(|t| {
+                let (batch, h) = (t / self.heads, t % self.heads);
+                let rows = &saved.qkv[batch * s * width..][..s * width];
+                let [q, k, v] = self.offsets(h).map(|offset| &rows[offset..]);
+                let (dy, lse) = (&dy[batch * s * dy_width + h * d..], &saved.lse[t * s..][..s]);
+                let (mut probs, mut dscores) = (vec![T::zero(); BLOCK.min(s) * s], vec![T::zero(); BLOCK.min(s) * s]);
+                let [mut dq, mut dk, mut dv] = [(); 3].map(|_| vec![T::zero(); s * d]);
+                for (p0, m, k0, keys) in self.blocks() {
+                    let (p, ds) = (&mut probs[..m * keys], &mut dscores[..m * keys]);
+                    let (q_rows, dy_rows) = ((&q[p0 * width..], width, 1), (&dy[p0 * dy_width..], dy_width, 1));
+                    // The block's probabilities again, P = exp(Q·Kᵀ·scale − lse); dP = dY·Vᵀ,
+                    // then dS = scale · P ∘ (dP − Σ_j dP·P).
+                    gemm((m, keys, d), (p, keys), q_rows, (&k[k0 * width..], 1, width), false);
+                    gemm((m, keys, d), (ds, keys), dy_rows, (&v[k0 * width..], 1, width), false);
+                    for (i, (p, ds)) in p.chunks_mut(keys).zip(ds.chunks_mut(keys)).enumerate() {
+                        let visible = self.visible_in_block(p0 + i, k0);
+                        T::exp_shifted_in_place(&mut p[visible.clone()], scale, lse[p0 + i], T::one());
+                        softmax_grad_in_place(&mut ds[visible.clone()], &p[visible.clone()], scale);
+                        zero_outside(p, &visible);
+                        zero_outside(ds, &visible);
+                    }
+                    gemm((m, d, keys), (&mut dq[p0 * d..], d), (ds, keys, 1), (&k[k0 * width..], width, 1), false);
+                    gemm((keys, d, m), (&mut dk[k0 * d..], d), (ds, 1, keys), q_rows, true);
+                    gemm((keys, d, m), (&mut dv[k0 * d..], d), (p, 1, keys), dy_rows, true);
+                }
+                [dq, dk, dv]
+            })
+            .collect();
+        // Packed rows again: each query head's dq, each key and value head's sum over the query
+        // heads that read it; queries and keys rotated back.
+        let (heads, kv_heads, groups) = (self.heads, self.kv_heads, self.groups());
+        let mut dqkv = vec![T::zero(); self.batch * s * width];
+        by_rows(&mut dqkv, width, |r, row| {
+            let (batch, p) = (r / s, r % s);
+            for (column, out) in row.chunks_mut(d).enumerate() {
+                let (part, readers) = match column {
+                    c if c < heads => (0, c..c + 1),
+                    c if c < heads + kv_heads => (1, (c - heads) * groups..(c - heads + 1) * groups),
+                    c => (2, (c - heads - kv_heads) * groups..(c - heads - kv_heads + 1) * groups),
+                };
+                for h in readers {
+                    let grad = &per_head[batch * heads + h][part][p * d..][..d];
+                    out.iter_mut().zip(grad).for_each(|(o, &g)| *o += g);
+                }
             }
+            let (cos, sin) = (&cos[p * d..][..d], &sin[p * d..][..d]);
+            row[..(heads + kv_heads) * d].chunks_mut(d).for_each(|head| rotate(head, cos, sin, true));
         });
         dqkv
     }
@@ -268,18 +275,21 @@ impl CustomOp3 for SelfAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let n = Dims::new(self, l1.dims(), l2.shape().elem_count())?;
+        let n = Dims::new(self.heads, self.kv_heads, self.window, l1.dims(), l2.shape().elem_count())?;
         let shape = Shape::from((n.batch, n.seq, n.heads * n.head_dim));
+        fn run<T: Real>(n: Dims, qkv: &[T], cos: &[T], sin: &[T]) -> (Vec<T>, Saved<T>) {
+            let mut qkv = qkv.to_vec();
+            let (y, lse) = n.forward(&mut qkv, cos, sin);
+            (y, Saved { qkv, lse, n })
+        }
         let (y, kept) = match s1 {
             CpuStorage::F32(_) => {
-                let (y, tasks) =
-                    self.forward(data::<f32>(s1, l1, "qkv")?, data(s2, l2, "cos")?, data(s3, l3, "sin")?, n);
-                (CpuStorage::F32(y), Kept::F32(tasks))
+                let (y, saved) = run(n, data::<f32>(s1, l1, "qkv")?, data(s2, l2, "cos")?, data(s3, l3, "sin")?);
+                (CpuStorage::F32(y), Kept::F32(saved))
             }
             CpuStorage::F64(_) => {
-                let (y, tasks) =
-                    self.forward(data::<f64>(s1, l1, "qkv")?, data(s2, l2, "cos")?, data(s3, l3, "sin")?, n);
-                (CpuStorage::F64(y), Kept::F64(tasks))
+                let (y, saved) = run(n, data::<f64>(s1, l1, "qkv")?, data(s2, l2, "cos")?, data(s3, l3, "sin")?);
+                (CpuStorage::F64(y), Kept::F64(saved))
             }
             _ => bail!("self-attention: f32 or f64"),
         };
@@ -297,21 +307,18 @@ impl CustomOp3 for SelfAttention {
         let Some(kept) = self.kept.lock().expect("attention lock").take() else {
             bail!("self-attention: a second backward pass through the same graph");
         };
-        let n = Dims::new(self, qkv.dims(), cos.elem_count())?;
-        let backward = Backward { op: self, kept, n, shape: qkv.shape().clone() };
+        let backward = Backward { kept, shape: qkv.shape().clone() };
         Ok((Some(grad.contiguous()?.apply_op3_no_bwd(cos, sin, &backward)?), None, None))
     }
 }
 
 /// The backward pass as an op on (dy, cos, sin), so that it reads candle's buffers in place.
-struct Backward<'a> {
-    op: &'a SelfAttention,
+struct Backward {
     kept: Kept,
-    n: Dims,
     shape: Shape,
 }
 
-impl CustomOp3 for Backward<'_> {
+impl CustomOp3 for Backward {
     fn name(&self) -> &'static str {
         "self-attention-grad"
     }
@@ -325,19 +332,15 @@ impl CustomOp3 for Backward<'_> {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let storage = match &self.kept {
-            Kept::F32(tasks) => CpuStorage::F32(self.op.backward(
-                tasks,
+            Kept::F32(saved) => CpuStorage::F32(backward_rows(
+                saved,
                 data(s1, l1, "grad")?,
-                data(s2, l2, "cos")?,
-                data(s3, l3, "sin")?,
-                self.n,
+                (data(s2, l2, "cos")?, data(s3, l3, "sin")?),
             )),
-            Kept::F64(tasks) => CpuStorage::F64(self.op.backward(
-                tasks,
+            Kept::F64(saved) => CpuStorage::F64(backward_rows(
+                saved,
                 data(s1, l1, "grad")?,
-                data(s2, l2, "cos")?,
-                data(s3, l3, "sin")?,
-                self.n,
+                (data(s2, l2, "cos")?, data(s3, l3, "sin")?),
             )),
         };
         Ok((storage, self.shape.clone()))

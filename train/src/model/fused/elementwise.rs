@@ -46,28 +46,29 @@ impl Kernel for Rope {
         if cos.len() != seq * d || sin.len() != seq * d || !d.is_multiple_of(2) {
             bail!("rope: tables of {} for {seq} positions of {d}", cos.len());
         }
-        let mut out = vec![T::zero(); x.len()];
-        by_rows(&mut out, d, |r, out| {
+        let mut out = x.to_vec();
+        by_rows(&mut out, d, |r, row| {
             let p = r % seq;
-            let (c, s) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
-            rotate(&x[r * d..(r + 1) * d], c, s, self.backward, out);
+            rotate(row, &cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d], self.backward);
         });
         Ok(out)
     }
 }
 
-/// One row of the rotary embedding in HF's half-split layout: `out = x·cos + rotate_half(x)·sin`,
-/// or with `transposed` the inverse rotation (the backward pass).
-pub(super) fn rotate<T: Real>(x: &[T], c: &[T], s: &[T], transposed: bool, out: &mut [T]) {
+/// One row of the rotary embedding in HF's half-split layout, in place: `x ← x·cos +
+/// rotate_half(x)·sin`, or with `transposed` the inverse rotation (the backward pass).
+pub(super) fn rotate<T: Real>(x: &mut [T], c: &[T], s: &[T], transposed: bool) {
     let half = x.len() / 2;
+    let (x1, x2) = x.split_at_mut(half);
+    let (c1, c2, s1, s2) = (&c[..half], &c[half..], &s[..half], &s[half..]);
     for k in 0..half {
-        let (x1, x2) = (x[k], x[k + half]);
+        let (a, b) = (x1[k], x2[k]);
         if transposed {
-            out[k] = x1 * c[k] + x2 * s[k + half];
-            out[k + half] = x2 * c[k + half] - x1 * s[k];
+            x1[k] = a * c1[k] + b * s2[k];
+            x2[k] = b * c2[k] - a * s1[k];
         } else {
-            out[k] = x1 * c[k] - x2 * s[k];
-            out[k + half] = x2 * c[k + half] + x1 * s[k + half];
+            x1[k] = a * c1[k] - b * s1[k];
+            x2[k] = b * c2[k] + a * s2[k];
         }
     }
 }

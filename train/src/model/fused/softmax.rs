@@ -33,11 +33,14 @@ pub(super) fn visible(i: usize, window: usize) -> std::ops::Range<usize> {
     (i + 1).saturating_sub(window)..i + 1
 }
 
-/// `row ← softmax(row · scale)`, in place.
-pub(super) fn softmax_in_place<T: Real>(row: &mut [T], scale: T) {
+/// `row ← softmax(row · scale)`, in place; returns the log-sum-exp of `row · scale`, from which
+/// `exp(x · scale − lse)` gives the probabilities back.
+pub(super) fn softmax_in_place<T: Real>(row: &mut [T], scale: T) -> T {
     let max = reduce::max(row) * scale;
-    let inv = T::exp_shifted_in_place(row, scale, max, T::one()).recip();
+    let sum = T::exp_shifted_in_place(row, scale, max, T::one());
+    let inv = sum.recip();
     row.iter_mut().for_each(|x| *x *= inv);
+    max + sum.ln()
 }
 
 /// The softmax's backward in place: `g ← scale · p ∘ (g − Σ p·g)` (0 wherever `p` is).
