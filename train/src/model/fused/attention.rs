@@ -180,32 +180,36 @@ impl Dims {
         self.rotate_queries_and_keys(qkv, (cos, sin), false);
         let qkv = &*qkv;
         let (s, d, width, scale) = (self.seq, self.head_dim, self.width(), self.scale::<T>());
-        let per_head: Vec<(Vec<T>, Vec<T>)> = (0..self.batch * self.heads)
+        let blocks: Vec<_> = self.blocks().collect();
+        // One task per (batch, query head, block of positions): given the keys and values, blocks
+        // are independent, and a batch of one with few heads still gives every thread work.
+        let per_block: Vec<(Vec<T>, Vec<T>)> = (0..self.batch * self.heads * blocks.len())
             .into_par_iter()
-            .map(|t| {
+            .map(|task| {
+                let (t, (p0, m, k0, keys)) = (task / blocks.len(), blocks[task % blocks.len()]);
                 let rows = &qkv[t / self.heads * s * width..][..s * width];
                 let [q, k, v] = self.offsets(t % self.heads).map(|offset| &rows[offset..]);
-                let mut scores = vec![T::zero(); BLOCK.min(s) * s];
-                let (mut y, mut lse) = (vec![T::zero(); s * d], vec![T::zero(); s]);
-                for (p0, m, k0, keys) in self.blocks() {
-                    let p = &mut scores[..m * keys];
-                    gemm((m, keys, d), (p, keys), (&q[p0 * width..], width, 1), (&k[k0 * width..], 1, width), false);
-                    for (i, row) in p.chunks_mut(keys).enumerate() {
-                        let visible = self.visible_in_block(p0 + i, k0);
-                        lse[p0 + i] = softmax_in_place(&mut row[visible.clone()], scale);
-                        zero_outside(row, &visible);
-                    }
-                    gemm((m, d, keys), (&mut y[p0 * d..], d), (p, keys, 1), (&v[k0 * width..], width, 1), false);
+                let mut p = vec![T::zero(); m * keys];
+                let (mut y, mut lse) = (vec![T::zero(); m * d], vec![T::zero(); m]);
+                gemm((m, keys, d), (&mut p, keys), (&q[p0 * width..], width, 1), (&k[k0 * width..], 1, width), false);
+                for ((i, row), lse) in p.chunks_mut(keys).enumerate().zip(&mut lse) {
+                    let visible = self.visible_in_block(p0 + i, k0);
+                    *lse = softmax_in_place(&mut row[visible.clone()], scale);
+                    zero_outside(row, &visible);
                 }
+                gemm((m, d, keys), (&mut y, d), (&p, keys, 1), (&v[k0 * width..], width, 1), false);
                 (y, lse)
             })
             .collect();
         let mut out = vec![T::zero(); self.batch * s * self.heads * d];
         by_rows(&mut out, d, |r, out| {
             let (row, h) = (r / self.heads, r % self.heads);
-            out.copy_from_slice(&per_head[row / s * self.heads + h].0[row % s * d..][..d]);
+            let (batch, position) = (row / s, row % s);
+            let y = &per_block[(batch * self.heads + h) * blocks.len() + position / BLOCK].0;
+            out.copy_from_slice(&y[position % BLOCK * d..][..d]);
         });
-        (out, per_head.into_iter().flat_map(|(_, lse)| lse).collect())
+        // In task order, (batch, head, block): the log-sum-exps as (batch, heads, s).
+        (out, per_block.into_iter().flat_map(|(_, lse)| lse).collect())
     }
 
     /// The gradient of the packed rows from the output gradient `dy: (b, s, heads·d)`.
