@@ -4,9 +4,9 @@
 #   bench/recompute_memory.sh [config] [seq_len] [steps]
 # (default: bench/configs/llama-1b-8-layers.json 2048 1). The full 16-layer 1B needs ≈20 GiB for its
 # weights, gradients and AdamW moments alone: on a 24 GiB machine `cpt-worker bench` refuses it up
-# front ("does not fit"), which this script reports with the plan's estimate. Without recomputation
-# the plan's estimate is candle autograd's upper bound, so that run ignores it (--ignore-estimate) to
-# measure what the explicit step really holds.
+# front ("does not fit"), which this script reports with the plan's estimate. The run without
+# recomputation ignores the estimate, an upper bound (--ignore-estimate), to measure what the
+# explicit step really holds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${1:-bench/configs/llama-1b-8-layers.json}
