@@ -197,8 +197,8 @@ fn autograd_bytes(config: &ModelConfig, spec: &JobSpec) -> f64 {
 /// server CPU's last-level cache between the products and the softmax), but at least 64 rows.
 pub const EXPLICIT_LOGITS_PER_CHUNK: usize = 1 << 22;
 
-/// Query positions per block of the explicit step's attention: a block's score rows are the only
-/// scores that exist at a time (the probabilities are recomputed in the backward pass, not kept).
+/// Query positions per block of the explicit step's attention: each task holds one block's score
+/// rows, and no probabilities outlive a block (the backward pass recomputes them).
 pub const EXPLICIT_ATTENTION_BLOCK: usize = 64;
 
 /// What the explicit step (f32) holds beyond the parameters' state: every layer's activations, or

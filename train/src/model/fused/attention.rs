@@ -1,8 +1,9 @@
 //! Causal grouped-query self-attention as one op on the packed projections: queries, keys and
 //! values come in as one `(b, s, (heads + 2·kv_heads)·d)` tensor (one gemm for all three), and the
 //! output leaves in the layout of the output projection, `(b, s, heads·d)`. The rotary embedding
-//! turns the packed rows' queries and keys in place; then one task per (batch, query head) takes
-//! a block of query positions at a time through scores, masked softmax and values, with
+//! turns the packed rows' queries and keys in place; then each block of query positions of each
+//! query head goes through scores, masked softmax and values (one task per block in the forward
+//! pass, per head in the backward pass, which sums into the head's key and value gradients) with
 //! single-threaded gemm calls that read the packed rows where they lie and skip the key blocks
 //! that the causal mask hides.
 //!
@@ -164,20 +165,20 @@ fn transpose<T: Copy>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
 }
 
 impl Dims {
-    /// Rotates the queries and keys of every packed row in place (`inverse`: back, for gradients).
-    fn rotate_queries_and_keys<T: Real>(&self, rows: &mut [T], (cos, sin): (&[T], &[T]), inverse: bool) {
+    /// Rotates the queries and keys of every packed row in place.
+    fn rotate_queries_and_keys<T: Real>(&self, rows: &mut [T], (cos, sin): (&[T], &[T])) {
         let d = self.head_dim;
         by_rows(rows, self.width(), |r, row| {
             let p = r % self.seq;
             let (cos, sin) = (&cos[p * d..][..d], &sin[p * d..][..d]);
-            row[..(self.heads + self.kv_heads) * d].chunks_mut(d).for_each(|head| rotate(head, cos, sin, inverse));
+            row[..(self.heads + self.kv_heads) * d].chunks_mut(d).for_each(|head| rotate(head, cos, sin, false));
         });
     }
 
     /// Attention over the packed rows `qkv`, whose queries and keys it rotates in place: the
     /// output rows and every query row's log-sum-exp.
     fn forward<T: Real>(&self, qkv: &mut [T], cos: &[T], sin: &[T]) -> (Vec<T>, Vec<T>) {
-        self.rotate_queries_and_keys(qkv, (cos, sin), false);
+        self.rotate_queries_and_keys(qkv, (cos, sin));
         let qkv = &*qkv;
         let (s, d, width, scale) = (self.seq, self.head_dim, self.width(), self.scale::<T>());
         let blocks: Vec<_> = self.blocks().collect();
