@@ -295,7 +295,7 @@ mod tests {
         let grads = std::collections::BTreeMap::from([
             ("a".to_string(), Tensor::new(a.as_slice(), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap()),
             ("b".to_string(), Tensor::new(b.as_slice(), &Device::Cpu).unwrap()),
-            ("c".to_string(), Tensor::from_vec(c.clone(), (20, 2), &Device::Cpu).unwrap().narrow(1, 0, 1).unwrap()),
+            ("c".to_string(), Tensor::from_vec(c, (20, 2), &Device::Cpu).unwrap().narrow(1, 0, 1).unwrap()),
         ]);
         // Sixteenths square and add exactly in f64 whatever the order.
         assert_eq!(super::global_norm(&grads).unwrap(), expected);
