@@ -165,20 +165,18 @@ fn transpose<T: Copy>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
 }
 
 impl Dims {
-    /// Rotates the queries and keys of every packed row in place.
-    fn rotate_queries_and_keys<T: Real>(&self, rows: &mut [T], (cos, sin): (&[T], &[T])) {
+    /// Rotates the queries and keys of one packed row at position `p` in place (`inverse`: back,
+    /// for their gradients).
+    fn rotate_row<T: Real>(&self, row: &mut [T], p: usize, (cos, sin): (&[T], &[T]), inverse: bool) {
         let d = self.head_dim;
-        by_rows(rows, self.width(), |r, row| {
-            let p = r % self.seq;
-            let (cos, sin) = (&cos[p * d..][..d], &sin[p * d..][..d]);
-            row[..(self.heads + self.kv_heads) * d].chunks_mut(d).for_each(|head| rotate(head, cos, sin, false));
-        });
+        let (cos, sin) = (&cos[p * d..][..d], &sin[p * d..][..d]);
+        row[..(self.heads + self.kv_heads) * d].chunks_mut(d).for_each(|head| rotate(head, cos, sin, inverse));
     }
 
     /// Attention over the packed rows `qkv`, whose queries and keys it rotates in place: the
     /// output rows and every query row's log-sum-exp.
     fn forward<T: Real>(&self, qkv: &mut [T], cos: &[T], sin: &[T]) -> (Vec<T>, Vec<T>) {
-        self.rotate_queries_and_keys(qkv, (cos, sin));
+        by_rows(qkv, self.width(), |r, row| self.rotate_row(row, r % self.seq, (cos, sin), false));
         let qkv = &*qkv;
         let (s, d, width, scale) = (self.seq, self.head_dim, self.width(), self.scale::<T>());
         let blocks: Vec<_> = self.blocks().collect();
@@ -269,8 +267,7 @@ impl Dims {
                     out.iter_mut().zip(grad).for_each(|(o, &g)| *o += g);
                 }
             }
-            let (cos, sin) = (&cos[p * d..][..d], &sin[p * d..][..d]);
-            row[..(heads + kv_heads) * d].chunks_mut(d).for_each(|head| rotate(head, cos, sin, true));
+            self.rotate_row(row, p, (cos, sin), true);
         });
         dqkv
     }
