@@ -36,6 +36,12 @@ impl Scale {
             Scale::Linear => v,
             Scale::Log => v.exp(),
         };
+        if self == Scale::Log && (!value.is_finite() || value == 0.0) {
+            // Past f64's range (a log axis reaching 1e308 and beyond): written from the log itself.
+            let decimal = v / std::f64::consts::LN_10;
+            let exponent = decimal.floor();
+            return format!("{:.2}e{exponent:.0}", 10f64.powf(decimal - exponent));
+        }
         if value == 0.0 || !value.is_finite() || (value.fract() == 0.0 && value.abs() < 1e6) {
             return format!("{value:.0}");
         }
@@ -48,24 +54,57 @@ impl Scale {
     }
 }
 
-/// The range of `values`, with a margin; a sane default when there are none.
+/// The largest magnitude an axis reaches; points beyond it are drawn at its edge. Plotters works
+/// out spans and tick steps in f64: a span of ±1e308 overflows to infinity and its tick loop never
+/// ends (a stored loss of 1e308 once hung every chart request).
+pub const AXIS_LIMIT: f64 = 1e100;
+
+/// The range of `values` (each clamped to ±[`AXIS_LIMIT`]), with a margin; a sane default when
+/// there are none. The margin is at least 1% of the largest magnitude, so the span never vanishes
+/// beneath the values' precision.
 pub fn range(values: impl Iterator<Item = f64>) -> Range<f64> {
-    let (low, high) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(v), h.max(v)));
+    let clamped = values.filter(|v| !v.is_nan()).map(|v| v.clamp(-AXIS_LIMIT, AXIS_LIMIT));
+    let (low, high) = clamped.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(v), h.max(v)));
     if !(low.is_finite() && high.is_finite()) {
         return 0.0..1.0;
     }
-    let margin = ((high - low) * 0.05).max(high.abs().max(1e-12) * 0.01);
+    let magnitude = high.abs().max(low.abs()).max(1e-12);
+    let margin = ((high - low) * 0.05).max(magnitude * 0.01);
     low - margin..high + margin
 }
 
+/// `text` without control characters, which XML 1.0 cannot carry (a name holding one made the
+/// whole SVG unreadable).
+pub fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect()
+}
+
+/// An SVG document as a response a browser will not sniff into anything else, nor run scripts in
+/// when it is opened on its own.
+pub fn svg_response(svg: String) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let headers = [
+        ("content-type", "image/svg+xml"),
+        ("x-content-type-options", "nosniff"),
+        ("content-security-policy", "default-src 'none'; style-src 'unsafe-inline'"),
+    ];
+    (headers, svg).into_response()
+}
+
+/// Renders `chart` on a blocking thread: drawing thousands of points is CPU work that must not
+/// hold up the runtime's threads (and `/healthz` with them).
+pub async fn render_off_runtime(chart: Chart) -> Result<String, String> {
+    tokio::task::spawn_blocking(move || render(&chart)).await.map_err(|e| format!("the chart's thread failed: {e}"))?
+}
+
 /// What a chart shows and how.
-pub struct Chart<'a> {
-    pub title: &'a str,
-    pub x_desc: &'a str,
-    pub y_desc: &'a str,
+pub struct Chart {
+    pub title: String,
+    pub x_desc: String,
+    pub y_desc: String,
     pub x_scale: Scale,
     pub y_scale: Scale,
-    pub series: &'a [Series],
+    pub series: Vec<Series>,
     /// Mark every point (a dot; the first one circled).
     pub marks: bool,
     pub size: (u32, u32),
@@ -76,8 +115,9 @@ fn draw_error(error: impl std::fmt::Display) -> String {
 }
 
 /// The chart as an SVG document. Points that are not finite (or not positive on a log axis) are
-/// left out.
+/// left out; those beyond ±[`AXIS_LIMIT`] are drawn at its edge.
 pub fn render(chart: &Chart) -> Result<String, String> {
+    let clamp = |v: f64| v.clamp(-AXIS_LIMIT, AXIS_LIMIT);
     let axis: Vec<Vec<(f64, f64)>> = chart
         .series
         .iter()
@@ -86,15 +126,17 @@ pub fn render(chart: &Chart) -> Result<String, String> {
                 .iter()
                 .map(|&(x, y)| (chart.x_scale.to_axis(x), chart.y_scale.to_axis(y)))
                 .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .map(|(x, y)| (clamp(x), clamp(y)))
                 .collect()
         })
         .collect();
+    let (title, x_desc, y_desc) = (printable(&chart.title), printable(&chart.x_desc), printable(&chart.y_desc));
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, chart.size).into_drawing_area();
         root.fill(&WHITE).map_err(draw_error)?;
         if axis.iter().all(Vec::is_empty) {
-            let note = format!("{} (no data yet)", chart.title);
+            let note = format!("{title} (no data yet)");
             ChartBuilder::on(&root)
                 .caption(note, ("sans-serif", 20))
                 .build_cartesian_2d(0.0..1.0, 0.0..1.0)
@@ -106,7 +148,7 @@ pub fn render(chart: &Chart) -> Result<String, String> {
         let xs = range(axis.iter().flatten().map(|p| p.0));
         let ys = range(axis.iter().flatten().map(|p| p.1));
         let mut plot = ChartBuilder::on(&root)
-            .caption(chart.title, ("sans-serif", 20))
+            .caption(&title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(64)
@@ -116,8 +158,8 @@ pub fn render(chart: &Chart) -> Result<String, String> {
         let x_label = move |v: &f64| x_scale.label(*v);
         let y_label = move |v: &f64| y_scale.label(*v);
         plot.configure_mesh()
-            .x_desc(chart.x_desc)
-            .y_desc(chart.y_desc)
+            .x_desc(&x_desc)
+            .y_desc(&y_desc)
             .x_label_formatter(&x_label)
             .y_label_formatter(&y_label)
             .draw()
@@ -130,7 +172,7 @@ pub fn render(chart: &Chart) -> Result<String, String> {
             if !series.label.is_empty() {
                 labelled = true;
                 drawn
-                    .label(series.label.as_str())
+                    .label(printable(&series.label))
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
             }
             if chart.marks {
@@ -166,8 +208,51 @@ mod tests {
         assert_eq!(Scale::Linear.label(2.5e-7), "2.50e-7");
         assert_eq!(Scale::Linear.label(1234.5), "1234");
         assert_eq!(Scale::Linear.label(70.0), "70");
+        assert_eq!(Scale::Log.label(710.0 * std::f64::consts::LN_10), "1.00e710");
         let r = range([2.0, 4.0].into_iter());
         assert!(r.start < 2.0 && r.end > 4.0);
         assert_eq!(range(std::iter::empty()), 0.0..1.0);
+    }
+
+    fn chart(title: &str, label: &str, points: Vec<(f64, f64)>, y_scale: Scale) -> Chart {
+        let series = vec![Series { label: label.into(), points, faint: false }];
+        let (title, x_desc, y_desc) = (title.into(), "step".into(), "loss".into());
+        Chart { title, x_desc, y_desc, x_scale: Scale::Linear, y_scale, series, marks: true, size: (320, 160) }
+    }
+
+    /// Renders on another thread, failing (instead of hanging the test) past a generous bound.
+    fn render_within_seconds(chart: Chart, seconds: u64) -> String {
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn(move || done.send(render(&chart)));
+        let svg = outcome.recv_timeout(std::time::Duration::from_secs(seconds)).expect("the chart never finished");
+        svg.unwrap()
+    }
+
+    #[test]
+    fn extreme_finite_values_plot_in_bounded_time_and_stay_on_the_chart() {
+        let cases = [
+            vec![(1.0, 1e308), (2.0, -1e308)],
+            vec![(1.0, f64::MAX), (2.0, f64::MIN), (3.0, 2.0)],
+            vec![(1.0, 1e300), (2.0, 1e300)],
+            vec![(1.0, -1e-300), (2.0, 5e-324), (3.0, 0.0)],
+            vec![(-1e308, 1.0), (1e308, 2.0)],
+        ];
+        for points in cases {
+            for scale in [Scale::Linear, Scale::Log] {
+                let svg = render_within_seconds(chart("extreme", "loss", points.clone(), scale), 20);
+                assert!(svg.trim_end().ends_with("</svg>"), "{points:?}");
+                assert!(!svg.contains("NaN") && !svg.contains("inf"), "{points:?}: {svg}");
+            }
+        }
+        let r = range([1e308, -1e308].into_iter());
+        assert!(r.start.is_finite() && r.end.is_finite() && r.start < -AXIS_LIMIT && r.end > AXIS_LIMIT);
+    }
+
+    #[test]
+    fn control_characters_in_names_leave_a_well_formed_document() {
+        let svg =
+            render_within_seconds(chart("job\u{1}\u{8}", "set\u{0}", vec![(1.0, 2.0), (2.0, 1.5)], Scale::Linear), 20);
+        assert!(!svg.chars().any(|c| c.is_control() && c != '\n' && c != '\t'), "{svg}");
+        assert!(svg.contains("job\u{fffd}\u{fffd}"), "{svg}");
     }
 }

@@ -3,13 +3,13 @@
 //! and anyone with curl.
 
 use axum::extract::{Path as UrlPath, Query, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde::Deserialize;
 
 use super::series::{evals_of, steps_of};
 use crate::error::ApiError;
 use crate::jobs::store as jobs;
-use crate::plots::{render, Chart, Scale, Series};
+use crate::plots::{render_off_runtime, svg_response, Chart, Scale, Series};
 use crate::AppState;
 
 /// The charts there are.
@@ -99,19 +99,19 @@ pub async fn plot(
             _ => (vec![line("", column(|m| m.tokens_per_second))], "tokens per second", Scale::Linear),
         }
     };
-    let title = format!("{} — {chart}", job.name);
-    let svg = render(&Chart {
-        title: &title,
-        x_desc: "step",
-        y_desc,
+    let svg = render_off_runtime(Chart {
+        title: format!("{} — {chart}", job.name),
+        x_desc: "step".into(),
+        y_desc: y_desc.into(),
         x_scale: Scale::Linear,
         y_scale,
-        series: &series,
         marks: matches!(chart.as_str(), "perplexity" | "bits_per_byte"),
+        series,
         size: (640, 320),
     })
+    .await
     .map_err(ApiError::internal)?;
-    Ok(([("content-type", "image/svg+xml")], svg).into_response())
+    Ok(svg_response(svg))
 }
 
 #[cfg(test)]

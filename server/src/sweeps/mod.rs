@@ -179,8 +179,9 @@ async fn plot_svg(
         .iter()
         .map(|job| plot::Curve { label: job.name.clone(), points: report::curve(&courses, &job.id, &x, &y) })
         .collect();
-    let svg = plot::learning_vs_forgetting(&sweep.name, &x, &y, &curves).map_err(ApiError::internal)?;
-    Ok(([("content-type", "image/svg+xml")], svg).into_response())
+    let chart = plot::learning_vs_forgetting(&sweep.name, &x, &y, curves);
+    let svg = crate::plots::render_off_runtime(chart).await.map_err(ApiError::internal)?;
+    Ok(crate::plots::svg_response(svg))
 }
 
 /// What a sweep does to each of its jobs.
