@@ -259,6 +259,16 @@ fn problem(field: impl Into<String>, message: impl Into<String>) -> FieldError {
     FieldError { field: field.into(), message: message.into() }
 }
 
+/// A name shown in lists, pages and charts: 1 to [`limits::NAME_BYTES`] bytes, not blank, without
+/// control characters (which no SVG or terminal can show).
+pub fn check_name(field: &str, name: &str) -> Result<(), FieldError> {
+    if name.trim().is_empty() || name.len() as u64 > limits::NAME_BYTES || name.chars().any(char::is_control) {
+        let message = format!("must be 1 to {} bytes, not blank, without control characters", limits::NAME_BYTES);
+        return Err(problem(field, message));
+    }
+    Ok(())
+}
+
 impl JobSpec {
     /// Parses and validates a spec from JSON text; errors name the offending field's path.
     pub fn from_json_str(text: &str) -> Result<Self, FieldError> {
@@ -294,10 +304,7 @@ impl JobSpec {
                 Ok(())
             }
         };
-        if self.name.trim().is_empty() {
-            return Err(problem("name", "must not be empty"));
-        }
-        at_most(self.name.len() as u64, limits::NAME_BYTES, "name")?;
+        check_name("name", &self.name)?;
         at_most(self.base_model.len() as u64, limits::PATH_BYTES, "base_model")?;
         at_most(self.train_data.len() as u64, limits::SOURCES, "train_data")?;
         at_most(self.eval_data.len() as u64, limits::SOURCES, "eval_data")?;

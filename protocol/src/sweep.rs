@@ -7,10 +7,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::spec::limits::NAME_BYTES;
-use crate::spec::FieldError;
+use crate::spec::{check_name, FieldError};
 
 /// At most this many jobs in one sweep: a sweep is a comparison to read, not a search.
 pub const MAX_JOBS: usize = 64;
+
+/// At most this many fields varied by one grid, each path at most this long.
+pub const MAX_PATHS: usize = 32;
+const MAX_PATH_BYTES: usize = 256;
 
 /// Fields a grid cannot vary: every job is named after its sweep and point, and a sweep starts
 /// fresh jobs (a continuation has its own endpoint).
@@ -66,21 +70,27 @@ impl SweepRequest {
         Ok(points)
     }
 
+    /// Checks the grid in time linear in its size: the counts first, so that a huge grid is refused
+    /// before any of its values is looked at.
     fn check(&self) -> Result<(), FieldError> {
-        if self.name.trim().is_empty() {
-            return Err(problem("name", "must not be empty"));
-        }
-        if self.name.len() as u64 > NAME_BYTES {
-            return Err(problem("name", format!("must be at most {NAME_BYTES} bytes")));
-        }
+        check_name("name", &self.name)?;
         if self.grid.is_empty() {
             return Err(problem("grid", "must vary at least one field"));
         }
-        let mut count = 1usize;
+        if self.grid.len() > MAX_PATHS {
+            return Err(problem(
+                "grid",
+                format!("varies {} fields; a sweep varies at most {MAX_PATHS}", self.grid.len()),
+            ));
+        }
+        let count = self.grid.values().fold(1usize, |count, values| count.saturating_mul(values.len()));
+        if count > MAX_JOBS {
+            return Err(problem("grid", format!("makes {count} jobs; a sweep has at most {MAX_JOBS}")));
+        }
         for (path, values) in &self.grid {
             let field = format!("grid.{path}");
             let segments: Vec<&str> = path.split('.').collect();
-            if segments.iter().any(|s| s.is_empty()) {
+            if path.len() > MAX_PATH_BYTES || segments.iter().any(|s| s.is_empty()) {
                 return Err(problem(field, "a path is field names and list indexes joined by dots"));
             }
             if FIXED.contains(&segments[0]) {
@@ -89,17 +99,14 @@ impl SweepRequest {
             if values.is_empty() {
                 return Err(problem(field, "must list at least one value"));
             }
-            if let Some(i) = (1..values.len()).find(|&i| values[..i].contains(&values[i])) {
+            let mut seen = std::collections::HashSet::with_capacity(values.len());
+            if let Some(i) = values.iter().position(|value| !seen.insert(value.to_string())) {
                 return Err(problem(format!("{field}[{i}]"), "repeats an earlier value"));
             }
-            let overlap = self.grid.keys().find(|other| *other != path && path.starts_with(&format!("{other}.")));
-            if let Some(other) = overlap {
+            let dots = path.match_indices('.').map(|(at, _)| &path[..at]);
+            if let Some(other) = dots.into_iter().find(|outer| self.grid.contains_key(*outer)) {
                 return Err(problem(field, format!("lies inside `{other}`, which the grid also varies")));
             }
-            count = count.saturating_mul(values.len());
-        }
-        if count > MAX_JOBS {
-            return Err(problem("grid", format!("makes {count} jobs; a sweep has at most {MAX_JOBS}")));
         }
         Ok(())
     }
@@ -122,7 +129,14 @@ fn set(spec: &mut Value, path: &str, value: Value) -> Result<(), String> {
                 fields.get_mut(*segment).ok_or_else(|| format!("the base spec has no `{walked}`"))?
             }
             Value::Array(items) => {
-                let index: usize = segment.parse().map_err(|_| format!("`{walked}`: a list is indexed by a number"))?;
+                // One spelling per index (`1`, never `01` or `+1`), so two paths never name one field.
+                let canonical =
+                    segment.bytes().all(|b| b.is_ascii_digit()) && (segment.len() == 1 || !segment.starts_with('0'));
+                let index: usize = segment
+                    .parse()
+                    .ok()
+                    .filter(|_| canonical)
+                    .ok_or_else(|| format!("`{walked}`: a list is indexed by a number without leading zeros"))?;
                 let len = items.len();
                 let item = items.get_mut(index).ok_or_else(|| format!("`{walked}`: the list has {len} items"))?;
                 if last {
@@ -209,6 +223,20 @@ mod tests {
         assert_eq!(field(json!({"train_data": [[]], "train_data.1.weight": [0.1]})), "grid.train_data.1.weight");
         let big: Vec<u64> = (0..9).collect();
         assert_eq!(field(json!({"seed": big, "lr": big})), "grid");
+        assert_eq!(field(json!({"train_data.01.weight": [0.1]})), "grid.train_data.01.weight");
+        assert_eq!(field(json!({"train_data.+1.weight": [0.1]})), "grid.train_data.+1.weight");
+        assert_eq!(field(json!({"train_data": [[]], "train_data.1.x.y": [0.1]})), "grid.train_data.1.x.y");
+    }
+
+    #[test]
+    fn a_huge_grid_is_refused_by_its_counts_before_its_values_are_compared() {
+        // 25,000 paths of one value each (~360 KB): quadratic checks took ~24 s of CPU, then made a job.
+        let grid: BTreeMap<String, Vec<Value>> = (0..25_000).map(|i| (format!("p{i}"), vec![json!(0)])).collect();
+        assert_eq!(request(serde_json::to_value(grid).unwrap()).expand().unwrap_err().field, "grid");
+        let values: Vec<Value> = (0..100_000).map(|i| json!(i)).collect();
+        assert_eq!(request(json!({"lr": values})).expand().unwrap_err().field, "grid");
+        let values: Vec<Value> = (0..64).map(|i| json!({"v": i})).collect();
+        assert_eq!(request(json!({"warmup_steps": values})).expand().unwrap().len(), 64);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{limits::NAME_BYTES, FieldError};
+use crate::spec::FieldError;
 
 /// At most this many tokens added at once (Chinese LLaMA added ~20k; 2^20 is far past any use).
 pub const MAX_NEW_TOKENS: usize = 1 << 20;
@@ -40,9 +40,7 @@ impl VocabularySpec {
     /// Checks every field's range; the first problem wins.
     pub fn validate(&self) -> Result<(), FieldError> {
         let problem = |field: &str, message: String| Err(FieldError { field: field.into(), message });
-        if self.name.trim().is_empty() || self.name.len() as u64 > NAME_BYTES {
-            return problem("name", format!("must be 1 to {NAME_BYTES} characters"));
-        }
+        crate::spec::check_name("name", &self.name)?;
         if self.corpus.is_empty() || self.corpus.len() > MAX_INPUTS {
             return problem("corpus", format!("needs 1 to {MAX_INPUTS} paths"));
         }
