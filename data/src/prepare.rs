@@ -39,6 +39,7 @@ pub fn prepare(
     config: &PrepareConfig,
     mut progress: impl FnMut(u64),
 ) -> Result<(Manifest, Report)> {
+    config.validate().map_err(|e| anyhow::anyhow!("the preparation config: {e}"))?;
     let tokenizer_bytes =
         std::fs::read(tokenizer_path).with_context(|| format!("reading {}", tokenizer_path.display()))?;
     let tokenizer = DocumentTokenizer::new(

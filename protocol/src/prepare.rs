@@ -4,6 +4,23 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::spec::{limits, FieldError};
+
+/// Bounds of a preparation config: generous for real corpora, far from what would exhaust a worker.
+pub mod bounds {
+    /// Documents cleaned and tokenized together.
+    pub const BATCH_DOCUMENTS: usize = 1 << 16;
+    /// MinHash permutations (a signature of this many u64s is kept per document).
+    pub const NUM_PERM: usize = 1024;
+    pub const SHINGLE: usize = 64;
+    pub const PATTERNS: usize = 1024;
+    pub const PATTERN_BYTES: usize = 1024;
+    pub const LINE_CHARS: usize = 1 << 20;
+    pub const DOCUMENT_CHARS: usize = 1 << 30;
+    pub const LANGUAGES: usize = 256;
+    pub const FIELD_BYTES: usize = 256;
+}
+
 /// Unicode normalisation form. NFKC folds full-width CJK punctuation (，→ ,), so NFC is the default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -167,6 +184,72 @@ impl Default for PrepareConfig {
     }
 }
 
+impl PrepareConfig {
+    /// Checks every setting's range; errors name the field (`dedup.num_perm`). A config outside
+    /// these bounds once made every worker that leased it abort or run out of memory.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        let problem = |field: &str, message: String| FieldError { field: field.into(), message };
+        let within = |value: usize, low: usize, high: usize, field: &str| {
+            if (low..=high).contains(&value) {
+                Ok(())
+            } else {
+                Err(problem(field, format!("must be between {low} and {high}")))
+            }
+        };
+        let fraction = |value: f64, field: &str| {
+            if (0.0..=1.0).contains(&value) {
+                Ok(())
+            } else {
+                Err(problem(field, "must be between 0 and 1".into()))
+            }
+        };
+        within(self.seq_len, 1, limits::SEQ_LEN as usize, "seq_len")?;
+        within(self.batch_documents, 1, bounds::BATCH_DOCUMENTS, "batch_documents")?;
+        fraction(self.validation_fraction, "validation_fraction")?;
+        within(self.jsonl_text_field.len(), 1, bounds::FIELD_BYTES, "jsonl_text_field")?;
+        within(self.eos_token.as_ref().map_or(1, String::len), 1, bounds::FIELD_BYTES, "eos_token")?;
+        let dedup = &self.dedup;
+        within(dedup.num_perm, 1, bounds::NUM_PERM, "dedup.num_perm")?;
+        within(dedup.word_shingle, 1, bounds::SHINGLE, "dedup.word_shingle")?;
+        within(dedup.char_shingle, 1, bounds::SHINGLE, "dedup.char_shingle")?;
+        fraction(dedup.threshold, "dedup.threshold")?;
+        let clean = &self.clean;
+        within(clean.boilerplate_patterns.len(), 0, bounds::PATTERNS, "clean.boilerplate_patterns")?;
+        for (i, pattern) in clean.boilerplate_patterns.iter().enumerate() {
+            within(pattern.len(), 1, bounds::PATTERN_BYTES, &format!("clean.boilerplate_patterns[{i}]"))?;
+        }
+        within(clean.boilerplate_max_line_chars, 0, bounds::LINE_CHARS, "clean.boilerplate_max_line_chars")?;
+        within(clean.max_chars, 1, bounds::DOCUMENT_CHARS, "clean.max_chars")?;
+        within(clean.min_chars, 0, clean.max_chars, "clean.min_chars")?;
+        within(clean.languages.len(), 0, bounds::LANGUAGES, "clean.languages")?;
+        for (i, language) in clean.languages.iter().enumerate() {
+            within(language.len(), 1, 8, &format!("clean.languages[{i}]"))?;
+        }
+        let ratios = [
+            (clean.max_url_line_ratio, "clean.max_url_line_ratio"),
+            (clean.max_symbol_line_ratio, "clean.max_symbol_line_ratio"),
+            (clean.max_symbol_word_ratio, "clean.max_symbol_word_ratio"),
+            (clean.max_bullet_line_ratio, "clean.max_bullet_line_ratio"),
+            (clean.max_ellipsis_line_ratio, "clean.max_ellipsis_line_ratio"),
+            (clean.max_duplicate_line_char_fraction, "clean.max_duplicate_line_char_fraction"),
+        ];
+        for (value, field) in ratios {
+            fraction(value, field)?;
+        }
+        for (i, value) in clean.max_top_ngram_char_fraction.iter().enumerate() {
+            fraction(*value, &format!("clean.max_top_ngram_char_fraction[{i}]"))?;
+        }
+        let words = clean.min_mean_word_length..=clean.max_mean_word_length;
+        if !(words.start().is_finite() && words.end().is_finite() && *words.start() >= 0.0 && !words.is_empty()) {
+            return Err(problem(
+                "clean.min_mean_word_length",
+                "must be finite, at least 0 and at most max_mean_word_length".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What a job's submission checks of a dataset's `manifest.json` (the whole format is `cpt-data`'s).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ManifestSummary {
@@ -203,4 +286,32 @@ pub struct PrepareSpec {
     /// `clean`, `dedup`, …; absent fields take their defaults.
     #[serde(default)]
     pub config: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(change: serde_json::Value) -> String {
+        let config: PrepareConfig = serde_json::from_value(change).unwrap();
+        config.validate().unwrap_err().field
+    }
+
+    #[test]
+    fn the_default_config_is_valid_and_each_setting_is_bounded_by_field() {
+        PrepareConfig::default().validate().unwrap();
+        assert_eq!(refused(serde_json::json!({"batch_documents": 1_000_000_000_000_000u64})), "batch_documents");
+        assert_eq!(refused(serde_json::json!({"batch_documents": u64::MAX})), "batch_documents");
+        assert_eq!(refused(serde_json::json!({"batch_documents": 0})), "batch_documents");
+        assert_eq!(refused(serde_json::json!({"seq_len": 1u64 << 40, "tail": "pad"})), "seq_len");
+        assert_eq!(refused(serde_json::json!({"dedup": {"num_perm": 100_000_000_000_000u64}})), "dedup.num_perm");
+        assert_eq!(refused(serde_json::json!({"dedup": {"threshold": 2.0}})), "dedup.threshold");
+        assert_eq!(refused(serde_json::json!({"validation_fraction": -0.1})), "validation_fraction");
+        assert_eq!(refused(serde_json::json!({"clean": {"min_chars": 10, "max_chars": 5}})), "clean.min_chars");
+        assert_eq!(
+            refused(serde_json::json!({"clean": {"boilerplate_patterns": [""]}})),
+            "clean.boilerplate_patterns[0]"
+        );
+        assert_eq!(refused(serde_json::json!({"clean": {"max_mean_word_length": 1.0}})), "clean.min_mean_word_length");
+    }
 }

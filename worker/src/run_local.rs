@@ -107,6 +107,10 @@ pub fn prepare_command(
     if let Some(seq_len) = seq_len {
         prepare_config.seq_len = seq_len;
     }
+    if let Err(error) = prepare_config.validate() {
+        let source = config.map_or("--seq-len".to_string(), |path| path.display().to_string());
+        anyhow::bail!("{source}: {error}");
+    }
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}]").expect("a valid template"));
     let started = std::time::Instant::now();
