@@ -7,7 +7,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use cpt_protocol::prepare::PrepareConfig;
 use cpt_protocol::prepare::PrepareSpec;
-use cpt_protocol::spec::limits::NAME_BYTES;
+use cpt_protocol::spec::check_name;
 use serde_json::json;
 
 use crate::error::ApiError;
@@ -22,15 +22,15 @@ const MAX_INPUTS: usize = 1000;
 pub async fn create(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let request: PrepareSpec = crate::error::parse_json(&body)?;
     let mut spec = request.clone();
-    if spec.name.trim().is_empty() || spec.name.len() as u64 > NAME_BYTES {
-        return Err(ApiError::invalid_field("name", format!("must be 1 to {NAME_BYTES} characters")));
-    }
+    check_name("name", &spec.name).map_err(|e| ApiError::invalid_field(e.field, e.message))?;
     if spec.inputs.is_empty() || spec.inputs.len() > MAX_INPUTS {
         return Err(ApiError::invalid_field("inputs", format!("needs 1 to {MAX_INPUTS} paths")));
     }
-    spec.tokenizer = inside_roots(&app.config.data_roots, "tokenizer", &spec.tokenizer)?.display().to_string();
-    spec.inputs = super::expand_inputs(&app, "inputs", &spec.inputs)?;
     let config = if spec.config.is_null() { json!({}) } else { spec.config.clone() };
-    serde_json::from_value::<PrepareConfig>(config).map_err(|e| ApiError::invalid_field("config", e.to_string()))?;
+    let config: PrepareConfig =
+        serde_json::from_value(config).map_err(|e| ApiError::invalid_field("config", e.to_string()))?;
+    config.validate().map_err(|e| ApiError::invalid_field(format!("config.{}", e.field), e.message))?;
+    spec.tokenizer = inside_roots(&app.config.data_roots, "tokenizer", &spec.tokenizer)?.display().to_string();
+    spec.inputs = super::expand_inputs(&app, "inputs", std::mem::take(&mut spec.inputs)).await?;
     super::submit(&app, &headers, super::DATASETS, &request, &spec.name, &spec).await
 }

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::events::store as events;
-use crate::jobs::paths::expand_input;
+use crate::jobs::paths::expand_inputs as expand_inputs_in_roots;
 use crate::jobs::routes::{idempotency, page_query};
 use crate::jobs::store::{self, Job, NewJob};
 use crate::AppState;
@@ -134,13 +134,11 @@ async fn get_one(app: AppState, id: String, collection: Collection) -> Result<Js
     Ok(Json(view(&app, job, collection).await?))
 }
 
-/// Every input (a file, a directory or a pattern) resolved inside the data roots, patterns expanded;
-/// errors name `field[i]`.
-fn expand_inputs(app: &AppState, field: &str, inputs: &[String]) -> Result<Vec<String>, ApiError> {
-    let mut resolved = Vec::new();
-    for (i, input) in inputs.iter().enumerate() {
-        let expanded = expand_input(&app.config.data_roots, &format!("{field}[{i}]"), input)?;
-        resolved.extend(expanded.into_iter().map(|p| p.display().to_string()));
-    }
-    Ok(resolved)
+/// Every input (a file, a directory or a pattern) resolved inside the data roots, patterns expanded
+/// on a blocking thread (they walk the disk); errors name `field[i]`.
+async fn expand_inputs(app: &AppState, field: &'static str, inputs: Vec<String>) -> Result<Vec<String>, ApiError> {
+    let config = app.config.clone();
+    tokio::task::spawn_blocking(move || expand_inputs_in_roots(&config.data_roots, field, &inputs))
+        .await
+        .map_err(ApiError::internal)?
 }

@@ -27,7 +27,7 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, body: Bytes
         }
     }
     spec.base_model = base.display().to_string();
-    spec.corpus = super::expand_inputs(&app, "corpus", &spec.corpus)?;
+    spec.corpus = super::expand_inputs(&app, "corpus", std::mem::take(&mut spec.corpus)).await?;
     for (i, text) in spec.report_texts.iter_mut().enumerate() {
         let field = format!("report_texts[{i}]");
         let path = inside_roots(roots, &field, text)?;
