@@ -15,12 +15,18 @@ pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "CPT_BIND", default_value = "127.0.0.1:8080")]
     pub bind: SocketAddr,
-    /// Bearer token for `/v1` (required when bound beyond loopback).
+    /// Bearer token for the user API: `/v1/jobs`, `/v1/datasets`, `/v1/vocabularies`, `/v1/sweeps`
+    /// and `/metrics` (required, with --worker-token, when bound beyond loopback).
     #[arg(long, env = "CPT_API_TOKEN")]
     pub api_token: Option<String>,
-    /// Bearer token for the worker endpoints `/v1/workers` (required when bound beyond loopback).
+    /// Bearer token for the worker protocol: `/v1/workers/...` (required, with --api-token, when
+    /// bound beyond loopback).
     #[arg(long, env = "CPT_WORKER_TOKEN")]
     pub worker_token: Option<String>,
+    /// Host names besides loopback ones that a server without tokens answers to (a browser whose
+    /// page's domain was rebound to this address sends its own name, which is refused).
+    #[arg(long, env = "CPT_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
     /// A leased job whose worker has not heartbeated for this long is requeued.
     #[arg(long, env = "CPT_LEASE_TTL_SECONDS", default_value_t = 30)]
     pub lease_ttl_seconds: u64,
@@ -42,6 +48,10 @@ pub struct Config {
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "CPT_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// A request body that stalls this long is given up on (400), so a client that sends half a body
+    /// and waits holds nothing for long.
+    #[arg(long, env = "CPT_BODY_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub body_timeout_seconds: u64,
     /// Jobs whose plan estimates more memory are refused at submit (default: the most any recently
     /// seen worker reported).
     #[arg(long, env = "CPT_MAX_JOB_MEMORY_BYTES")]
@@ -61,9 +71,11 @@ impl std::fmt::Debug for Config {
             .field("local_workers", &self.local_workers)
             .field("worker_binary", &self.worker_binary)
             .field("metrics_retention_seconds", &self.metrics_retention_seconds)
+            .field("allowed_hosts", &self.allowed_hosts)
             .field("data_roots", &self.data_roots)
             .field("max_attempts", &self.max_attempts)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("body_timeout_seconds", &self.body_timeout_seconds)
             .field("max_job_memory_bytes", &self.max_job_memory_bytes)
             .finish()
     }
@@ -87,5 +99,20 @@ impl Config {
             anyhow::bail!("--lease-ttl-seconds must be positive");
         }
         Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_and_its_variable_are_in_the_readme_table() {
+        let readme = include_str!("../../README.md");
+        for arg in super::Config::command().get_arguments() {
+            let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) else { continue };
+            let row = format!("| `--{long}` | `{}` |", env.to_string_lossy());
+            assert!(readme.contains(&row), "README.md has no row {row}");
+        }
     }
 }

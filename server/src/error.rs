@@ -32,6 +32,11 @@ impl ApiError {
         Self { field: Some(field.into()), ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message) }
     }
 
+    /// A pattern that would make the server look at too much of its disk, or expand to too much.
+    pub fn too_broad(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: Some(field.into()), ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "pattern_too_broad", message) }
+    }
+
     pub fn not_found(what: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", what)
     }
@@ -67,6 +72,11 @@ impl ApiError {
     /// The server cannot take writes now (its storage failed a probe or is nearly full).
     pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+    }
+
+    /// A request a browser made on another site's behalf (the header that shows it is the field).
+    pub fn cross_site(header: &str, message: impl Into<String>) -> Self {
+        Self { field: Some(header.into()), ..Self::new(StatusCode::FORBIDDEN, "cross_site", message) }
     }
 
     pub fn unauthorized() -> Self {

@@ -6,8 +6,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
-use crate::auth::{require_api_token, require_json, require_worker_token};
+use crate::auth::{guard_browsers, require_api_token, require_worker_token};
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -70,8 +71,9 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/openapi.yaml", get(|| async { ([("content-type", "application/yaml")], OPENAPI) }))
         .fallback(not_found)
-        .layer(middleware::from_fn(require_json))
+        .layer(middleware::from_fn_with_state(state.clone(), guard_browsers))
         .layer(RequestBodyLimitLayer::new(state.config.max_body_bytes))
+        .layer(RequestBodyTimeoutLayer::new(std::time::Duration::from_secs(state.config.body_timeout_seconds)))
         .layer(middleware::map_response(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), crate::metrics::track_http))
         .with_state(state)

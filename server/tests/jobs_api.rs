@@ -64,10 +64,11 @@ async fn submitting_is_validated_idempotent_and_dry_runs_return_the_plan() {
         let (got, error) = server.call(Method::POST, "/v1/jobs", Some(body)).await;
         assert_eq!((got, error_of(&error)), (status, (code, field)), "{change}: {error}");
     }
-    let raw = server.request(Method::POST, "/v1/jobs").body("{not json").send().await.unwrap();
+    let json_post = || server.request(Method::POST, "/v1/jobs").header("content-type", "application/json");
+    let raw = json_post().body("{not json").send().await.unwrap();
     assert_eq!(raw.status(), StatusCode::BAD_REQUEST);
     assert_eq!(error_of(&raw.json().await.unwrap()).0, "bad_request");
-    let huge = server.request(Method::POST, "/v1/jobs").body(vec![b' '; 100 * 1024]).send().await.unwrap();
+    let huge = json_post().body(vec![b' '; 100 * 1024]).send().await.unwrap();
     assert_eq!(huge.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(error_of(&huge.json().await.unwrap()).0, "payload_too_large");
     server.stop().await;
@@ -174,6 +175,8 @@ fn binding_beyond_loopback_without_a_token_is_refused() {
         bind: "0.0.0.0:8080".parse().unwrap(),
         api_token: None,
         data_roots: vec![],
+        allowed_hosts: vec![],
+        body_timeout_seconds: 30,
         max_attempts: 3,
         max_body_bytes: 1024,
         worker_token: None,

@@ -49,6 +49,8 @@ impl Server {
             bind: "127.0.0.1:0".parse().unwrap(),
             api_token: token.map(str::to_string),
             data_roots: vec![roots.to_path_buf()],
+            allowed_hosts: vec![],
+            body_timeout_seconds: 30,
             max_attempts: 3,
             max_body_bytes: 64 * 1024,
             worker_token: worker_token.map(str::to_string),

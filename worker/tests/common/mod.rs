@@ -105,6 +105,8 @@ pub fn serve_with(
         worker_token: None,
         lease_ttl_seconds: 3,
         data_roots: vec![root.to_path_buf()],
+        allowed_hosts: vec![],
+        body_timeout_seconds: 30,
         max_attempts: 3,
         max_body_bytes: 1 << 20,
         metrics_retention_seconds: 600,
