@@ -202,4 +202,31 @@ mod tests {
         assert_eq!(a["general"]["perplexity"].as_f64(), Some(40.0));
         assert_eq!(latest("b").await.unwrap(), None, "a job without evals has none");
     }
+
+    /// Chains of continued jobs from before 0007 get each job's root stored.
+    #[tokio::test]
+    async fn every_earlier_job_gets_the_root_of_its_chain() {
+        let tmp = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", tmp.path().join("db").display()))
+            .unwrap()
+            .create_if_missing(true);
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+        let mut before = sqlx::migrate!("../migrations");
+        let position = before.migrations.iter().position(|m| m.description.contains("root id")).unwrap();
+        before.migrations = before.migrations[..position].to_vec().into();
+        before.run(&pool).await.unwrap();
+        for (id, parent) in [("a", None), ("b", Some("a")), ("c", Some("b")), ("d", None)] {
+            sqlx::query("INSERT INTO jobs (id, kind, name, spec, state, max_attempts, created_at, updated_at, parent_id) VALUES (?, 'train', 'n', '{}', 'succeeded', 3, 1, 1, ?)")
+                .bind(id)
+                .bind(parent)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        sqlx::migrate!("../migrations").run(&pool).await.unwrap();
+        let roots: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, root_id FROM jobs ORDER BY id").fetch_all(&pool).await.unwrap();
+        let expected = [("a", "a"), ("b", "a"), ("c", "a"), ("d", "d")].map(|(i, r)| (i.to_string(), r.to_string()));
+        assert_eq!(roots, expected);
+    }
 }

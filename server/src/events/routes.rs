@@ -53,11 +53,8 @@ pub async fn ingest(
         return Err(ApiError::invalid_field("events", format!("at most {MAX_BATCH_EVENTS} events per batch")));
     }
     let job = jobs::existing(&app.pool, &batch.job_id).await?;
-    // The chain a continued job belongs to labels its series (read before the write transaction).
-    let root = match &job.parent_id {
-        Some(_) => jobs::lineage(&app.pool, &job).await?.root_id,
-        None => job.id.clone(),
-    };
+    // The chain a continued job belongs to labels its series.
+    let root = job.root_id.clone();
     let mut tx = WriteTx::begin(&app.pool).await?;
     let sender = jobs::event_sender(tx.conn(), &job.id, batch.attempt, &worker).await?;
     let current = matches!(sender, Sender::Current { .. });

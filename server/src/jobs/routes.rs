@@ -214,7 +214,7 @@ pub fn page_query(cursor: Option<&str>, limit: Option<i64>) -> Result<(Option<i6
     Ok((cursor, limit))
 }
 
-/// `GET /v1/jobs`: newest first; `next_cursor` fetches the following page.
+/// `GET /v1/jobs`: newest first, as summaries; `next_cursor` fetches the following page.
 pub async fn list(State(app): State<AppState>, Query(query): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
     let state = match query.state.as_deref() {
         Some(text) => Some(
@@ -224,7 +224,18 @@ pub async fn list(State(app): State<AppState>, Query(query): Query<ListQuery>) -
     };
     let (cursor, limit) = page_query(query.cursor.as_deref(), query.limit)?;
     let (jobs, next) = store::list(&app.pool, None, state, cursor, limit).await?;
-    Ok(Json(json!({"jobs": jobs, "next_cursor": next.map(|n| n.to_string())})))
+    Ok(Json(json!({"jobs": jobs.iter().map(summary).collect::<Vec<_>>(), "next_cursor": next.map(|n| n.to_string())})))
+}
+
+/// A job as the list shows it: without its spec and plan, which may be large (a dataset's spec names
+/// up to thousands of files) and are one `GET /v1/jobs/{id}` away.
+fn summary(job: &Job) -> Value {
+    let mut view = serde_json::to_value(job).unwrap_or_default();
+    if let Some(fields) = view.as_object_mut() {
+        fields.remove("spec");
+        fields.remove("plan");
+    }
+    view
 }
 
 /// `GET /v1/jobs/{id}`: the job, its lineage, and the id of its newest event.

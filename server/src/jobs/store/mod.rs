@@ -45,6 +45,10 @@ pub struct Job {
     pub finished_at: Option<i64>,
     /// The job this one continues (`POST /v1/jobs/{id}/continue`).
     pub parent_id: Option<String>,
+    /// The first job of the chain of continuations this one belongs to (itself when it continues
+    /// none); the API shows it in the lineage.
+    #[serde(skip_serializing)]
+    pub root_id: String,
     /// The sweep this job is a point of, and the grid's values there.
     pub sweep_id: Option<String>,
     pub sweep_point: Option<Value>,
@@ -115,6 +119,7 @@ pub(super) fn job_from_row(row: &SqliteRow) -> sqlx::Result<Job> {
         updated_at: row.try_get("updated_at")?,
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
+        root_id: row.try_get::<Option<String>, _>("root_id")?.unwrap_or(row.try_get("id")?),
         parent_id: row.try_get("parent_id")?,
         sweep_id: row.try_get("sweep_id")?,
         sweep_point: json_column(row, "sweep_point")?,
@@ -179,12 +184,22 @@ pub async fn insert(conn: &mut SqliteConnection, new: NewJob<'_>) -> sqlx::Resul
     let now = now_ms();
     let (key, hash) = new.idempotency.map_or((None, None), |(k, h)| (Some(k), Some(h)));
     let (sweep_id, sweep_point) = new.sweep.map_or((None, None), |(id, point)| (Some(id), Some(point.to_string())));
+    let id = uuid::Uuid::new_v4().to_string();
+    let root_id: Option<String> = match new.parent_id {
+        Some(parent) => {
+            sqlx::query_scalar("SELECT COALESCE(root_id, id) FROM jobs WHERE id = ?")
+                .bind(parent)
+                .fetch_optional(&mut *conn)
+                .await?
+        }
+        None => None,
+    };
     let row = sqlx::query(
         "INSERT INTO jobs (id, kind, name, spec, state, max_attempts, idempotency_key, request_hash, plan, total_steps,
-                           created_at, updated_at, parent_id, sweep_id, sweep_point)
-         VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                           created_at, updated_at, parent_id, sweep_id, sweep_point, root_id)
+         VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
     )
-    .bind(uuid::Uuid::new_v4().to_string())
+    .bind(&id)
     .bind(new.kind.as_str())
     .bind(new.name)
     .bind(new.spec.to_string())
@@ -198,6 +213,7 @@ pub async fn insert(conn: &mut SqliteConnection, new: NewJob<'_>) -> sqlx::Resul
     .bind(new.parent_id)
     .bind(sweep_id)
     .bind(sweep_point)
+    .bind(root_id.unwrap_or_else(|| id.clone()))
     .fetch_one(conn)
     .await?;
     job_from_row(&row)
