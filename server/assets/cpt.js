@@ -95,11 +95,11 @@ async function svgInto(container, path) {
 async function listView(main) {
   const [jobs, sweeps] = await Promise.all([getJson("/v1/jobs?limit=100"), getJson("/v1/sweeps?limit=20")]);
   const jobRows = jobs.jobs.map((job) => el("tr", { "data-job": job.id },
-    el("td", {}, el("a", { href: `/jobs/${job.id}` }, job.name)), el("td", {}, job.kind), el("td", {}, state(job.state)),
+    el("td", {}, el("a", { href: `/jobs/${encodeURIComponent(job.id)}` }, job.name)), el("td", {}, job.kind), el("td", {}, state(job.state)),
     el("td", { class: "number" }, progress(job)), el("td", { class: "number" }, job.progress.tokens_total),
     el("td", { class: "number" }, eta(job)), el("td", {}, evals(job))));
   const sweepRows = sweeps.sweeps.map((sweep) => el("tr", {},
-    el("td", {}, el("a", { href: `/sweeps/${sweep.id}` }, sweep.name)), el("td", {}, state(sweep.state)),
+    el("td", {}, el("a", { href: `/sweeps/${encodeURIComponent(sweep.id)}` }, sweep.name)), el("td", {}, state(sweep.state)),
     el("td", {}, Object.entries(sweep.counts).filter(([, n]) => n > 0).map(([s, n]) => `${n} ${s}`).join(", "))));
   main.replaceChildren(
     el("h1", {}, "Jobs"),
@@ -207,7 +207,7 @@ async function sweepView(main, id) {
   document.title = `${sweep.name} — cpt`;
   const sets = [...new Set(sweep.jobs.flatMap((j) => Object.keys(j.eval)))].sort();
   const rows = sweep.jobs.map((job) => el("tr", {},
-    el("td", {}, el("a", { href: `/jobs/${job.job_id}` }, Object.entries(job.point).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(" "))),
+    el("td", {}, el("a", { href: `/jobs/${encodeURIComponent(job.job_id)}` }, Object.entries(job.point).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(" "))),
     el("td", {}, state(job.state)), el("td", { class: "number" }, job.total_steps ? `${job.step}/${job.total_steps}` : job.step),
     el("td", { class: "number" }, job.tokens_total), el("td", { class: "number" }, duration(job.wall_seconds)),
     ...sets.map((set) => {
@@ -227,16 +227,26 @@ async function sweepView(main, id) {
 
 // ---- routing ----
 
+/** `text` when it is a UUID (8-4-4-4-12 hex digits); anything else throws. */
+function UUID(text) {
+  if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(text)) throw new Error(`${text} is not an id`);
+  return encodeURIComponent(text);
+}
+
 let timer = null;
 function show(e) { if (!(e instanceof Unauthorized)) say(e.message); }
 
 async function route() {
   clearTimeout(timer);
   const main = $("#main"), path = location.pathname;
-  const job = path.match(/^\/jobs\/([^/]+)$/), sweep = path.match(/^\/sweeps\/([^/]+)$/);
+  // Ids are UUIDs, matched on the raw path: a decoded `..%2Fsweeps%2F<id>` must never become part
+  // of an API path (a crafted link would make this tab's token act on another route).
+  const job = path.match(/^\/jobs\/([0-9a-f-]{36})$/i), sweep = path.match(/^\/sweeps\/([0-9a-f-]{36})$/i);
+  const other = path !== "/" && !job && !sweep;
   try {
-    const again = job ? await jobView(main, decodeURIComponent(job[1]))
-      : sweep ? await sweepView(main, decodeURIComponent(sweep[1])) : await listView(main);
+    if (other) { main.replaceChildren(el("p", { class: "error" }, "No such page: job and sweep ids are UUIDs.")); return; }
+    const again = job ? await jobView(main, UUID(job[1]))
+      : sweep ? await sweepView(main, UUID(sweep[1])) : await listView(main);
     if (again) timer = setTimeout(route, again);
   } catch (e) { show(e); }
 }

@@ -92,5 +92,12 @@ def test_the_job_page_follows_a_running_job_and_cancels_it(server, tmp_path):
         # The list shows it; the token stayed in this tab, never in a URL.
         page.goto(base + "/")
         page.wait_for_selector(f"tr[data-job='{job['id']}'] .state.cancelled")
+
+        # A crafted link whose id decodes into another route (a Cancel there would POST to it with
+        # this tab's token) is no page: the script asks the API for nothing.
+        before = len(urls)
+        page.goto(f"{base}/jobs/..%2Fsweeps%2F{job['id']}")
+        page.wait_for_selector("#main .error")
+        assert not any("/v1/" in url for url in urls[before:]), urls[before:]
         browser.close()
     assert urls and not any(TOKEN in url for url in urls)
