@@ -108,6 +108,19 @@ pub fn page<T>(
 mod tests {
     use super::*;
 
+    /// A database in `dir` migrated up to, not including, the migration whose description has `before`.
+    async fn migrated_before(dir: &std::path::Path, before: &str) -> SqlitePool {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", dir.join("db").display()))
+            .unwrap()
+            .create_if_missing(true);
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+        let mut earlier = sqlx::migrate!("../migrations");
+        let position = earlier.migrations.iter().position(|m| m.description.contains(before)).unwrap();
+        earlier.migrations = earlier.migrations[..position].to_vec().into();
+        earlier.run(&pool).await.unwrap();
+        pool
+    }
+
     /// A database from before `extend_vocab`, `paused` and `parent_id` existed keeps its jobs, events and attempts when the
     /// jobs table is rebuilt, and its foreign keys stay enforced.
     #[tokio::test]
@@ -163,14 +176,7 @@ mod tests {
     #[tokio::test]
     async fn latest_evals_are_filled_from_the_events_of_earlier_jobs() {
         let tmp = tempfile::tempdir().unwrap();
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", tmp.path().join("db").display()))
-            .unwrap()
-            .create_if_missing(true);
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
-        let mut before = sqlx::migrate!("../migrations");
-        let position = before.migrations.iter().position(|m| m.description.contains("latest evals")).unwrap();
-        before.migrations = before.migrations[..position].to_vec().into();
-        before.run(&pool).await.unwrap();
+        let pool = migrated_before(tmp.path(), "latest evals").await;
         for id in ["a", "b"] {
             sqlx::query("INSERT INTO jobs (id, kind, name, spec, state, max_attempts, created_at, updated_at) VALUES (?, 'train', 'n', '{}', 'succeeded', 3, 1, 1)")
                 .bind(id)
@@ -207,14 +213,7 @@ mod tests {
     #[tokio::test]
     async fn every_earlier_job_gets_the_root_of_its_chain() {
         let tmp = tempfile::tempdir().unwrap();
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", tmp.path().join("db").display()))
-            .unwrap()
-            .create_if_missing(true);
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
-        let mut before = sqlx::migrate!("../migrations");
-        let position = before.migrations.iter().position(|m| m.description.contains("root id")).unwrap();
-        before.migrations = before.migrations[..position].to_vec().into();
-        before.run(&pool).await.unwrap();
+        let pool = migrated_before(tmp.path(), "root id").await;
         for (id, parent) in [("a", None), ("b", Some("a")), ("c", Some("b")), ("d", None)] {
             sqlx::query("INSERT INTO jobs (id, kind, name, spec, state, max_attempts, created_at, updated_at, parent_id) VALUES (?, 'train', 'n', '{}', 'succeeded', 3, 1, 1, ?)")
                 .bind(id)

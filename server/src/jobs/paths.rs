@@ -211,4 +211,26 @@ mod tests {
             "a matched link is checked"
         );
     }
+
+    #[test]
+    fn a_pattern_walks_only_below_its_literal_part_and_within_its_budget() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        std::fs::create_dir_all(root.join("texts/deep")).unwrap();
+        for name in ["a.txt", "b.txt", "c.json", "deep/d.txt"] {
+            std::fs::write(root.join("texts").join(name), "x").unwrap();
+        }
+        let roots = [root.clone()];
+        let texts = root.join("texts").canonicalize().unwrap();
+        let expand = |pattern: &str, budget: &mut Budget| expand_input(&roots, "f", pattern, budget);
+        let found = expand(&format!("{}/texts/*.txt", root.display()), &mut Budget::new()).unwrap();
+        assert_eq!(found, [texts.join("a.txt"), texts.join("b.txt")], "`*` stays in its directory");
+        let found = expand(&format!("{}/texts/**/*.txt", root.display()), &mut Budget::new()).unwrap();
+        assert_eq!(found.len(), 3, "`**` descends: {found:?}");
+        let mut nearly_spent = Budget { visited: MAX_VISITED - 2, deadline: Instant::now() + MAX_EXPANSION };
+        let error = expand(&format!("{}/texts/*.txt", root.display()), &mut nearly_spent).unwrap_err();
+        assert_eq!((error.code, error.field.as_deref()), ("pattern_too_broad", Some("f")));
+        let twice = [format!("{}/texts/*.txt", root.display()), format!("{}/texts/a.txt", root.display())];
+        assert_eq!(expand_inputs(&roots, "inputs", &twice).unwrap().len(), 2, "a path named twice is kept once");
+    }
 }

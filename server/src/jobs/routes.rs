@@ -130,8 +130,13 @@ pub fn parse_spec(text: &str) -> Result<JobSpec, ApiError> {
 }
 
 /// Resolves `spec`'s paths inside the data roots and plans it, refusing what no worker could hold.
+/// The paths and manifests are read on a blocking thread: a slow disk must not hold the runtime.
 pub async fn plan_job(app: &AppState, mut spec: JobSpec) -> Result<(JobSpec, Plan), ApiError> {
-    let config = resolve_paths(&app.config.data_roots, &mut spec)?;
+    let server = app.config.clone();
+    let (spec, config) =
+        tokio::task::spawn_blocking(move || resolve_paths(&server.data_roots, &mut spec).map(|config| (spec, config)))
+            .await
+            .map_err(ApiError::internal)??;
     let plan = Plan::new(&spec, &config);
     crate::workers::check_memory(app, &config, &spec).await?;
     Ok((spec, plan))
