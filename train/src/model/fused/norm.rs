@@ -44,6 +44,38 @@ fn add_input_gradient<T: Real>(x: &[T], weight: &[T], g: &[T], eps: f64, dx: &mu
     });
 }
 
+/// Rows whose weight-gradient terms one task sums: the blocks depend on the shape alone.
+const WEIGHT_GRADIENT_ROWS: usize = 64;
+
+/// `Σ_rows g · x̂`: partial sums over fixed blocks of rows, added in block order, so the gradient
+/// has the same bits at any thread count and under any load (rayon's `fold` splits wherever work
+/// stealing happens to, which changed a gradient norm in its 13th digit on a busy machine).
+fn weight_gradient<T: Real>(x: &[T], g: &[T], h: usize, eps: f64) -> Vec<T> {
+    let mut sum = vec![T::zero(); h];
+    if h == 0 {
+        return sum;
+    }
+    let block = WEIGHT_GRADIENT_ROWS * h;
+    let partials: Vec<Vec<T>> = x
+        .par_chunks(block)
+        .zip(g.par_chunks(block))
+        .map(|(x, g)| {
+            let mut partial = vec![T::zero(); h];
+            for (x, g) in x.chunks(h).zip(g.chunks(h)) {
+                let inv = inv_rms(x, eps);
+                for ((a, &v), &g) in partial.iter_mut().zip(x).zip(g) {
+                    *a += g * v * inv;
+                }
+            }
+            partial
+        })
+        .collect();
+    for partial in partials {
+        sum.iter_mut().zip(partial).for_each(|(s, p)| *s += p);
+    }
+    sum
+}
+
 /// `1 / sqrt(mean(x²) + eps)` of one row.
 fn inv_rms<T: Real>(x: &[T], eps: f64) -> T {
     let mean_square = reduce::sum_of_squares(x) / T::from(x.len()).expect("a length");
@@ -112,22 +144,7 @@ impl Kernel for RmsNormGrad {
             bail!("rms-norm-grad: weight of {} and gradient of {} for {} rows of {h}", w.len(), g.len(), rows);
         }
         if self.weight {
-            // Partial sums per task, then one reduction: no shared accumulator.
-            let partial = (0..rows)
-                .into_par_iter()
-                .fold(
-                    || vec![T::zero(); h],
-                    |mut acc, r| {
-                        let (x, g) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
-                        let inv = inv_rms(x, self.eps);
-                        for ((a, &v), &g) in acc.iter_mut().zip(x).zip(g) {
-                            *a += g * v * inv;
-                        }
-                        acc
-                    },
-                )
-                .reduce(|| vec![T::zero(); h], |a, b| a.iter().zip(&b).map(|(&a, &b)| a + b).collect());
-            return Ok(partial);
+            return Ok(weight_gradient(x, g, h, self.eps));
         }
         let mut out = vec![T::zero(); x.len()];
         add_input_gradient(x, w, g, self.eps, &mut out);
