@@ -82,3 +82,42 @@ fn training_gives_the_same_bits_at_one_two_and_three_threads_and_beside_a_cpu_bu
         }
     }
 }
+
+/// Losses of a few benchmark steps (forward, backward, clipped AdamW on random tokens) of a model
+/// whose products are large enough for gemm to thread and whose sequences span several attention
+/// blocks and logits chunks, on a pool of `threads` threads.
+fn bench_losses(autograd: bool, recompute_every: Option<usize>, threads: usize) -> Vec<u64> {
+    let config = common::tiny_config(
+        "LlamaForCausalLM",
+        json!({"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2,
+               "vocab_size": 4096, "max_position_embeddings": 512}),
+    );
+    let options = cpt_train::bench::BenchOptions {
+        seq_len: 160,
+        batch: 2,
+        steps: 3,
+        warmup: 0,
+        kernels: Default::default(),
+        device: candle_core::Device::Cpu,
+        compute: candle_core::DType::F32,
+        adapter: None,
+        autograd,
+        recompute_every,
+        ignore_estimate: true,
+    };
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let report = pool.install(|| cpt_train::bench::bench(&config, &options)).unwrap();
+    report.losses.iter().map(|l| l.to_bits()).collect()
+}
+
+#[test]
+fn threaded_products_attention_blocks_and_recomputation_give_the_same_bits_at_any_thread_count() {
+    for (autograd, recompute_every) in [(false, None), (false, Some(1)), (true, None)] {
+        let alone = bench_losses(autograd, recompute_every, 1);
+        assert_eq!(alone.len(), 3);
+        for threads in [2, 3] {
+            let other = bench_losses(autograd, recompute_every, threads);
+            assert_eq!(other, alone, "autograd {autograd}, recompute_every {recompute_every:?}, {threads} threads");
+        }
+    }
+}
