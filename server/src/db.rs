@@ -228,4 +228,29 @@ mod tests {
         let expected = [("a", "a"), ("b", "a"), ("c", "a"), ("d", "d")].map(|(i, r)| (i.to_string(), r.to_string()));
         assert_eq!(roots, expected);
     }
+
+    /// Events stored before 0008 get their step as a column (a started event its first step).
+    #[tokio::test]
+    async fn earlier_events_get_their_step_as_a_column() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pool = migrated_before(tmp.path(), "event steps").await;
+        sqlx::query("INSERT INTO jobs (id, kind, name, spec, state, max_attempts, created_at, updated_at) VALUES ('a', 'train', 'n', '{}', 'running', 3, 1, 1)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let events = [("step", r#"{"step": 7}"#), ("started", r#"{"from_step": 3}"#), ("log", r#"{"message": "m"}"#)];
+        for (seq, (kind, data)) in events.iter().enumerate() {
+            sqlx::query("INSERT INTO events (job_id, attempt, seq, kind, time, data) VALUES ('a', 1, ?, ?, 1, ?)")
+                .bind(seq as i64)
+                .bind(kind)
+                .bind(data)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        sqlx::migrate!("../migrations").run(&pool).await.unwrap();
+        let steps: Vec<Option<i64>> =
+            sqlx::query_scalar("SELECT step FROM events ORDER BY seq").fetch_all(&pool).await.unwrap();
+        assert_eq!(steps, [Some(7), Some(3), None]);
+    }
 }

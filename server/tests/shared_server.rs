@@ -228,3 +228,38 @@ async fn browsers_cannot_write_from_other_sites_nor_reach_a_rebound_host_and_sta
     assert!(asked.elapsed() < Duration::from_secs(15), "{:?}", asked.elapsed());
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_run_charts_at_most_two_thousand_points_and_its_export_keeps_every_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = data_root(tmp.path());
+    let server = Server::start_big(&tmp.path().join("data"), &root).await;
+    let mut job = spec(&root, "long");
+    job["max_steps"] = json!(5_000);
+    let (_, job) = server.call(Method::POST, "/v1/jobs", Some(job)).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let (_, worker) = server.call(Method::POST, "/v1/workers", Some(json!({"name": "w", "device": "cpu"}))).await;
+    let worker = worker["worker_id"].as_str().unwrap().to_string();
+    server.call(Method::POST, &format!("/v1/workers/{worker}/lease?wait_seconds=0"), None).await;
+    for batch in 0..5u64 {
+        let events: Vec<Value> =
+            (0..1000).map(|i| step_event_with(batch * 1000 + i, batch * 1000 + i + 1, 3.0)).collect();
+        let body = json!({"job_id": id, "attempt": 1, "events": events});
+        let (status, reply) = server.call(Method::POST, &format!("/v1/workers/{worker}/events"), Some(body)).await;
+        assert_eq!(status, StatusCode::OK, "{reply}");
+    }
+    let svg = server.request(Method::GET, &format!("/v1/jobs/{id}/plot.svg?chart=loss")).send().await.unwrap();
+    let svg = svg.text().await.unwrap();
+    let lines: Vec<usize> = svg
+        .split("points=\"")
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap().split_whitespace().count())
+        .filter(|&points| points > 2)
+        .collect();
+    assert_eq!(lines.len(), 2, "raw and smoothed");
+    assert!(lines.iter().all(|&n| (1000..=2000).contains(&n)), "{lines:?}");
+    let (_, metrics) = server.call(Method::GET, &format!("/v1/jobs/{id}/metrics"), None).await;
+    assert_eq!(metrics["steps"]["step"].as_array().unwrap().len(), 5_000, "the metrics export keeps every step");
+    assert_eq!(metrics["steps"]["step"][4_999], 5_000);
+    server.stop().await;
+}

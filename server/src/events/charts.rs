@@ -6,7 +6,7 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::response::Response;
 use serde::Deserialize;
 
-use super::series::{evals_of, steps_of};
+use super::series::{evals_of, sampled_steps_of};
 use crate::error::ApiError;
 use crate::jobs::store as jobs;
 use crate::plots::{render_off_runtime, svg_response, Chart, Scale, Series};
@@ -36,15 +36,19 @@ pub fn thinned(points: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
     kept
 }
 
-/// An exponential moving average, debiased so that it starts at the first value.
+/// An exponential moving average, debiased so that it starts at the first value. A gap of k steps
+/// between points decays the average as k single steps would, so a long run's chart (which reads
+/// every k-th step) smooths over the same span of steps as a short one.
 pub fn smoothed(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
-    let (mut average, mut weight) = (0.0, 0.0);
+    let (mut average, mut weight, mut previous) = (0.0, 0.0, None);
     points
         .iter()
         .filter(|p| p.1.is_finite())
         .map(|&(x, y)| {
-            average = SMOOTHING * average + (1.0 - SMOOTHING) * y;
-            weight = SMOOTHING * weight + (1.0 - SMOOTHING);
+            let decay = SMOOTHING.powf(previous.map_or(1.0, |p: f64| (x - p).max(1.0)));
+            previous = Some(x);
+            average = decay * average + (1.0 - decay) * y;
+            weight = decay * weight + (1.0 - decay);
             (x, average / weight)
         })
         .collect()
@@ -84,7 +88,7 @@ pub async fn plot(
         };
         (series, desc, scale)
     } else {
-        let steps = steps_of(&app, &id).await?;
+        let steps = sampled_steps_of(&app, &id, MAX_POINTS - 1).await?;
         let column = |value: fn(&cpt_protocol::StepMetrics) -> f64| -> Vec<(f64, f64)> {
             steps.iter().map(|(s, m)| (*s as f64, value(m))).collect()
         };
@@ -133,5 +137,19 @@ mod tests {
         let s = smoothed(&points);
         assert!((s[0].1 - 4.0).abs() < 1e-12 && (s[9].1 - 4.0).abs() < 1e-12);
         assert!(s[12].1 < 4.0 && s[12].1 > 2.5 && (s[49].1 - 2.0).abs() < 0.05);
+    }
+
+    #[test]
+    fn every_tenth_step_smooths_over_the_same_span_as_every_step() {
+        let points: Vec<(f64, f64)> = (0..1000).map(|i| (i as f64, if i < 500 { 4.0 } else { 2.0 })).collect();
+        let every = smoothed(&points);
+        let tenth = smoothed(&points.iter().copied().step_by(10).collect::<Vec<_>>());
+        for (&(x, sampled), &(_, full)) in tenth.iter().zip(every.iter().step_by(10)) {
+            match x {
+                x if x < 500.0 => assert!((sampled - 4.0).abs() < 1e-12, "step {x}: {sampled}"),
+                x if x >= 600.0 => assert!((sampled - full).abs() < 1e-3, "step {x}: {sampled} against {full}"),
+                x => assert!((2.0..=4.0).contains(&sampled), "step {x}: {sampled}"),
+            }
+        }
     }
 }

@@ -31,6 +31,18 @@ pub async fn steps_of(app: &AppState, id: &str) -> Result<BTreeMap<u64, StepMetr
     Ok(steps)
 }
 
+/// A job's step metrics at about `points` evenly spaced steps, its last included (for charts).
+pub async fn sampled_steps_of(app: &AppState, id: &str, points: usize) -> Result<BTreeMap<u64, StepMetrics>, ApiError> {
+    jobs::existing(&app.pool, id).await?;
+    let mut steps = BTreeMap::new();
+    for event in store::steps_sampled(&app.pool, id, points as i64).await? {
+        if let Event::Step(metrics) = event.envelope.event {
+            steps.insert(metrics.step, metrics);
+        }
+    }
+    Ok(steps)
+}
+
 /// One eval of one set.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EvalPoint {

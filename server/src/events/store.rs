@@ -52,14 +52,15 @@ pub async fn insert(
         return Ok(Vec::new());
     }
     let mut insert: QueryBuilder<Sqlite> =
-        QueryBuilder::new("INSERT INTO events (job_id, attempt, seq, kind, time, data) ");
+        QueryBuilder::new("INSERT INTO events (job_id, attempt, seq, kind, time, data, step) ");
     insert.push_values(events, |mut row, envelope| {
         row.push_bind(job_id)
             .push_bind(attempt as i64)
             .push_bind(envelope.seq as i64)
             .push_bind(envelope.event.kind())
             .push_bind(envelope.time as i64)
-            .push_bind(serde_json::to_string(envelope).unwrap_or_default());
+            .push_bind(serde_json::to_string(envelope).unwrap_or_default())
+            .push_bind(envelope.event.step().map(|step| step as i64));
     });
     insert.push(" ON CONFLICT (job_id, attempt, seq) DO NOTHING RETURNING *");
     let rows = insert.build().fetch_all(conn).await?;
@@ -95,6 +96,30 @@ pub async fn all_of_kind(pool: &SqlitePool, job_id: &str, kind: &str) -> sqlx::R
         .bind(kind)
         .fetch_all(pool)
         .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// A job's step events at every `stride`-th step from its first, and at its last, where `stride`
+/// keeps them to about `points` steps; oldest attempt first, each attempt in order. Read through
+/// the step index: a chart of a long run reads only what it draws.
+pub async fn steps_sampled(pool: &SqlitePool, job_id: &str, points: i64) -> sqlx::Result<Vec<StoredEvent>> {
+    let range: (Option<i64>, Option<i64>) =
+        sqlx::query_as("SELECT MIN(step), MAX(step) FROM events WHERE job_id = ? AND kind = 'step'")
+            .bind(job_id)
+            .fetch_one(pool)
+            .await?;
+    let (Some(first), Some(last)) = range else { return Ok(Vec::new()) };
+    let stride = ((last - first) / points.max(1) + 1).max(1);
+    let rows = sqlx::query(
+        "SELECT * FROM events WHERE job_id = ? AND kind = 'step' AND ((step - ?) % ? = 0 OR step = ?)
+         ORDER BY attempt, seq",
+    )
+    .bind(job_id)
+    .bind(first)
+    .bind(stride)
+    .bind(last)
+    .fetch_all(pool)
+    .await?;
     rows.iter().map(from_row).collect()
 }
 
