@@ -224,3 +224,18 @@ fn a_tokenizer_that_truncates_or_pads_still_prepares_whole_documents() {
     assert!(whole.splits[&Split::Train].tokens > 5 * 500, "one token per byte: documents are longer than 16 tokens");
     assert_eq!(cut.splits[&Split::Train].tokens, whole.splits[&Split::Train].tokens, "truncation or padding applied");
 }
+
+#[test]
+fn an_unbounded_config_fails_with_a_message_before_anything_is_read_or_allocated() {
+    // A config stored before submissions were checked reaches a worker as is: it must fail the job,
+    // not abort the worker (batch_documents of 1e15 did, on every attempt).
+    let tmp = tempfile::tempdir().unwrap();
+    let tokenizer = byte_tokenizer(tmp.path());
+    write_jsonl(&tmp.path().join("docs.jsonl"), &corpus("brown.jsonl", 2, 0));
+    let config = PrepareConfig { batch_documents: 1_000_000_000_000_000, ..Default::default() };
+    let error = prepare(&tokenizer, &[tmp.path().join("docs.jsonl")], &tmp.path().join("out"), &config, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("batch_documents"), "{error}");
+    assert!(!tmp.path().join("out").exists(), "nothing is written");
+}
