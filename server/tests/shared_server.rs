@@ -45,9 +45,9 @@ impl HealthProbe {
     }
 }
 
-/// A leased job of `server` and its worker's id.
-async fn leased_job(server: &Server, root: &std::path::Path, name: &str) -> (String, String) {
-    let (_, job) = server.call(Method::POST, "/v1/jobs", Some(spec(root, name))).await;
+/// A job of `spec` submitted to `server` and leased to a new worker: (job id, worker id).
+async fn leased_job(server: &Server, spec: Value) -> (String, String) {
+    let (_, job) = server.call(Method::POST, "/v1/jobs", Some(spec)).await;
     let id = job["id"].as_str().unwrap().to_string();
     let (_, worker) = server.call(Method::POST, "/v1/workers", Some(json!({"name": "w", "device": "cpu"}))).await;
     let worker = worker["worker_id"].as_str().unwrap().to_string();
@@ -60,7 +60,7 @@ async fn poisoned_values_chart_in_bounded_time_and_the_server_stays_responsive()
     let tmp = tempfile::tempdir().unwrap();
     let root = data_root(tmp.path());
     let server = Server::start(&tmp.path().join("data"), &root, None).await;
-    let (id, worker) = leased_job(&server, &root, "poisoned").await;
+    let (id, worker) = leased_job(&server, spec(&root, "poisoned")).await;
     let mut events = vec![step_event_with(0, 1, 1e308), step_event_with(1, 2, -1e308), step_event_with(2, 3, 2.0)];
     let mut eval = eval_event(3, 3, "domain", 1e308, f64::MAX);
     eval["bits_per_byte"] = json!(-1e308);
@@ -236,11 +236,7 @@ async fn a_long_run_charts_at_most_two_thousand_points_and_its_export_keeps_ever
     let server = Server::start_big(&tmp.path().join("data"), &root).await;
     let mut job = spec(&root, "long");
     job["max_steps"] = json!(5_000);
-    let (_, job) = server.call(Method::POST, "/v1/jobs", Some(job)).await;
-    let id = job["id"].as_str().unwrap().to_string();
-    let (_, worker) = server.call(Method::POST, "/v1/workers", Some(json!({"name": "w", "device": "cpu"}))).await;
-    let worker = worker["worker_id"].as_str().unwrap().to_string();
-    server.call(Method::POST, &format!("/v1/workers/{worker}/lease?wait_seconds=0"), None).await;
+    let (id, worker) = leased_job(&server, job).await;
     for batch in 0..5u64 {
         let events: Vec<Value> =
             (0..1000).map(|i| step_event_with(batch * 1000 + i, batch * 1000 + i + 1, 3.0)).collect();
