@@ -294,3 +294,18 @@ async fn datasets_that_would_fail_the_job_are_refused_at_submit() {
     assert_eq!(status, StatusCode::OK);
     server.stop().await;
 }
+
+#[test]
+fn a_flag_mistake_is_one_line_naming_the_flag_even_with_backtraces_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cpt-server"))
+        .args(["--api-token", "secret", "--bind", "127.0.0.1:0", "--local-workers", "0", "--data-dir"])
+        .arg(tmp.path())
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--worker-token") && !stderr.contains("backtrace"), "{stderr}");
+}
