@@ -20,27 +20,24 @@ async fn events_of(app: &AppState, id: &str, kind: &str) -> Result<Vec<StoredEve
     Ok(store::all_of_kind(&app.pool, id, kind).await?)
 }
 
+/// Step events' metrics by step, a later attempt's replacing an earlier one's.
+fn by_step(events: Vec<StoredEvent>) -> BTreeMap<u64, StepMetrics> {
+    let metrics = events.into_iter().filter_map(|event| match event.envelope.event {
+        Event::Step(metrics) => Some((metrics.step, metrics)),
+        _ => None,
+    });
+    metrics.collect()
+}
+
 /// A job's step metrics by step.
 pub async fn steps_of(app: &AppState, id: &str) -> Result<BTreeMap<u64, StepMetrics>, ApiError> {
-    let mut steps = BTreeMap::new();
-    for event in events_of(app, id, "step").await? {
-        if let Event::Step(metrics) = event.envelope.event {
-            steps.insert(metrics.step, metrics);
-        }
-    }
-    Ok(steps)
+    Ok(by_step(events_of(app, id, "step").await?))
 }
 
 /// A job's step metrics at about `points` evenly spaced steps, its last included (for charts).
 pub async fn sampled_steps_of(app: &AppState, id: &str, points: usize) -> Result<BTreeMap<u64, StepMetrics>, ApiError> {
     jobs::existing(&app.pool, id).await?;
-    let mut steps = BTreeMap::new();
-    for event in store::steps_sampled(&app.pool, id, points as i64).await? {
-        if let Event::Step(metrics) = event.envelope.event {
-            steps.insert(metrics.step, metrics);
-        }
-    }
-    Ok(steps)
+    Ok(by_step(store::steps_sampled(&app.pool, id, points as i64).await?))
 }
 
 /// One eval of one set.
