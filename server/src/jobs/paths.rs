@@ -93,7 +93,7 @@ impl Default for Budget {
     }
 }
 
-/// The components of `pattern` before its first one with a wildcard, and how many follow.
+/// The components of `pattern` before its first one with a wildcard, and the components from there on.
 fn literal_prefix(pattern: &Path) -> (PathBuf, Vec<String>) {
     let mut prefix = PathBuf::new();
     let mut rest = Vec::new();

@@ -45,7 +45,7 @@ pub async fn lineage(pool: &SqlitePool, job: &Job) -> Result<Lineage, JobError> 
     }
     ancestors.reverse();
     Ok(Lineage {
-        root_id: ancestors.first().cloned().unwrap_or_else(|| job.id.clone()),
+        root_id: job.root_id.clone(),
         parent_id: job.parent_id.clone(),
         ancestors,
         step_offset,

@@ -23,10 +23,9 @@ pub(crate) fn rms_norm_rows<T: Real>(x: &[T], weight: &[T], eps: f64) -> Result<
 /// RMSNorm's backward on slices: `dx += ∂x` (the residual stream's gradient takes it in place) and
 /// `dw += ∂w`, for the output gradient `g`.
 pub(crate) fn rms_norm_backward_rows<T: Real>(x: &[T], weight: &[T], g: &[T], eps: f64, dx: &mut [T], dw: &mut [T]) {
+    assert_eq!(g.len(), x.len(), "rms-norm backward: a gradient per input");
     add_input_gradient(x, weight, g, eps, dx);
-    let partial = RmsNormGrad { eps, weight: true }
-        .run(&[x, weight, g], &[&[x.len() / weight.len().max(1), weight.len()], &[weight.len()], &[g.len()]])
-        .expect("the weight gradient of matching slices");
+    let partial = weight_gradient(x, g, weight.len(), eps);
     dw.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
 }
 
